@@ -1,0 +1,147 @@
+"""The ``imagen`` command line: train, export, sample, eval, embed, prepare, serve, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def command(
+    name: str,
+) -> Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]:
+    def register(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imagen", description="Cascaded text-to-image diffusion (Imagen)."
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one stage of a cascade")
+    t.add_argument("config", help="cascade config (.yaml, .toml or .json)")
+    t.add_argument(
+        "--stage", type=int, required=True, help="index of the stage to train (0 = base)"
+    )
+    t.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
+    t.add_argument("--max-steps", type=positive_int, help="override train.max_steps")
+    t.add_argument(
+        "--batch-size", type=positive_int, help="override train.batch_size (per process)"
+    )
+    t.add_argument("--lr", type=float, help="override train.lr")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    t.add_argument("--embeddings", help="text-embedding cache directory made by `imagen embed`")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+
+    e = sub.add_parser("export", help="assemble trained stages into a model directory")
+    e.add_argument("runs", nargs="+", help="training run directories, base stage first")
+    e.add_argument("--out", required=True, help="model directory to write")
+    e.add_argument("--weights", choices=["ema", "model"], default="ema")
+    e.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
+
+    from .sample_cli import add_sample_parser
+
+    add_sample_parser(sub)
+    return p
+
+
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_cascade_config
+    from .train import train_stage
+
+    cfg = load_cascade_config(args.config)
+    if not 0 <= args.stage < len(cfg.stages):
+        raise UsageError(f"--stage {args.stage}: the config has {len(cfg.stages)} stage(s)")
+    tc = cfg.stages[args.stage].train
+    if args.batch_size:
+        tc.batch_size = args.batch_size
+    if args.lr:
+        tc.lr = args.lr
+    cache = None
+    if args.embeddings:
+        from .embedding_cache import EmbeddingCache
+
+        cache = EmbeddingCache.open(args.embeddings)
+    summary = train_stage(
+        cfg,
+        args.stage,
+        args.out,
+        args.max_steps,
+        args.resume,
+        embedding_cache=cache,
+        device=args.device,
+    )
+    print(f"trained stage {args.stage} to step {summary['step']} in {summary['run_dir']}")
+    return 0
+
+
+@command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export_model
+
+    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    root = export_model(args.runs, args.out, args.weights, dtype)
+    print(f"wrote model directory {root}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``imagen`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"imagen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        if os.environ.get("IMAGEN_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()
+        print(
+            f"imagen {args.command}: error: {msg[0] if msg else type(e).__name__}", file=sys.stderr
+        )
+        for line in msg[1:8]:
+            print(f"  {line.strip()}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Run configuration: typed dataclasses with one source of defaults, read from YAML, TOML or
+JSON. A cascade file names the text encoder, the data and, per stage, a preset, overrides of
+its fields and the training settings::
+
+    text_encoder: {name: minilm, max_length: 32}
+    data: {kind: shapes}
+    stages:
+      - preset: shapes-base32
+        train: {batch_size: 32, max_steps: 4000}
+      - preset: shapes-sr64
+        stage: {sampling: {aug_level: 0.1}}
+        train: {batch_size: 16}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .cascade import StageConfig
+from .data.shapes import ShapesConfig
+from .presets import get_preset
+from .text_encoders import TextEncoderConfig
+from .unet import config_from_dict
+
+
+@dataclass
+class DataConfig:
+    """Where training images and captions come from."""
+
+    kind: str = "shapes"  # shapes | folder | webdataset
+    path: str | None = None  # folder, or shard pattern / URL list for webdataset
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+    num_workers: int = 0  # DataLoader worker processes
+    min_size: int = 0  # skip images whose shorter side is smaller (0: the stage's resolution)
+    shuffle_buffer: int = 1000  # webdataset only
+    random_crop: bool = True  # random crops in training (centre crops otherwise)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shapes, dict):
+            self.shapes = config_from_dict(ShapesConfig, self.shapes)
+        if self.kind not in ("shapes", "folder", "webdataset"):
+            raise ValueError(f"data.kind must be shapes, folder or webdataset, got {self.kind!r}")
+        if self.kind != "shapes" and not self.path:
+            raise ValueError(f"data.kind {self.kind!r} needs data.path")
+
+
+@dataclass
+class TrainConfig:
+    """How one stage is trained. Batch sizes are per process; the global batch is
+    batch_size x grad_accum x world size."""
+
+    batch_size: int = 32
+    grad_accum: int = 1  # micro-batches per optimiser step
+    max_steps: int = 1000
+    optimizer: str = "adamw"  # adamw | adafactor (the paper's choice for its base model)
+    lr: float = 1e-4  # peak learning rate (the paper: 1e-4)
+    warmup_steps: int = 100  # linear warm-up (the paper: 10k)
+    lr_schedule: str = "constant"  # constant | cosine (decay to 0 at max_steps)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
+    cond_drop: float = 0.1  # fraction of captions replaced by the null condition (for guidance)
+    aug_max: float = 0.5  # SR stages: augmentation levels drawn uniformly from [0, aug_max]
+    ema_decay: float = 0.999  # EMA decay, warmed up as min(decay, (1 + step) / (10 + step))
+    ema_halflife_images: float | None = None  # if set, EMA by half-life in images (EDM style)
+    precision: str = "bf16"  # bf16 (autocast) | fp32
+    channels_last: bool = False  # NHWC memory format (faster on GPUs; slower on CPU, measured)
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # 0 disables the sample grid
+    num_val: int = 8  # validation captions in the sample grid
+    max_bad_steps: int = 5  # consecutive NaN/Inf losses that stop the run
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ValueError(f"optimizer must be adamw or adafactor, got {self.optimizer!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.cond_drop < 1.0:
+            raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
+        if not 0.0 <= self.aug_max < 1.0:
+            raise ValueError(f"aug_max must be in [0, 1), got {self.aug_max}")
+
+
+@dataclass
+class StageRun:
+    """Everything needed to train one stage: its model and its training settings."""
+
+    stage: StageConfig
+    train: TrainConfig
+
+
+@dataclass
+class CascadeRunConfig:
+    """A whole cascade: the text encoder, the data, and each stage's model and training."""
+
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageRun] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` merged into ``base`` recursively (override wins)."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML, TOML or JSON file into a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file not found: {p}")
+    text = p.read_text()
+    if p.suffix == ".json":
+        data = json.loads(text)
+    elif p.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        raise ValueError(f"config must be .yaml, .yml, .toml or .json, got {p.name}")
+    if not isinstance(data, dict):
+        raise ValueError(f"{p} must hold a mapping at the top level")
+    return data
+
+
+def parse_cascade_config(data: dict[str, Any]) -> CascadeRunConfig:
+    """Resolve a cascade config dict: presets expanded, overrides merged, fields typed.
+    Also accepts an already resolved config (stages with a full ``stage`` and no preset)."""
+    unknown = set(data) - {"text_encoder", "data", "stages"}
+    if unknown:
+        raise ValueError(f"unknown top-level config key(s): {', '.join(sorted(unknown))}")
+    te = config_from_dict(TextEncoderConfig, data.get("text_encoder", {}))
+    dc = config_from_dict(DataConfig, data.get("data", {}))
+    stages = []
+    for i, entry in enumerate(data.get("stages", [])):
+        extra = set(entry) - {"preset", "stage", "train"}
+        if extra:
+            raise ValueError(f"stage {i}: unknown key(s) {', '.join(sorted(extra))}")
+        base = get_preset(entry["preset"]).to_dict() if "preset" in entry else {}
+        stage_dict = deep_merge(base, entry.get("stage", {}))
+        try:
+            stage = StageConfig.from_dict(stage_dict)
+            train = config_from_dict(TrainConfig, entry.get("train", {}))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"stage {i}: {e}") from e
+        stages.append(StageRun(stage, train))
+    if not stages:
+        raise ValueError("the config defines no stages")
+    return CascadeRunConfig(te, dc, stages)
+
+
+def load_cascade_config(path: str | Path) -> CascadeRunConfig:
+    """Read and resolve a cascade config file."""
+    return parse_cascade_config(read_config_file(path))

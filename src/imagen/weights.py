@@ -1,0 +1,67 @@
+"""Loading and saving weights in safetensors, strictly: a checkpoint whose keys or shapes do not
+match the model is a clear error listing the differences, never a silent partial load."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+
+def state_dict_differences(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
+    """Human-readable differences between a model's parameters and a state dict."""
+    own = model.state_dict()
+    diffs = [f"missing: {k}" for k in sorted(set(own) - set(state))]
+    diffs += [f"unexpected: {k}" for k in sorted(set(state) - set(own))]
+    for k in sorted(set(own) & set(state)):
+        if tuple(own[k].shape) != tuple(state[k].shape):
+            diffs.append(f"shape of {k}: model {tuple(own[k].shape)}, file {tuple(state[k].shape)}")
+    return diffs
+
+
+def load_strict(model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Load ``state`` into ``model`` or raise listing every missing, unexpected or misshapen key."""
+    diffs = state_dict_differences(model, state)
+    if diffs:
+        shown = "\n  ".join(diffs[:20])
+        more = f"\n  ... and {len(diffs) - 20} more" if len(diffs) > 20 else ""
+        raise ValueError(
+            f"{source} does not match the model configuration ({len(diffs)} difference(s)):\n"
+            f"  {shown}{more}"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (after a rename) to disk where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_tensors(tensors: dict[str, Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
+    """Write tensors to a safetensors file (contiguous, on CPU, optionally cast, fsynced)."""
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.contiguous()
+    save_file(out, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Read a safetensors file (never pickle)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    return load_file(str(path), device=str(device))
