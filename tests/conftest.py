@@ -16,3 +16,9 @@ def hash_encoder():
     from imagen.text_encoders import HashTextEncoder
 
     return HashTextEncoder(dim=32, max_length=12)
+
+
+def pytest_configure(config):
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*suggested max number of worker.*")

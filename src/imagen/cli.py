@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", choices=["ema", "model"], default="ema")
     e.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
 
+    m = sub.add_parser("embed", help="precompute the text embeddings of a dataset's captions")
+    m.add_argument("config", help="cascade config: its text_encoder and data are used")
+    m.add_argument("--out", required=True, help="cache directory")
+    m.add_argument("--batch-size", type=positive_int, default=256)
+    m.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+
     from .sample_cli import add_sample_parser
 
     add_sample_parser(sub)
@@ -112,6 +118,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     root = export_model(args.runs, args.out, args.weights, dtype)
     print(f"wrote model directory {root}")
+    return 0
+
+
+@command("embed")
+def cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import load_cascade_config
+    from .embedding_cache import build_cache
+    from .text_encoders import load_text_encoder
+    from .train import dataset_captions
+
+    cfg = load_cascade_config(args.config)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device or (
+        f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    )
+    encoder = load_text_encoder(cfg.text_encoder, device)
+    stats = build_cache(
+        dataset_captions(cfg.data), encoder, args.out, args.batch_size, rank=rank, world=world
+    )
+    print(
+        f"rank {rank}/{world}: {stats['captions']} captions, {stats['bytes'] / 1e6:.2f} MB, "
+        f"{stats['bytes_per_caption']:.0f} bytes/caption, {stats['captions_per_s']:.1f} captions/s "
+        f"-> {args.out}"
+    )
     return 0
 
 

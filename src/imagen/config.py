@@ -36,9 +36,10 @@ class DataConfig:
     path: str | None = None  # folder, or shard pattern / URL list for webdataset
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     num_workers: int = 0  # DataLoader worker processes
-    min_size: int = 0  # skip images whose shorter side is smaller (0: the stage's resolution)
+    min_size: int = 0  # skip images whose shorter side is smaller (0: keep all, upsampling)
     shuffle_buffer: int = 1000  # webdataset only
     random_crop: bool = True  # random crops in training (centre crops otherwise)
+    seed: int = 0  # seed of random crops
 
     def __post_init__(self) -> None:
         if isinstance(self.shapes, dict):

@@ -9,12 +9,14 @@ state alone, and 2 processes with batch B compute the same update as 1 process w
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
 import os
 import platform
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,13 +26,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm import tqdm
 
 from .cascade import Stage, StageConfig, augment_lowres, resize
 from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
 from .config import CascadeRunConfig, DataConfig, TrainConfig
-from .data.shapes import ShapesDataset, tensor_to_pil
+from .data.shapes import ShapesDataset, all_captions, tensor_to_pil
 from .grid import captioned_grid
 from .guidance import Conditioning
 from .schedules import NoiseSchedule
@@ -101,7 +103,7 @@ class StepBatchSampler(Sampler[list[int]]):
 
 def make_dataset(data: DataConfig, stage: StageConfig, training: bool = True) -> Dataset:
     """The map-style dataset a stage trains on, yielding (image in [-1, 1] at the stage's
-    resolution, caption)."""
+    resolution, caption, notes on records skipped or converted to produce it)."""
     if data.kind == "shapes":
         return ShapesDataset(stage.resolution, data.shapes)
     from .data.folders import ImageTextFolder
@@ -112,13 +114,96 @@ def make_dataset(data: DataConfig, stage: StageConfig, training: bool = True) ->
             stage.resolution,
             random_crop=training and data.random_crop,
             min_size=data.min_size,
+            seed=data.seed,
         )
     raise ValueError(f"data kind {data.kind!r} is not map-style; use the webdataset loader")
 
 
-def collate(batch: list[tuple[Tensor, str]]) -> tuple[Tensor, list[str]]:
-    images, captions = zip(*batch, strict=True)
-    return torch.stack(images), list(captions)
+def dataset_captions(data: DataConfig) -> list[str]:
+    """Every caption a training run on ``data`` can see (for the embedding cache)."""
+    if data.kind == "shapes":
+        groups = all_captions(data.shapes.holdout_pairs())
+        return groups["one"] + groups["two"]
+    if data.kind == "folder":
+        from .data.folders import ImageTextFolder
+
+        return ImageTextFolder(data.path, 8).captions()
+    from .data.webdataset import shard_captions
+
+    return shard_captions(data.path)
+
+
+Batch = tuple[Tensor, list[str], Counter[str]]
+
+
+def collate(batch: list[tuple[Tensor, str, tuple[str, ...]]]) -> Batch:
+    """Stack a batch; the third element counts the records skipped or converted to make it
+    (an item with an empty image carries only such counts)."""
+    notes = Counter(n for _, _, ns in batch for n in ns)
+    kept = [(img, cap) for img, cap, _ in batch if img.numel()]
+    if not kept:
+        return torch.empty(0), [], notes
+    images, captions = zip(*kept, strict=True)
+    return torch.stack(images), list(captions), notes
+
+
+def training_batches(
+    data: DataConfig, stage: StageConfig, cfg: TrainConfig, d: Dist, start_step: int
+) -> tuple[Iterator[Batch], Dataset]:
+    """This process's micro-batches from ``start_step`` on, and the dataset behind them.
+
+    Map-style data (Shapes, folders) are indexed by global sample number, so a resumed run
+    sees exactly the samples it would have seen. WebDataset shards are a stream: a resumed run
+    starts a new pass over its shards (the pass number reshuffles them)."""
+    if data.kind != "webdataset":
+        dataset = make_dataset(data, stage)
+        length = None if data.kind == "shapes" else len(dataset)
+        sampler = StepBatchSampler(
+            cfg.batch_size, cfg.grad_accum, d, start_step, cfg.max_steps, length
+        )
+        loader = DataLoader(
+            dataset, batch_sampler=sampler, num_workers=data.num_workers, collate_fn=collate
+        )
+        return iter(loader), dataset
+    from .data.webdataset import WebDatasetSource
+
+    def source(epoch: int) -> WebDatasetSource:
+        return WebDatasetSource(
+            data.path,
+            stage.resolution,
+            d.rank,
+            d.world,
+            data.shuffle_buffer,
+            data.random_crop,
+            data.min_size,
+            data.seed,
+            epoch,
+        )
+
+    def stream() -> Iterator[Batch]:
+        epoch, carry = start_step, Counter()
+        while True:
+            loader = DataLoader(
+                source(epoch),
+                batch_size=cfg.batch_size,
+                num_workers=data.num_workers,
+                collate_fn=collate,
+            )
+            produced = False
+            for images, captions, notes in loader:
+                carry.update(notes)
+                if len(captions) < cfg.batch_size:  # a short last batch: only its counts are kept
+                    continue
+                produced = True
+                yield images, captions, carry
+                carry = Counter()
+            if not produced:
+                raise ValueError(
+                    f"no full batch of usable samples in {data.path} (skipped: {dict(carry)})"
+                )
+            epoch += 1
+
+    return stream(), source(0)
 
 
 # ---- per-sample randomness ---------------------------------------------------------------
@@ -159,23 +244,28 @@ def draw_noise(
 
 # ---- text --------------------------------------------------------------------------------
 class CaptionEmbeddings:
-    """Embeddings for training captions: read from an on-disk cache when one is given, else
-    computed by the encoder and memoised in this object (captions repeat across epochs)."""
+    """Embeddings for training captions: read from an on-disk cache (``imagen embed``) where it
+    holds them, else computed by the encoder; memoised here, as captions repeat across epochs."""
 
     def __init__(self, encoder: TextEncoder, cache: Any | None = None, memo_limit: int = 200_000):
+        if cache is not None:
+            cache.check(encoder)
         self.encoder, self.cache, self.memo_limit = encoder, cache, memo_limit
         self.memo: dict[str, Tensor] = {}
+        self.encoded = 0  # captions that had to be run through the encoder
 
     def __call__(self, captions: list[str]) -> TextEmbedding:
         missing = [c for c in dict.fromkeys(captions) if c not in self.memo]
         if missing:
-            if self.cache is not None:
-                rows = self.cache.lookup(missing)
-            else:
-                rows = unpad_embeddings(self.encoder.encode(missing))
             if len(self.memo) + len(missing) > self.memo_limit:
                 self.memo.clear()
-            for c, r in zip(missing, rows, strict=True):
+            cached = [c for c in missing if self.cache is not None and c in self.cache]
+            fresh = [c for c in missing if self.cache is None or c not in self.cache]
+            rows = self.cache.lookup(cached) if cached else []
+            if fresh:
+                rows += unpad_embeddings(self.encoder.encode(fresh))
+                self.encoded += len(fresh)
+            for c, r in zip(cached + fresh, rows, strict=True):
                 self.memo[c] = r.to(torch.float16).cpu()
         return pad_embeddings([self.memo[c] for c in captions])
 
@@ -321,16 +411,7 @@ def train_stage(
     schedule = stage.schedule
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
     embed = CaptionEmbeddings(encoder, embedding_cache)
-    dataset = make_dataset(config.data, scfg)
-    length = None if config.data.kind == "shapes" else len(dataset)
-    sampler = StepBatchSampler(cfg.batch_size, cfg.grad_accum, d, step, cfg.max_steps, length)
-    loader = DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=config.data.num_workers,
-        collate_fn=collate,
-        persistent_workers=False,
-    )
+    batches, dataset = training_batches(config.data, scfg, cfg, d, step)
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     shape = (scfg.unet.in_channels, scfg.resolution, scfg.resolution)
     logf = open(out / "log.jsonl", "a") if d.main else None  # noqa: SIM115
@@ -341,17 +422,18 @@ def train_stage(
         desc=f"stage {stage_index}",
         dynamic_ncols=True,
     )
-    val = _validation_batch(dataset, cfg.num_val) if d.main and cfg.sample_every else None
+    val = validation_batch(dataset, cfg.num_val) if d.main and cfg.sample_every else None
     hardware = hardware_description(dev)
     bad_run, t_last, losses = 0, time.time(), []
-    batches = iter(loader)
+    data_notes: Counter[str] = Counter(getattr(dataset, "scan_skipped", {}))
     try:
         while step < cfg.max_steps:
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(cfg, step)
             total = torch.zeros((), device=dev)
             for m in range(cfg.grad_accum):
-                images, captions = next(batches)
+                images, captions, notes = next(batches)
+                data_notes.update(notes)
                 first = step * global_batch + (m * d.world + d.rank) * cfg.batch_size
                 rnd = draw_noise(
                     cfg.seed,
@@ -413,7 +495,8 @@ def train_stage(
                     "bad_steps": bad_total,
                     "time": now,
                 }
-                rec.update(_data_stats(dataset))
+                if data_notes:
+                    rec["data_skipped"] = dict(data_notes)
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
                 bar.set_postfix(
@@ -445,9 +528,11 @@ def train_stage(
         "step": step,
         "samples_seen": samples_seen,
         "bad_steps": bad_total,
-        "data": _data_stats(dataset),
+        "data_skipped": dict(data_notes),
         "run_dir": str(out),
     }
+    if data_notes:
+        log.warning("data records skipped or converted: %s", dict(data_notes))
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -468,13 +553,15 @@ def hardware_description(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} thread(s)"
 
 
-def _data_stats(dataset: Dataset) -> dict[str, Any]:
-    stats = getattr(dataset, "stats", None)
-    return {"skipped": dict(stats())} if callable(stats) else {}
-
-
-def _validation_batch(dataset: Dataset, n: int) -> tuple[Tensor, list[str]]:
-    return collate([dataset[i] for i in range(n)])
+def validation_batch(dataset: Dataset | IterableDataset, n: int) -> tuple[Tensor, list[str]]:
+    """The first ``n`` samples: fixed captions (and images) for the sample grids."""
+    items = (
+        [dataset[i] for i in range(n)]
+        if isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset)
+        else list(itertools.islice(iter(dataset), n))
+    )
+    images, captions, _ = collate(items)
+    return images, captions
 
 
 @torch.no_grad()

@@ -218,7 +218,7 @@ class ShapesConfig:
 
 
 class ShapesDataset(Dataset):
-    """Map-style view of the infinite Shapes stream: item i is (image in [-1, 1], caption),
+    """Map-style view of the infinite Shapes stream: item i is (image in [-1, 1], caption, ()),
     deterministic for (seed, i). ``length`` only bounds epoch-style iteration."""
 
     def __init__(
@@ -233,6 +233,6 @@ class ShapesDataset(Dataset):
         rng = np.random.default_rng([self.config.seed, index])
         return sample_scene(rng, self.config.holdout_pairs(), self.config.two_object_fraction)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, tuple[str, ...]]:
         scene = self.scene(index)
-        return pil_to_tensor(render_scene(scene, self.size)), scene.caption
+        return pil_to_tensor(render_scene(scene, self.size)), scene.caption, ()

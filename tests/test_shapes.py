@@ -1,0 +1,183 @@
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen.data.checker import check_image, detect_objects, score
+from imagen.data.shapes import (
+    BACKGROUND,
+    PALETTE,
+    Scene,
+    ShapeObject,
+    ShapesConfig,
+    ShapesDataset,
+    all_captions,
+    parse_caption,
+    render_scene,
+    scene_for_caption,
+)
+
+
+def rendered(size, n=400, seed=1):
+    ds = ShapesDataset(size, ShapesConfig(seed=seed))
+    scenes = [ds.scene(i) for i in range(n)]
+    return [render_scene(s, size) for s in scenes], [s.caption for s in scenes]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_checker_accepts_ground_truth(size):
+    images, captions = rendered(size)
+    acc = score(images, captions)["accuracy"]
+    assert acc["one"] >= 0.99 and acc["two"] >= 0.99, acc
+
+
+def test_checker_accepts_held_out_ground_truth():
+    groups = all_captions()
+    rng = np.random.default_rng(0)
+    caps = [groups["heldout"][i] for i in rng.choice(len(groups["heldout"]), 100, replace=False)]
+    images = [render_scene(scene_for_caption(c, rng), 32) for c in caps]
+    assert score(images, caps)["accuracy"]["heldout"] >= 0.99
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_checker_rejects_shuffled_captions(size):
+    images, captions = rendered(size)
+    random.Random(0).shuffle(captions)
+    assert score(images, captions)["accuracy"]["all"] <= 0.02
+
+
+def test_checker_is_robust_to_mild_noise():
+    images, captions = rendered(64, 200)
+    rng = np.random.default_rng(0)
+    noisy = [
+        Image.fromarray(
+            np.clip(np.asarray(im) + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8)
+        )
+        for im in images
+    ]
+    assert score(noisy, captions)["accuracy"]["all"] >= 0.97
+
+
+def scene(*objs):
+    return Scene("", tuple(ShapeObject(*o) for o in objs))
+
+
+@pytest.mark.parametrize(
+    ("objs", "caption", "reason"),
+    [
+        ([("red", "circle", 0.25, 0.5, 0.32)], "a red circle on the left", "ok"),
+        ([("red", "circle", 0.25, 0.5, 0.32)], "a red square on the left", "wrong shape"),
+        ([("red", "triangle", 0.25, 0.5, 0.32)], "a red circle on the left", "wrong shape"),
+        ([("red", "square", 0.25, 0.5, 0.32)], "a red square on the right", "wrong place"),
+        ([("red", "square", 0.5, 0.25, 0.32)], "a red square at the top", "ok"),
+        ([("red", "circle", 0.25, 0.5, 0.32)], "a blue circle on the left", "missing blue"),
+        (
+            [("red", "circle", 0.25, 0.5, 0.3), ("green", "square", 0.75, 0.5, 0.3)],
+            "a red circle on the left",
+            "extra object",
+        ),
+        (
+            [("red", "circle", 0.5, 0.25, 0.3), ("blue", "square", 0.5, 0.75, 0.3)],
+            "a red circle above a blue square",
+            "ok",
+        ),
+        (
+            [("red", "circle", 0.5, 0.25, 0.3), ("blue", "square", 0.5, 0.75, 0.3)],
+            "a red circle below a blue square",
+            "wrong relation",
+        ),
+        (
+            [("red", "circle", 0.5, 0.25, 0.3), ("blue", "square", 0.5, 0.75, 0.3)],
+            "a blue square below a red circle",
+            "ok",
+        ),
+        (
+            [("red", "circle", 0.75, 0.5, 0.3), ("blue", "square", 0.25, 0.5, 0.3)],
+            "a red circle right of a blue square",
+            "ok",
+        ),
+        (
+            [("red", "circle", 0.75, 0.5, 0.3), ("blue", "square", 0.25, 0.5, 0.3)],
+            "a red circle left of a blue square",
+            "wrong relation",
+        ),
+        (
+            [("red", "circle", 0.25, 0.3, 0.25), ("red", "circle", 0.75, 0.7, 0.25)],
+            "a red circle on the left",
+            "2 red",
+        ),
+    ],
+)
+def test_checker_names_the_failure(objs, caption, reason):
+    for size in (32, 128):
+        v = check_image(render_scene(scene(*objs), size), caption)
+        assert v.reason.startswith(reason), (size, v.reason)
+        assert v.ok == (reason == "ok")
+
+
+def test_render_follows_the_specification():
+    img = np.asarray(render_scene(scene(("yellow", "square", 0.5, 0.5, 0.3)), 100))
+    assert tuple(img[2, 2]) == BACKGROUND and tuple(img[50, 50]) == PALETTE["yellow"]
+    # square of side 0.9 d = 27 px centred at 50: filled at 50 +- 12, background at 50 +- 15
+    assert tuple(img[50, 62]) == PALETTE["yellow"] and tuple(img[50, 65]) == BACKGROUND
+    tri = np.asarray(render_scene(scene(("white", "triangle", 0.5, 0.5, 0.4)), 100))
+    row_top, row_bottom = (
+        (tri[33] != BACKGROUND).any(-1).sum(),
+        (tri[68] != BACKGROUND).any(-1).sum(),
+    )
+    assert row_top < 8 and row_bottom > 35  # apex up, base d = 40 px at the bottom
+    edge = np.asarray(render_scene(scene(("white", "circle", 0.5, 0.5, 0.5)), 32)).astype(int)
+    assert len({tuple(p) for p in edge.reshape(-1, 3)}) > 3  # anti-aliased: blended edge pixels
+
+
+def test_scene_geometry_follows_the_grammar():
+    ds = ShapesDataset(32, ShapesConfig(seed=3))
+    kinds = []
+    for i in range(3000):
+        s = ds.scene(i)
+        p = parse_caption(s.caption)
+        kinds.append(p.kind)
+        if p.kind == "one":
+            (o,) = s.objects
+            assert 0.28 <= o.d <= 0.36
+        else:
+            a, b = s.objects
+            assert a.color != b.color and 0.28 <= a.d <= 0.37
+            if p.relation == "above":
+                assert abs(a.cy - 0.25) <= 0.05 + 1e-9 and abs(b.cy - 0.75) <= 0.05 + 1e-9
+                assert abs(a.cx - 0.5) <= 0.1 + 1e-9
+            if p.relation == "right of":
+                assert a.cx > b.cx
+        for o in s.objects:
+            assert (o.color, o.shape) != ("purple", "triangle")  # held out by default
+            assert o.d / 2 <= o.cx <= 1 - o.d / 2 and o.d / 2 <= o.cy <= 1 - o.d / 2
+    assert 0.45 < kinds.count("one") / len(kinds) < 0.55
+
+
+def test_deterministic_for_seed_and_index():
+    a, b = ShapesDataset(32, ShapesConfig(seed=5)), ShapesDataset(32, ShapesConfig(seed=5))
+    assert a.scene(17) == b.scene(17) and a.scene(17) != a.scene(18)
+    assert ShapesDataset(32, ShapesConfig(seed=6)).scene(17) != a.scene(17)
+    img, cap, notes = a[17]
+    assert img.shape == (3, 32, 32) and img.min() >= -1 and img.max() <= 1 and notes == ()
+    big = ShapesDataset(64, ShapesConfig(seed=5))[17]  # the same scene at every resolution
+    assert big[1] == cap
+
+
+def test_custom_holdout_and_caption_groups():
+    cfg = ShapesConfig(holdout=[["red", "circle"], ["blue", "square"]])
+    ds = ShapesDataset(32, cfg)
+    for i in range(500):
+        assert not {(o.color, o.shape) for o in ds.scene(i).objects} & {
+            ("red", "circle"),
+            ("blue", "square"),
+        }
+    groups = all_captions()
+    assert len(groups["one"]) == 85 and all("purple triangle" in c for c in groups["heldout"])
+    with pytest.raises(ValueError, match="not a Shapes caption"):
+        parse_caption("a cat")
+
+
+def test_detect_objects_on_a_blank_image():
+    assert detect_objects(Image.new("RGB", (32, 32), BACKGROUND)) == []
