@@ -380,7 +380,7 @@ def train_stage(
     if resume and ckpts and opt_path.is_file():
         old = json.loads(opt_path.read_text())
         old_stage = old["config"]["stages"][old["stage_index"]]["stage"]
-        if old_stage["unet"] != asdict(scfg)["unet"]:
+        if old_stage["unet"] != json.loads(json.dumps(asdict(scfg)["unet"])):
             raise ValueError(f"cannot resume {out}: its U-Net configuration differs from this one")
     elif ckpts and not resume:
         raise FileExistsError(

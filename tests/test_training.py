@@ -1,0 +1,301 @@
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagen.cascade import Stage, load_cascade
+from imagen.checkpoint import checkpoint_dirs, load_checkpoint
+from imagen.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig, parse_cascade_config
+from imagen.export import export_model
+from imagen.presets import tiny_base, tiny_sr
+from imagen.text_encoders import TextEncoderConfig
+from imagen.train import NonFiniteLossError, train_stage
+from imagen.weights import load_tensors
+
+
+def config(steps=6, stage="base", data=None, **train):
+    st = tiny_base(16, 32) if stage == "base" else tiny_sr(16, 32)
+    defaults = dict(
+        batch_size=4,
+        max_steps=steps,
+        lr=1e-3,
+        warmup_steps=2,
+        checkpoint_every=3,
+        sample_every=0,
+        log_every=1,
+        precision="fp32",
+    )
+    defaults.update(train)
+    return CascadeRunConfig(
+        TextEncoderConfig("hash-32", 12),
+        data or DataConfig(),
+        [StageRun(st, TrainConfig(**defaults))],
+    )
+
+
+def losses(run_dir):
+    return [
+        json.loads(line)["loss"] for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()
+    ]
+
+
+@pytest.mark.parametrize("stage", ["base", "sr"])
+def test_tiny_stage_learns_shapes(tmp_path, stage):
+    cfg = config(steps=80, stage=stage, lr=2e-3, batch_size=8, checkpoint_every=80)
+    train_stage(cfg, 0, tmp_path / "run", progress=False)
+    ls = losses(tmp_path / "run")
+    assert sum(ls[-10:]) / 10 < 0.8 * sum(ls[:10]) / 10
+    opts = json.loads((tmp_path / "run" / "training_options.json").read_text())
+    assert opts["config"]["stages"][0]["train"]["max_steps"] == 80  # the resolved config is saved
+
+
+def test_stop_and_resume_equals_straight_through(tmp_path):
+    train_stage(config(steps=6, precision="bf16"), 0, tmp_path / "straight", progress=False)
+    train_stage(
+        config(steps=6, precision="bf16"), 0, tmp_path / "split", max_steps=3, progress=False
+    )
+    train_stage(
+        config(steps=6, precision="bf16"), 0, tmp_path / "split", resume=True, progress=False
+    )
+    a = load_tensors(checkpoint_dirs(tmp_path / "straight")[-1] / "model.safetensors")
+    b = load_tensors(checkpoint_dirs(tmp_path / "split")[-1] / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    ea = load_tensors(checkpoint_dirs(tmp_path / "straight")[-1] / "ema.safetensors")
+    eb = load_tensors(checkpoint_dirs(tmp_path / "split")[-1] / "ema.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+def test_existing_run_needs_resume_and_same_model(tmp_path):
+    train_stage(config(steps=3), 0, tmp_path / "r", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_stage(config(steps=3), 0, tmp_path / "r", progress=False)
+    other = config(steps=5)
+    other.stages[0].stage.unet.channels = 8
+    with pytest.raises(ValueError, match="U-Net configuration differs"):
+        train_stage(other, 0, tmp_path / "r", resume=True, progress=False)
+
+
+def test_checkpoint_with_wrong_shapes_is_a_clear_error(tmp_path):
+    from imagen.train import make_optimizer
+    from imagen.unet import UNet
+
+    train_stage(config(steps=3), 0, tmp_path / "r", progress=False)
+    cfg = tiny_base(16, 32).unet
+    cfg.channels = 8
+    model, ema = UNet(cfg), UNet(cfg)
+    with pytest.raises(ValueError, match="does not match the model configuration"):
+        load_checkpoint(
+            checkpoint_dirs(tmp_path / "r")[-1],
+            model,
+            ema,
+            make_optimizer(TrainConfig(), list(model.parameters())),
+        )
+
+
+def test_checkpoints_are_safetensors_and_json_only(tmp_path):
+    train_stage(
+        config(steps=3, keep_checkpoints=1, checkpoint_every=1), 0, tmp_path / "r", progress=False
+    )
+    (ckpt,) = checkpoint_dirs(tmp_path / "r")  # only the last one is kept
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "ema.safetensors",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ]
+
+
+def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    import imagen.train as T
+
+    real = T.diffusion_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in (2, 3) or calls["n"] > 6 else loss
+
+    monkeypatch.setattr(T, "diffusion_loss", flaky)
+    with pytest.raises(NonFiniteLossError, match="consecutive non-finite"):
+        train_stage(
+            config(steps=20, checkpoint_every=2, max_bad_steps=3), 0, tmp_path / "r", progress=False
+        )
+    last = checkpoint_dirs(tmp_path / "r")[-1]
+    state = json.loads((last / "state.json").read_text())
+    assert (
+        state["step"] == 4 and state["bad_steps"] == 2
+    )  # 2 skipped steps counted; checkpoint intact
+    for p in last.glob("*.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_tensors(p).values())
+
+
+def test_corrupt_data_trains_to_the_end_and_reports(tmp_path):
+    from test_data_readers import make_folder
+
+    data = DataConfig(kind="folder", path=str(make_folder(tmp_path / "f")), min_size=16)
+    summary = train_stage(config(steps=4, data=data), 0, tmp_path / "r", progress=False)
+    assert summary["step"] == 4
+    assert (
+        summary["data_skipped"]["unreadable image"] >= 1
+        and summary["data_skipped"]["missing caption"] == 1
+    )
+
+
+def test_webdataset_training(tmp_path):
+    from test_data_readers import write_shards
+
+    write_shards(tmp_path / "w")
+    data = DataConfig(kind="webdataset", path=str(tmp_path / "w"), shuffle_buffer=3)
+    summary = train_stage(config(steps=4, data=data), 0, tmp_path / "r", progress=False)
+    assert summary["step"] == 4 and summary["data_skipped"]["unreadable image"] >= 1
+
+
+def test_export_assembles_a_cascade_that_samples(tmp_path):
+    train_stage(config(steps=2), 0, tmp_path / "base", progress=False)
+    train_stage(config(steps=2, stage="sr"), 0, tmp_path / "sr", progress=False)
+    root = export_model([tmp_path / "base", tmp_path / "sr"], tmp_path / "model")
+    index = json.loads((root / "model_index.json").read_text())
+    assert [r["steps"] for r in index["training"]] == [2, 2]
+    cascade = load_cascade(root)
+    out = cascade.sample(["a red circle on the left"], generator=torch.Generator().manual_seed(0))[
+        0
+    ]
+    assert out.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="must be a base"):
+        export_model([tmp_path / "sr"], tmp_path / "bad")
+
+
+def test_config_files(tmp_path):
+    text = """
+text_encoder: {name: hash-32, max_length: 12}
+stages:
+  - preset: tiny-base
+    stage: {sampling: {steps: 7}}
+    train: {batch_size: 2}
+"""
+    (tmp_path / "c.yaml").write_text(text)
+    from imagen.config import load_cascade_config
+
+    cfg = load_cascade_config(tmp_path / "c.yaml")
+    assert cfg.stages[0].stage.sampling.steps == 7 and cfg.stages[0].train.batch_size == 2
+    assert cfg.stages[0].stage.unet.channels == tiny_base().unet.channels
+    again = parse_cascade_config(json.loads(json.dumps(cfg.to_dict())))  # resolved configs reload
+    assert again == cfg
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        parse_cascade_config({"stages": [{"preset": "tiny-base", "train": {"batch": 2}}]})
+    (tmp_path / "c.toml").write_text('[[stages]]\npreset = "tiny-base"\n')
+    assert load_cascade_config(tmp_path / "c.toml").stages[0].train.batch_size == 32
+
+
+TRAIN_SCRIPT = """
+import sys
+from imagen.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig
+from imagen.presets import tiny_base
+from imagen.text_encoders import TextEncoderConfig
+from imagen.train import train_stage
+import torch
+torch.set_num_threads(1)
+cfg = CascadeRunConfig(TextEncoderConfig("hash-32", 12), DataConfig(), [StageRun(tiny_base(16, 32),
+      TrainConfig(batch_size=2, max_steps=10_000, checkpoint_every=1, keep_checkpoints=2, sample_every=0,
+                  log_every=1000, precision="fp32"))])
+train_stage(cfg, 0, sys.argv[1], resume=True, progress=False)
+"""
+
+
+def test_sigkill_never_corrupts_the_latest_checkpoint(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    run = tmp_path / "run"
+    rng = random.Random(0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    steps = []
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, str(script), str(run)], env=env)
+        deadline = time.time() + 60
+        while (
+            not checkpoint_dirs(run) or checkpoint_dirs(run)[-1] in steps[-1:]
+        ):  # wait for a new one
+            time.sleep(0.05)
+            assert time.time() < deadline and proc.poll() is None
+        time.sleep(rng.uniform(0.0, 0.5))  # then kill at a random moment of the checkpointing loop
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        dirs = checkpoint_dirs(run)
+        assert dirs, "no complete checkpoint survived"
+        for d in dirs:  # every checkpoint that looks complete loads
+            json.loads((d / "state.json").read_text())
+            for f in ("model", "ema", "optimizer"):
+                load_tensors(d / f"{f}.safetensors")
+        steps.append(dirs[-1])
+    assert len(set(steps)) == 5  # each restart resumed and made progress
+
+
+DDP_SCRIPT = """
+import sys
+import torch
+torch.set_num_threads(1)
+from imagen.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig
+from imagen.presets import tiny_base
+from imagen.text_encoders import TextEncoderConfig
+from imagen.train import train_stage
+batch = int(sys.argv[2])
+cfg = CascadeRunConfig(TextEncoderConfig("hash-32", 12), DataConfig(), [StageRun(tiny_base(16, 32),
+      TrainConfig(batch_size=batch, max_steps=3, lr=1e-3, warmup_steps=1, checkpoint_every=3,
+                  sample_every=0, log_every=1, precision="fp32"))])
+train_stage(cfg, 0, sys.argv[1], progress=False)
+"""
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process_with_the_concatenated_batch(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        str(tmp_path / "two"),
+        "2",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one"), "4"], env=env, check=True, timeout=300
+    )
+    opts = json.loads((tmp_path / "two" / "training_options.json").read_text())
+    assert opts["world_size"] == 2
+    torch.manual_seed(0)  # the trainer's initialisation, to show how far training moved the weights
+    init = Stage(tiny_base(16, 32)).unet.state_dict()
+    for name in ("model", "ema"):
+        a = load_tensors(checkpoint_dirs(tmp_path / "two")[-1] / f"{name}.safetensors")
+        b = load_tensors(checkpoint_dirs(tmp_path / "one")[-1] / f"{name}.safetensors")
+        assert set(a) == set(b)
+        moved = max((a[k] - init[k]).abs().max().item() for k in a)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        # Adam normalises each update, so round-off in near-zero gradients shows up at ~1e-5
+        assert worst < 5e-5 and moved > 100 * worst, (worst, moved)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
