@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen.data.checker import check_image, detect_objects, score
+from imagen.data.checker import FAILURE_KINDS, check_image, detect_objects, score
 from imagen.data.shapes import (
     BACKGROUND,
     PALETTE,
@@ -44,7 +44,9 @@ def test_checker_accepts_held_out_ground_truth():
 def test_checker_rejects_shuffled_captions(size):
     images, captions = rendered(size)
     random.Random(0).shuffle(captions)
-    assert score(images, captions)["accuracy"]["all"] <= 0.02
+    report = score(images, captions)
+    assert report["accuracy"]["all"] <= 0.02
+    assert {k for f in report["failures"].values() for k in f} <= set(FAILURE_KINDS)
 
 
 def test_checker_is_robust_to_mild_noise():

@@ -72,6 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=positive_int, default=256)
     m.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
 
+    v = sub.add_parser("eval", help="evaluate a model (shapes: prompt-following accuracy)")
+    vsub = v.add_subparsers(dest="eval_kind", required=True)
+    vs = vsub.add_parser("shapes", help="Shapes checker accuracy per group and per stage")
+    vs.add_argument("--model", help="model directory (default: the bundled Shapes cascade)")
+    vs.add_argument("--num", type=positive_int, default=50, help="prompts per group")
+    vs.add_argument("--guidance", type=float)
+    vs.add_argument("--steps", type=positive_int)
+    vs.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"])
+    vs.add_argument("--seed", type=int, default=0)
+    vs.add_argument("--batch-size", type=positive_int, default=32)
+    vs.add_argument("--out", help="write the images, a grid and report.json here")
+    vs.add_argument("--device", default="cpu")
+    vs.add_argument("--bf16", action="store_true")
+    vs.add_argument("--threads", type=positive_int)
+
+    r = sub.add_parser("prepare", help="make a training folder from an offline dataset")
+    r.add_argument("dataset", choices=["fashion-mnist", "emoji"])
+    r.add_argument("out", help="output folder")
+    r.add_argument("--limit", type=positive_int, help="at most this many images (per split)")
+    r.add_argument("--size", type=positive_int, default=128, help="emoji: image size in px")
+
     from .sample_cli import add_sample_parser
 
     add_sample_parser(sub)
@@ -144,6 +165,48 @@ def cmd_embed(args: argparse.Namespace) -> int:
         f"{stats['bytes_per_caption']:.0f} bytes/caption, {stats['captions_per_s']:.1f} captions/s "
         f"-> {args.out}"
     )
+    return 0
+
+
+@command("eval")
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .pipeline import ImagenPipeline
+
+    if args.eval_kind == "shapes":
+        from .evaluation import eval_shapes
+
+        pipe = ImagenPipeline.from_pretrained(
+            args.model, args.device, torch.bfloat16 if args.bf16 else None
+        )
+        report = eval_shapes(
+            pipe,
+            args.num,
+            args.guidance,
+            args.steps,
+            args.sampler,
+            args.seed,
+            args.batch_size,
+            args.out,
+        )
+        report["model"] = args.model or "bundled"
+        print(json.dumps(report, indent=2))
+        return 0
+    raise UsageError(f"unknown evaluation {args.eval_kind!r}")
+
+
+@command("prepare")
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare_emoji, prepare_fashion_mnist
+
+    if args.dataset == "fashion-mnist":
+        counts = prepare_fashion_mnist(args.out, limit=args.limit)
+    else:
+        counts = prepare_emoji(args.out, size=args.size, limit=args.limit)
+    print(f"wrote {args.out}: {counts}")
     return 0
 
 

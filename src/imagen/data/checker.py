@@ -44,11 +44,22 @@ class Detected:
     shape_scores: dict[str, float] = field(default_factory=dict)
 
 
+FAILURE_KINDS = (
+    "missing object",
+    "duplicate colour",
+    "wrong shape",
+    "extra object",
+    "wrong place",
+    "wrong relation",
+)
+
+
 @dataclass
 class Verdict:
     ok: bool
-    reason: str  # "ok" or the first failure found
+    reason: str  # "ok" or the first failure found, in words
     objects: list[Detected]
+    kind: str = "ok"  # "ok" or one of FAILURE_KINDS
 
 
 def _template(shape: str, w: int, h: int) -> np.ndarray:
@@ -138,26 +149,30 @@ def check_image(image: Image.Image | np.ndarray, caption: str) -> Verdict:
     by_color = {c: [o for o in objs if o.color == c] for c in named_colors}
     for (color, shape), found in zip(parsed.objects, by_color.values(), strict=True):
         if not found:
-            return Verdict(False, f"missing {color} object", objs)
+            return Verdict(False, f"missing {color} object", objs, "missing object")
         if len(found) > 1:
-            return Verdict(False, f"{len(found)} {color} objects", objs)
+            return Verdict(False, f"{len(found)} {color} objects", objs, "duplicate colour")
         if found[0].shape != shape:
-            return Verdict(False, f"wrong shape: {color} {found[0].shape}, wanted {shape}", objs)
+            return Verdict(
+                False, f"wrong shape: {color} {found[0].shape}, wanted {shape}", objs, "wrong shape"
+            )
     extra = [o for o in objs if o.color not in named_colors]
     if extra:
-        return Verdict(False, f"extra object(s): {', '.join(o.color for o in extra)}", objs)
+        return Verdict(
+            False, f"extra object(s): {', '.join(o.color for o in extra)}", objs, "extra object"
+        )
     if parsed.place is not None:
         o = by_color[named_colors[0]][0]
         got = nearest_place(o.cx, o.cy)
         if got != parsed.place:
-            return Verdict(False, f"wrong place: {got}, wanted {parsed.place}", objs)
+            return Verdict(False, f"wrong place: {got}, wanted {parsed.place}", objs, "wrong place")
         return Verdict(True, "ok", objs)
     a, b = by_color[named_colors[0]][0], by_color[named_colors[1]][0]
     axis, sign = RELATIONS[parsed.relation]
     delta = (b.cx - a.cx, b.cy - a.cy)  # from a to b
     along, across = delta[axis], delta[1 - axis]
     if not (-sign * along > 0 and abs(along) > abs(across)):
-        return Verdict(False, f"wrong relation: not {parsed.relation}", objs)
+        return Verdict(False, f"wrong relation: not {parsed.relation}", objs, "wrong relation")
     return Verdict(True, "ok", objs)
 
 
@@ -187,9 +202,7 @@ def score(
             totals[g] += 1
             correct[g] += int(v.ok)
         if not v.ok:
-            kind = v.reason.split(":")[0]
-            kind = kind.split(" ", 1)[1] if kind[0].isdigit() else kind
-            reasons.setdefault(group, Counter())[kind] += 1
+            reasons.setdefault(group, Counter())[v.kind] += 1
     return {
         "accuracy": {g: correct[g] / totals[g] for g in totals},
         "count": dict(totals),
