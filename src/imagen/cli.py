@@ -93,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=positive_int, help="at most this many images (per split)")
     r.add_argument("--size", type=positive_int, default=128, help="emoji: image size in px")
 
+    sv = sub.add_parser("serve", help="HTTP API and web page (binds 127.0.0.1 by default)")
+    sv.add_argument("--model", help="model directory (default: the bundled Shapes cascade)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=positive_int, default=8000)
+    sv.add_argument(
+        "--max-queue", type=positive_int, default=16, help="requests waiting or running"
+    )
+    sv.add_argument(
+        "--max-batch-images", type=positive_int, default=8, help="images per forward pass"
+    )
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--threads", type=positive_int)
+
     from .sample_cli import add_sample_parser
 
     add_sample_parser(sub)
@@ -207,6 +220,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     else:
         counts = prepare_emoji(args.out, size=args.size, limit=args.limit)
     print(f"wrote {args.out}: {counts}")
+    return 0
+
+
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import ServerConfig, serve
+
+    serve(
+        args.model,
+        ServerConfig(
+            host=args.host,
+            port=args.port,
+            max_queue=args.max_queue,
+            max_batch_images=args.max_batch_images,
+        ),
+        args.device,
+    )
     return 0
 
 

@@ -115,22 +115,41 @@ class ImagenPipeline:
         ``strength`` < 1 is image-to-image; with ``mask`` (white = regenerate) inpainting.
         ``progress(batch_start, stage, step, steps)`` reports every denoiser step."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts given")
-        if num_images_per_prompt < 1 or batch_size < 1:
-            raise ValueError("num_images_per_prompt and batch_size must be >= 1")
-        sampling = self.sampling_configs(steps, guidance, sampler, threshold_percentile, aug_level)
-        edit = self._edit(init_image, strength, mask)
-        enc = self.cascade.text_encoder
-        unique = list(dict.fromkeys(prompts))
-        text = enc.encode(unique)  # text is encoded once per call
-        row = {p: i for i, p in enumerate(unique)}
+        if num_images_per_prompt < 1:
+            raise ValueError("num_images_per_prompt must be >= 1")
         all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         seeds = [seed + j for j in range(len(all_prompts))]
+        sampling = self.sampling_configs(steps, guidance, sampler, threshold_percentile, aug_level)
+        edit = self._edit(init_image, strength, mask)
+        return self.generate(
+            all_prompts, seeds, sampling, batch_size, return_all_stages, edit, progress
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        sampling: list[SamplingConfig] | None = None,
+        batch_size: int = 16,
+        return_all_stages: bool = False,
+        edit: Edit | None = None,
+        progress: Callable[[int, int, int, int], None] | None = None,
+    ) -> PipelineOutput:
+        """One image per (prompt, seed) pair, ``batch_size`` at a time; each distinct prompt is
+        encoded once. The lower-level entry point of :meth:`__call__` and the server."""
+        if not prompts:
+            raise ValueError("no prompts given")
+        if len(seeds) != len(prompts) or batch_size < 1:
+            raise ValueError("give one seed per prompt and a batch_size >= 1")
+        sampling = sampling or self.sampling_configs()
+        unique = list(dict.fromkeys(prompts))
+        text = self.cascade.text_encoder.encode(unique)
+        row = {p: i for i, p in enumerate(unique)}
         device = self.cascade.stages[0].unet.conv_in.weight.device
         per_stage: list[list[Image.Image]] = [[] for _ in range(self.num_stages)]
-        for start in range(0, len(all_prompts), batch_size):
-            chunk = all_prompts[start : start + batch_size]
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
             idx = torch.tensor([row[p] for p in chunk], device=text.mask.device)
             emb = TextEmbedding(text.tokens[idx], text.mask[idx])
             gens = [
@@ -146,7 +165,7 @@ class ImagenPipeline:
             for k, imgs in enumerate(outs):
                 per_stage[k].extend(tensor_to_pil(x) for x in imgs.cpu())
         return PipelineOutput(
-            per_stage[-1], all_prompts, seeds, per_stage if return_all_stages else []
+            per_stage[-1], list(prompts), list(seeds), per_stage if return_all_stages else []
         )
 
     @staticmethod

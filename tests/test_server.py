@@ -1,0 +1,256 @@
+import base64
+import io
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from test_cascade import make_cascade
+
+from imagen.pipeline import ImagenPipeline
+from imagen.server import ServerConfig, create_app
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return ImagenPipeline(make_cascade())
+
+
+def client_for(pipe, **limits):
+    cfg = ServerConfig(**{"max_steps": 6, "max_images": 3, **limits})
+    return TestClient(create_app(pipe, cfg, "tiny"))
+
+
+def test_health_model_and_schema(pipe):
+    with client_for(pipe) as c:
+        assert c.get("/v1/health").json()["status"] == "ok"
+        m = c.get("/v1/model").json()
+        assert [s["resolution"] for s in m["stages"]] == [16, 32, 64] and m["text_encoder"][
+            "name"
+        ] == "hash-32"
+        schema = c.get("/openapi.json").json()
+        props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+        assert props["steps"]["maximum"] == 6 and props["num_images"]["maximum"] == 3
+        assert "<form" in c.get("/").text
+
+
+def test_generate_returns_pngs_with_seeds(pipe):
+    with client_for(pipe) as c:
+        body = {
+            "prompt": "a red circle on the left",
+            "num_images": 2,
+            "steps": 2,
+            "guidance": 2.0,
+            "sampler": "ddim",
+            "seed": 11,
+        }
+        r = c.post("/v1/generate", json=body)
+        assert r.status_code == 200, r.text
+        data = r.json()
+        assert [im["seed"] for im in data["images"]] == [11, 12] and data["settings"][
+            "sampler"
+        ] == "ddim"
+        img = Image.open(io.BytesIO(base64.b64decode(data["images"][0]["png_base64"])))
+        assert img.size == (64, 64) == (data["images"][0]["width"], data["images"][0]["height"])
+        again = c.post("/v1/generate", json=body).json()
+        assert again["images"][1]["png_base64"] == data["images"][1]["png_base64"]
+        assert (
+            c.post("/v1/generate", json={"prompt": "x", "steps": 1}).json()["settings"]["seed"] >= 0
+        )
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "x", "steps": 0}, "steps"),
+        ({"prompt": "x", "steps": 1000}, "steps"),
+        ({"prompt": "x", "guidance": -1}, "guidance"),
+        ({"prompt": "x", "num_images": 99}, "num_images"),
+        ({"prompt": "x", "sampler": "euler"}, "sampler"),
+        ({"prompt": "x" * 301}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"steps": 3}, "prompt"),
+        ({"prompt": "x", "seed": -5}, "seed"),
+        ({"prompt": 3}, "prompt"),
+    ],
+)
+def test_bad_requests_are_4xx_naming_the_field(pipe, body, field):
+    with client_for(pipe) as c:
+        r = c.post("/v1/generate", json=body)
+        assert r.status_code == 422 and r.json()["detail"].startswith(field)
+
+
+def test_malformed_json(pipe):
+    with client_for(pipe) as c:
+        r = c.post(
+            "/v1/generate", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 422 and "JSON" in r.json()["detail"]
+        assert c.get("/v1/progress/nobody").status_code == 404
+
+
+def blocked(pipe, monkeypatch):
+    """Make generation wait on a gate, counting batches."""
+    gate, calls = threading.Event(), []
+    real = pipe.generate
+
+    def slow(prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        gate.wait(30)
+        return real(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "generate", slow)
+    return gate, calls
+
+
+def test_queue_overflow_gets_429_and_accepted_requests_all_finish(pipe, monkeypatch):
+    gate, calls = blocked(pipe, monkeypatch)
+    with client_for(pipe, max_queue=2, max_batch_images=1) as c:
+
+        def post(i):
+            return c.post("/v1/generate", json={"prompt": f"p{i}", "steps": 1, "seed": i})
+
+        with ThreadPoolExecutor(8) as ex:
+            first = ex.submit(post, 0)
+            while not calls:  # the worker holds the first request
+                time.sleep(0.01)
+            rest = [ex.submit(post, i) for i in range(1, 7)]
+            time.sleep(0.5)
+            gate.set()
+            codes = [first.result().status_code] + [f.result().status_code for f in rest]
+    assert codes.count(429) == 4 and codes.count(200) == 3  # 1 running + 2 queued, never lost
+    assert c.get("/v1/health").status_code == 200
+
+
+def test_compatible_requests_are_batched(pipe, monkeypatch):
+    gate, calls = blocked(pipe, monkeypatch)
+    with client_for(pipe, max_queue=8, max_batch_images=8, batch_wait_s=0.2) as c:
+
+        def post(i, steps=2):
+            return c.post("/v1/generate", json={"prompt": f"p{i}", "steps": steps, "seed": i})
+
+        with ThreadPoolExecutor(8) as ex:
+            first = ex.submit(post, 0)
+            while not calls:
+                time.sleep(0.01)
+            same = [ex.submit(post, i) for i in range(1, 4)]
+            other = ex.submit(post, 9, 3)  # different steps: not batched with the others
+            time.sleep(0.3)
+            gate.set()
+            results = [f.result().json() for f in same]
+            assert other.result().json()["batch_size"] == 1
+    assert first.result().json()["batch_size"] == 1
+    assert all(r["batch_size"] == 3 for r in results)
+    assert sorted(calls) == [1, 1, 3]
+
+
+def test_a_cancelled_request_never_reaches_the_model(pipe, monkeypatch):
+    import asyncio
+
+    from imagen.server import Cancelled, Job, ModelWorker
+
+    calls = []
+    monkeypatch.setattr(pipe, "generate", lambda *a, **k: calls.append(a))
+    worker = ModelWorker(pipe, ServerConfig())
+    loop = asyncio.new_event_loop()
+    job = Job("x", 1, 1.0, 1, "dpmpp", 0, "c1", loop, loop.create_future())
+    job.cancelled.set()
+    worker.submit(job)
+    deadline = time.time() + 5
+    while not job.future.done() and time.time() < deadline:
+        loop.run_until_complete(asyncio.sleep(0.02))
+    worker.stop()
+    assert isinstance(job.future.exception(), Cancelled) and calls == []
+    loop.close()
+
+
+def test_schema_fuzz_finds_no_server_errors(pipe):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    app = create_app(pipe, ServerConfig(max_steps=2, max_images=1, max_prompt_chars=40), "tiny")
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    failures, calls = [], []
+    for op in schema.get_all_operations():
+        operation = op.ok()
+        modes = [schemathesis.GenerationMode.POSITIVE]
+        if operation.method.upper() == "POST":  # GET routes without inputs have nothing to negate
+            modes.append(schemathesis.GenerationMode.NEGATIVE)
+        for mode in modes:
+
+            @settings(
+                max_examples=30,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                database=None,
+            )
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case):
+                response = case.call()
+                calls.append(response.status_code)
+                if response.status_code >= 500:
+                    failures.append((case.method, case.path, case.body, response.status_code))
+
+            check()
+    assert not failures
+    assert len(calls) > 50 and 200 in calls and 422 in calls  # valid and invalid requests were sent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="Chromium is not installed (apt-get install chromium)"
+)
+def test_browser_types_a_prompt_and_sees_an_image(pipe):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(pipe, ServerConfig(), "tiny"),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=shutil.which("chromium"),
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                ],
+            )
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#prompt", "a red circle on the left")
+            page.fill("#steps", "2")
+            page.click("#generate")
+            page.wait_for_selector("#result img", timeout=30_000)
+            assert page.locator("#gallery img").count() == 1
+            assert "seed" in page.inner_text("#result")
+            src = page.get_attribute("#result img", "src")
+            assert src.startswith("data:image/png;base64,")
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
