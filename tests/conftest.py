@@ -22,3 +22,4 @@ def pytest_configure(config):
     import warnings
 
     warnings.filterwarnings("ignore", message=".*suggested max number of worker.*")
+    warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")

@@ -86,6 +86,23 @@ def build_parser() -> argparse.ArgumentParser:
     vs.add_argument("--device", default="cpu")
     vs.add_argument("--bf16", action="store_true")
     vs.add_argument("--threads", type=positive_int)
+    vf = vsub.add_parser("fid", help="FID and KID against an image-text folder")
+    vf.add_argument("--model", help="model directory (default: the bundled Shapes cascade)")
+    vf.add_argument(
+        "--data", required=True, help="image-text folder of real images (e.g. from imagen prepare)"
+    )
+    vf.add_argument("--num", type=positive_int, default=500, help="images on each side")
+    vf.add_argument("--guidance", type=float)
+    vf.add_argument("--steps", type=positive_int)
+    vf.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"])
+    vf.add_argument("--seed", type=int, default=0)
+    vf.add_argument("--batch-size", type=positive_int, default=32)
+    vf.add_argument(
+        "--feature-network", default="fid-helper-inception", help="name or TorchScript path"
+    )
+    vf.add_argument("--cache-dir", default=".cache/imagen-fid", help="reference statistics cache")
+    vf.add_argument("--device", default="cpu")
+    vf.add_argument("--threads", type=positive_int)
 
     r = sub.add_parser("prepare", help="make a training folder from an offline dataset")
     r.add_argument("dataset", choices=["fashion-mnist", "emoji"])
@@ -204,6 +221,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.seed,
             args.batch_size,
             args.out,
+        )
+        report["model"] = args.model or "bundled"
+        print(json.dumps(report, indent=2))
+        return 0
+    if args.eval_kind == "fid":
+        from .evaluation import eval_fid
+
+        pipe = ImagenPipeline.from_pretrained(args.model, args.device)
+        report = eval_fid(
+            pipe,
+            args.data,
+            args.num,
+            args.guidance,
+            args.steps,
+            args.sampler,
+            args.seed,
+            args.batch_size,
+            args.feature_network,
+            args.cache_dir,
         )
         report["model"] = args.model or "bundled"
         print(json.dumps(report, indent=2))

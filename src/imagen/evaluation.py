@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .data.checker import score
 from .data.shapes import all_captions
@@ -93,3 +94,45 @@ def eval_shapes(
         )
         (d / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def eval_fid(
+    pipe: ImagenPipeline,
+    data: str | Path,
+    num: int = 500,
+    guidance: float | None = None,
+    steps: int | None = None,
+    sampler: str | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    feature_network: str = "fid-helper-inception",
+    cache_dir: str | Path = ".cache/imagen-fid",
+) -> dict[str, Any]:
+    """FID / KID of ``num`` generated images (prompted with captions of the real dataset)
+    against ``num`` real images centre-cropped to the model's resolution."""
+    from .data.folders import ImageTextFolder
+    from .fid import FeatureNetwork, cached_features, clip_score_status, features, fid_kid, to_uint8
+
+    net = FeatureNetwork(feature_network)
+    size = pipe.cascade.stages[-1].config.resolution
+    ds = ImageTextFolder(data, size)
+    idx = np.random.default_rng(seed).choice(len(ds), min(num, len(ds)), replace=False)
+
+    def real_images() -> Any:
+        return to_uint8(torch.stack([ds[int(i)][0] for i in idx]))
+
+    key = f"{Path(data).resolve()}|{size}|{seed}|{len(idx)}"
+    real = cached_features(net, real_images, key, Path(cache_dir))
+    captions = [ds.records[int(i)][1] for i in idx]
+    out = pipe(
+        captions, steps=steps, guidance=guidance, sampler=sampler, seed=seed, batch_size=batch_size
+    )
+    fake = features(net, to_uint8(out.images))
+    return {
+        **fid_kid(real, fake),
+        "num_real": len(real),
+        "num_generated": len(fake),
+        "resolution": size,
+        "feature_network": f"{net.name} ({net.path.name})",
+        "clip_score": clip_score_status(),
+    }
