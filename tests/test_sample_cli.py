@@ -180,3 +180,19 @@ def test_pipeline_returns_every_stage_and_validates(model_dir):
     with pytest.raises(ValueError, match="unknown sampler"):
         pipe("a", sampler="euler")
     assert isinstance(pipe.cascade.stages[0].unet.conv_in.weight, torch.Tensor)
+
+
+def test_compile_falls_back_to_eager_when_compiling_fails(model_dir, monkeypatch, caplog):
+    def broken_compile(module):
+        def run(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    eager = ImagenPipeline.from_pretrained(model_dir)("a red circle", steps=2, seed=3)
+    compiled = ImagenPipeline.from_pretrained(model_dir, compile=True)
+    out = compiled("a red circle", steps=2, seed=3)
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(eager.images[0]))
+    assert "torch.compile failed" in caplog.text
+    assert all(st.compiled.compiled is None for st in compiled.cascade.stages)

@@ -107,6 +107,13 @@ def blocked(pipe, monkeypatch):
     return gate, calls
 
 
+def wait_for(condition, timeout=30.0):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_queue_overflow_gets_429_and_accepted_requests_all_finish(pipe, monkeypatch):
     gate, calls = blocked(pipe, monkeypatch)
     with client_for(pipe, max_queue=2, max_batch_images=1) as c:
@@ -119,7 +126,7 @@ def test_queue_overflow_gets_429_and_accepted_requests_all_finish(pipe, monkeypa
             while not calls:  # the worker holds the first request
                 time.sleep(0.01)
             rest = [ex.submit(post, i) for i in range(1, 7)]
-            time.sleep(0.5)
+            wait_for(lambda: sum(f.done() for f in rest) == 4)  # the 429s come back at once
             gate.set()
             codes = [first.result().status_code] + [f.result().status_code for f in rest]
     assert codes.count(429) == 4 and codes.count(200) == 3  # 1 running + 2 queued, never lost
@@ -138,8 +145,9 @@ def test_compatible_requests_are_batched(pipe, monkeypatch):
             while not calls:
                 time.sleep(0.01)
             same = [ex.submit(post, i) for i in range(1, 4)]
+            wait_for(lambda: c.app.state.worker.pending() == 3)
             other = ex.submit(post, 9, 3)  # different steps: not batched with the others
-            time.sleep(0.3)
+            wait_for(lambda: c.app.state.worker.pending() == 4)
             gate.set()
             results = [f.result().json() for f in same]
             assert other.result().json()["batch_size"] == 1

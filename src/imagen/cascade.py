@@ -124,6 +124,11 @@ class Stage(nn.Module):
         self.config = config
         self.unet = UNet(config.unet)
         self.schedule = NoiseSchedule(config.diffusion)
+        self.compiled: Callable[..., Tensor] | None = None  # set by imagen.pipeline.compile_unets
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
 
     @torch.no_grad()
     def sample(
@@ -139,7 +144,7 @@ class Stage(nn.Module):
         """Sample images in [-1, 1] for a batch of encoded captions (and, for SR stages, the
         low-res images to upsample); ``edit`` turns this into image-to-image or inpainting."""
         s = sampling or self.config.sampling
-        device = self.unet.conv_in.weight.device
+        device = self.device
         b, n, c = text.tokens.shape[0], self.config.resolution, self.config.unet.in_channels
         cond = Conditioning(text.tokens.to(device), text.mask.to(device))
         if self.config.is_super_resolution:
@@ -150,9 +155,8 @@ class Stage(nn.Module):
             cond.lowres, cond.aug_level = augment_lowres(
                 lowres.to(device).float(), n, level, self.schedule, noise
             )
-        denoise = make_denoiser(
-            self.unet, self.schedule, cond, s.guidance, s.threshold, autocast_dtype
-        )
+        net = self.compiled or self.unet
+        denoise = make_denoiser(net, self.schedule, cond, s.guidance, s.threshold, autocast_dtype)
         timesteps = respaced_timesteps(self.schedule.num_timesteps, s.steps)
         x = randn((b, c, n, n), generator, device)
         if edit is not None:

@@ -89,13 +89,19 @@ class Conditioning:
         )
 
 
-def model_output(model: UNet, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+def model_output(
+    model: UNet | Callable[..., Tensor], x: Tensor, t: Tensor, cond: Conditioning
+) -> Tensor:
     """One U-Net evaluation under ``cond``."""
     return model(x, t, cond.text, cond.mask, cond.lowres, cond.aug_level)
 
 
 def guided_output(
-    model: UNet, x: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float
+    model: UNet | Callable[..., Tensor],
+    x: Tensor,
+    t: Tensor,
+    cond: Conditioning,
+    guidance_scale: float,
 ) -> Tensor:
     """Classifier-free guidance (Ho & Salimans 2022): out = out(x, null) + s (out(x, c) -
     out(x, null)), with the conditional and unconditional halves in ONE forward pass. Guidance
@@ -111,26 +117,28 @@ def guided_output(
 
 
 def make_denoiser(
-    model: UNet,
+    model: UNet | Callable[..., Tensor],
     schedule: NoiseSchedule,
     cond: Conditioning,
     guidance_scale: float = 1.0,
     threshold: ThresholdConfig | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> Denoiser:
-    """Wrap a U-Net and its schedule as a denoiser ``(x_t, t) -> thresholded x0_hat``.
+    """Wrap a U-Net (or a compiled version of it) and its schedule as a denoiser
+    ``(x_t, t) -> thresholded x0_hat``.
 
     ``autocast_dtype`` (for example torch.bfloat16) runs the U-Net under autocast; the sampler
-    state and the conversions stay in float32.
+    state and the conversions stay in float32. Nothing here synchronises with the device.
     """
     threshold = threshold or ThresholdConfig()
-    device_type = next(model.parameters()).device.type
 
     @torch.no_grad()
     def denoise(x: Tensor, t: int) -> Tensor:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         with torch.autocast(
-            device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            x.device.type,
+            dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None,
         ):
             out = guided_output(model, x, tt.float(), cond, guidance_scale)
         x0 = schedule.to_x0(out.float(), x, tt)

@@ -8,6 +8,7 @@ out.images[0].save("circle.png")
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +24,32 @@ from .text_encoders import TextEmbedding
 BUNDLED_MODEL = Path(__file__).parent / "weights" / "shapes-cascade"
 
 PerStage = Any  # a value for every stage, or a list with one value per stage
+log = logging.getLogger(__name__)
+
+
+class CompileFallback:
+    """Calls ``torch.compile(module)``; if compiling fails (no compiler, an unsupported op), warns
+    once and runs the module eagerly from then on."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.eager = module
+        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - reported, then the eager path runs
+                log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, e)
+                self.compiled = None
+        return self.eager(*args, **kwargs)
+
+
+def compile_unets(cascade: Cascade, stages: list[int] | None = None) -> None:
+    """Use torch.compile for the U-Nets of ``stages`` (all by default), with eager fallback."""
+    for k, st in enumerate(cascade.stages):
+        if stages is None or k in stages:
+            st.compiled = CompileFallback(st.unet)
 
 
 @dataclass
@@ -44,9 +71,13 @@ def _per_stage(value: PerStage, n: int, name: str) -> list[Any]:
 class ImagenPipeline:
     """Sampling from a cascade with per-call settings, batching and per-image seeds."""
 
-    def __init__(self, cascade: Cascade, autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, cascade: Cascade, autocast_dtype: torch.dtype | None = None, compile: bool = False
+    ) -> None:
         self.cascade = cascade.eval()
         self.autocast_dtype = autocast_dtype
+        if compile:
+            compile_unets(cascade)
 
     @classmethod
     def from_pretrained(
@@ -54,10 +85,12 @@ class ImagenPipeline:
         path: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        compile: bool = False,
     ) -> ImagenPipeline:
         """Load a model directory (the bundled Shapes cascade when ``path`` is None); ``dtype``
-        (for example torch.bfloat16) runs the U-Nets under autocast."""
-        return cls(load_cascade(path or BUNDLED_MODEL, device), dtype)
+        (for example torch.bfloat16) runs the U-Nets under autocast; ``compile`` uses
+        torch.compile where it works."""
+        return cls(load_cascade(path or BUNDLED_MODEL, device), dtype, compile)
 
     @property
     def num_stages(self) -> int:
@@ -146,7 +179,7 @@ class ImagenPipeline:
         unique = list(dict.fromkeys(prompts))
         text = self.cascade.text_encoder.encode(unique)
         row = {p: i for i, p in enumerate(unique)}
-        device = self.cascade.stages[0].unet.conv_in.weight.device
+        device = self.cascade.stages[0].device
         per_stage: list[list[Image.Image]] = [[] for _ in range(self.num_stages)]
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]

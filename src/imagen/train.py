@@ -573,7 +573,7 @@ def _write_samples(
     images, captions = val
     cfg = stage.config
     lowres = resize(images, cfg.lowres_size) if cfg.is_super_resolution else None
-    gen = torch.Generator(device=stage.unet.conv_in.weight.device).manual_seed(seed)
+    gen = torch.Generator(device=stage.device).manual_seed(seed)
     out = stage.sample(encoder.encode(captions), lowres, generator=gen).clamp(-1, 1)
     pics = [tensor_to_pil(x) for x in torch.cat([images.cpu(), out.cpu()])]
     captioned_grid(

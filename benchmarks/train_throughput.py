@@ -1,0 +1,157 @@
+"""Training throughput of each preset stage size, with model FLOPs utilisation.
+
+For each preset and batch size: samples/s of a full training step (forward, backward, AdamW),
+the model FLOPs of one step (counted by torch.utils.flop_counter), and that rate as a fraction
+of this machine's dense matmul peak measured in the same run (fp32 and bf16). Also the
+before/after ratios of bf16 autocast and channels-last.
+
+    python benchmarks/train_throughput.py [--device cpu|cuda] [--threads N] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import matmul_peak, table, timed, write
+from torch.utils.flop_counter import FlopCounterMode
+
+from imagen.guidance import Conditioning
+from imagen.presets import count_preset_parameters, get_preset
+from imagen.schedules import NoiseSchedule
+from imagen.unet import UNet
+
+
+def make_step(name: str, batch: int, device: torch.device, bf16: bool, channels_last: bool):
+    cfg = get_preset(name)
+    model = UNet(cfg.unet).to(device)
+    mem = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=mem)
+    opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    sch = NoiseSchedule(cfg.diffusion)
+    n, d = cfg.resolution, cfg.unet.text_dim
+    x0 = (torch.rand(batch, 3, n, n, device=device) * 2 - 1).contiguous(memory_format=mem)
+    cond = Conditioning(
+        torch.randn(batch, 16, d, device=device),
+        torch.ones(batch, 16, dtype=torch.bool, device=device),
+    )
+    if cfg.is_super_resolution:
+        cond.lowres, cond.aug_level = x0.clone(), torch.zeros(batch, device=device)
+
+    def step() -> None:
+        t = torch.randint(0, sch.num_timesteps, (batch,), device=device)
+        noise = torch.randn_like(x0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = model(
+                sch.q_sample(x0, t, noise),
+                t.float(),
+                cond.text,
+                cond.mask,
+                cond.lowres,
+                cond.aug_level,
+            )
+        loss = (pred.float() - noise).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def step_flops(name: str, batch: int) -> int:
+    """FLOPs of one forward + backward pass (the optimiser's elementwise work is not counted)."""
+    step = make_step(name, batch, torch.device("cpu"), bf16=False, channels_last=False)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--quick", action="store_true", help="one small preset, for a smoke run")
+    ap.add_argument("--presets", nargs="*")
+    ap.add_argument("--batches", nargs="*", type=int)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    presets = args.presets or (
+        ["tiny-base"] if args.quick else ["shapes-base32", "shapes-sr64", "shapes-sr128"]
+    )
+    batches = args.batches or ([8] if args.quick else [8, 32])
+    peak = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    print(
+        f"matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s"
+    )
+    rows = []
+    for name in presets:
+        params = count_preset_parameters(get_preset(name))
+        for batch in batches:
+            flops = step_flops(name, batch)
+            for precision, cl in (("fp32", False), ("bf16", False), ("bf16", True)):
+                sec = timed(
+                    make_step(name, batch, device, precision == "bf16", cl),
+                    device,
+                    warmup=2,
+                    repeat=3 if args.quick else 5,
+                )
+                rate = flops / sec
+                rows.append(
+                    {
+                        "preset": name,
+                        "params_M": params / 1e6,
+                        "batch": batch,
+                        "precision": precision,
+                        "channels_last": cl,
+                        "samples_per_s": batch / sec,
+                        "step_s": sec,
+                        "gflop_per_step": flops / 1e9,
+                        "achieved_gflops": rate / 1e9,
+                        "mfu": rate / peak[precision],
+                    }
+                )
+                print(table(rows[-1:], list(rows[-1])), flush=True)
+    ratios = []
+    for name in presets:
+        for batch in batches:
+            r = {
+                (x["precision"], x["channels_last"]): x["samples_per_s"]
+                for x in rows
+                if x["preset"] == name and x["batch"] == batch
+            }
+            ratios.append(
+                {
+                    "preset": name,
+                    "batch": batch,
+                    "bf16_over_fp32": r[("bf16", False)] / r[("fp32", False)],
+                    "channels_last_over_contiguous_bf16": r[("bf16", True)] / r[("bf16", False)],
+                }
+            )
+    print()
+    print(
+        table(
+            rows,
+            [
+                "preset",
+                "batch",
+                "precision",
+                "channels_last",
+                "samples_per_s",
+                "gflop_per_step",
+                "mfu",
+            ],
+        )
+    )
+    print()
+    print(table(ratios, list(ratios[0])))
+    path = write(
+        f"train_throughput-{device.type}", {"peak_flops": peak, "rows": rows, "speedups": ratios}
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
