@@ -123,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--threads", type=positive_int)
 
+    dm = sub.add_parser(
+        "demo", help="samples from the bundled model (and a model trained here) as HTML"
+    )
+    dm.add_argument("--out", default="demo", help="output directory (default: demo)")
+    dm.add_argument("--model", help="model directory (default: the bundled Shapes cascade)")
+    dm.add_argument(
+        "--train", action="store_true", help="also train a small base model from scratch"
+    )
+    dm.add_argument("--minutes", type=float, default=10.0, help="training time budget (default 10)")
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--threads", type=positive_int)
+
     from .sample_cli import add_sample_parser
 
     add_sample_parser(sub)
@@ -273,6 +285,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ),
         args.device,
     )
+    return 0
+
+
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    path = run_demo(args.out, args.model, args.minutes if args.train else None, args.seed)
+    print(f"wrote {path}")
     return 0
 
 

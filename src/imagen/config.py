@@ -78,6 +78,7 @@ class TrainConfig:
     sample_every: int = 500  # 0 disables the sample grid
     num_val: int = 8  # validation captions in the sample grid
     max_bad_steps: int = 5  # consecutive NaN/Inf losses that stop the run
+    time_budget_s: float = 0.0  # stop (with a checkpoint) after this much training time; 0: none
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]

@@ -425,6 +425,7 @@ def train_stage(
     val = validation_batch(dataset, cfg.num_val) if d.main and cfg.sample_every else None
     hardware = hardware_description(dev)
     bad_run, t_last, losses = 0, time.time(), []
+    started = t_last
     data_notes: Counter[str] = Counter(getattr(dataset, "scan_skipped", {}))
     try:
         while step < cfg.max_steps:
@@ -505,7 +506,8 @@ def train_stage(
                     img_s=f"{rate * global_batch:.0f}",
                 )
                 t_last, losses = now, []
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            out_of_time = bool(cfg.time_budget_s) and time.time() - started > cfg.time_budget_s
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time:
                 if d.main:
                     save_checkpoint(
                         out,
@@ -518,8 +520,13 @@ def train_stage(
                     )
                 if d.world > 1:
                     dist.barrier()
-            if val is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+            if val is not None and (
+                step % cfg.sample_every == 0 or step == cfg.max_steps or out_of_time
+            ):
                 _write_samples(ema_stage, encoder, val, out / f"samples_{step:08d}.png", cfg.seed)
+            if out_of_time:
+                log.info("time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
+                break
     finally:
         bar.close()
         if logf is not None:
