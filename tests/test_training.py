@@ -299,3 +299,117 @@ def test_two_gloo_processes_equal_one_process_with_the_concatenated_batch(tmp_pa
         # Adam normalises each update, so round-off in near-zero gradients shows up at ~1e-5
         assert worst < 5e-5 and moved > 100 * worst, (worst, moved)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    train_stage(config(steps=3, batch_size=4), 0, tmp_path / "big", progress=False)
+    train_stage(config(steps=3, batch_size=2, grad_accum=2), 0, tmp_path / "acc", progress=False)
+    a = load_tensors(checkpoint_dirs(tmp_path / "big")[-1] / "model.safetensors")
+    b = load_tensors(checkpoint_dirs(tmp_path / "acc")[-1] / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5
+    assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "acc"), rel=1e-4)
+
+
+def test_adafactor_trains_and_resumes_exactly(tmp_path):
+    train_stage(config(steps=4, optimizer="adafactor"), 0, tmp_path / "s", progress=False)
+    train_stage(
+        config(steps=4, optimizer="adafactor"), 0, tmp_path / "r", max_steps=2, progress=False
+    )
+    train_stage(
+        config(steps=4, optimizer="adafactor"), 0, tmp_path / "r", resume=True, progress=False
+    )
+    a = load_tensors(checkpoint_dirs(tmp_path / "s")[-1] / "model.safetensors")
+    b = load_tensors(checkpoint_dirs(tmp_path / "r")[-1] / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learning_rate_and_ema_schedules():
+    from imagen.train import ema_decay, lr_at
+
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine")
+    assert lr_at(cfg, 0) == pytest.approx(1e-4) and lr_at(cfg, 9) == pytest.approx(1e-3)
+    assert lr_at(cfg, 60) == pytest.approx(0.5e-3) and lr_at(cfg, 110) == pytest.approx(
+        0.0, abs=1e-12
+    )
+    assert lr_at(TrainConfig(lr=1e-3, warmup_steps=10), 500) == 1e-3
+    assert ema_decay(TrainConfig(ema_decay=0.999), 0, 32) == pytest.approx(0.1)
+    assert ema_decay(TrainConfig(ema_decay=0.999), 10**6, 32) == 0.999
+    half = TrainConfig(ema_halflife_images=320)
+    assert ema_decay(half, 5, 32) ** 10 == pytest.approx(
+        0.5
+    )  # 10 steps of 32 images = one half-life
+
+
+def test_train_command_line(tmp_path, capsys):
+    from imagen.cli import main
+
+    (tmp_path / "c.json").write_text(
+        json.dumps(
+            {
+                "text_encoder": {"name": "hash-32", "max_length": 12},
+                "stages": [
+                    {
+                        "preset": "tiny-base",
+                        "train": {
+                            "max_steps": 50,
+                            "sample_every": 2,
+                            "num_val": 2,
+                            "checkpoint_every": 2,
+                            "log_every": 1,
+                        },
+                    }
+                ],
+            }
+        )
+    )
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "c.json"),
+                "--stage",
+                "0",
+                "--out",
+                str(tmp_path / "r"),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "3",
+            ]
+        )
+        == 0
+    )
+    assert "step 2" in capsys.readouterr().out
+    opts = json.loads((tmp_path / "r" / "training_options.json").read_text())
+    assert opts["config"]["stages"][0]["train"]["batch_size"] == 3
+    assert (tmp_path / "r" / "samples_00000002.png").is_file()
+    assert (
+        main(["train", str(tmp_path / "c.json"), "--stage", "3", "--out", str(tmp_path / "x")]) == 2
+    )
+    assert main(["export", str(tmp_path / "r"), "--out", str(tmp_path / "m")]) == 0
+    assert main(["embed", str(tmp_path / "c.json"), "--out", str(tmp_path / "emb")]) == 0
+    assert "bytes/caption" in capsys.readouterr().out
+    from imagen.data.shapes import all_captions
+    from imagen.embedding_cache import EmbeddingCache
+
+    groups = all_captions()
+    assert len(EmbeddingCache.open(tmp_path / "emb")) == len(groups["one"]) + len(groups["two"])
+
+
+def test_training_reads_the_embedding_cache(tmp_path):
+    from imagen.embedding_cache import build_cache
+    from imagen.text_encoders import HashTextEncoder
+    from imagen.train import CaptionEmbeddings, dataset_captions
+
+    enc = HashTextEncoder(32, 12)
+    caps = dataset_captions(DataConfig())
+    build_cache(caps[:50], enc, tmp_path / "c")
+    from imagen.embedding_cache import EmbeddingCache
+
+    embed = CaptionEmbeddings(enc, EmbeddingCache.open(tmp_path / "c", enc))
+    emb = embed(caps[:10] + caps[100:102])
+    assert embed.encoded == 2  # only the two captions outside the cache ran through the encoder
+    direct = enc.encode(caps[:10] + caps[100:102])
+    assert torch.allclose(emb.tokens[:, : direct.tokens.shape[1]], direct.tokens, atol=1e-2)
+    with pytest.raises(ValueError, match="rebuild it"):
+        CaptionEmbeddings(HashTextEncoder(32, 8), EmbeddingCache.open(tmp_path / "c"))

@@ -415,6 +415,7 @@ def train_stage(
     global_batch = cfg.batch_size * cfg.grad_accum * d.world
     shape = (scfg.unet.in_channels, scfg.resolution, scfg.resolution)
     logf = open(out / "log.jsonl", "a") if d.main else None  # noqa: SIM115
+    tb = tensorboard_writer(out) if d.main else None
     bar = tqdm(
         total=cfg.max_steps,
         initial=step,
@@ -500,6 +501,9 @@ def train_stage(
                     rec["data_skipped"] = dict(data_notes)
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
+                if tb is not None:
+                    for key in ("loss", "lr", "grad_norm", "samples_per_s"):
+                        tb.add_scalar(f"train/{key}", rec[key], step)
                 bar.set_postfix(
                     loss=f"{rec['loss']:.4f}",
                     it_s=f"{rate:.2f}",
@@ -531,6 +535,8 @@ def train_stage(
         bar.close()
         if logf is not None:
             logf.close()
+        if tb is not None:
+            tb.close()
     summary = {
         "step": step,
         "samples_seen": samples_seen,
@@ -543,6 +549,15 @@ def train_stage(
     if d.main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def tensorboard_writer(out: Path) -> Any:
+    """A TensorBoard writer into RUN_DIR/tensorboard when the tensorboard package is installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def hardware_description(device: torch.device) -> str:
