@@ -75,34 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="evaluate a model (shapes: prompt-following accuracy)")
     vsub = v.add_subparsers(dest="eval_kind", required=True)
     vs = vsub.add_parser("shapes", help="Shapes checker accuracy per group and per stage")
-    vs.add_argument("--model", help="model directory (default: the bundled Shapes cascade)")
     vs.add_argument("--num", type=positive_int, default=50, help="prompts per group")
-    vs.add_argument("--guidance", type=float)
-    vs.add_argument("--steps", type=positive_int)
-    vs.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"])
-    vs.add_argument("--seed", type=int, default=0)
-    vs.add_argument("--batch-size", type=positive_int, default=32)
     vs.add_argument("--out", help="write the images, a grid and report.json here")
-    vs.add_argument("--device", default="cpu")
-    vs.add_argument("--bf16", action="store_true")
-    vs.add_argument("--threads", type=positive_int)
     vf = vsub.add_parser("fid", help="FID and KID against an image-text folder")
-    vf.add_argument("--model", help="model directory (default: the bundled Shapes cascade)")
     vf.add_argument(
         "--data", required=True, help="image-text folder of real images (e.g. from imagen prepare)"
     )
     vf.add_argument("--num", type=positive_int, default=500, help="images on each side")
-    vf.add_argument("--guidance", type=float)
-    vf.add_argument("--steps", type=positive_int)
-    vf.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"])
-    vf.add_argument("--seed", type=int, default=0)
-    vf.add_argument("--batch-size", type=positive_int, default=32)
     vf.add_argument(
         "--feature-network", default="fid-helper-inception", help="name or TorchScript path"
     )
     vf.add_argument("--cache-dir", default=".cache/imagen-fid", help="reference statistics cache")
-    vf.add_argument("--device", default="cpu")
-    vf.add_argument("--threads", type=positive_int)
+    for q in (vs, vf):
+        q.add_argument("--model", help="model directory (default: the bundled Shapes cascade)")
+        q.add_argument("--guidance", type=float)
+        q.add_argument("--steps", type=positive_int)
+        q.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"])
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--batch-size", type=positive_int, default=32)
+        q.add_argument("--device", default="cpu")
+        q.add_argument("--bf16", action="store_true", help="run the U-Nets under bf16 autocast")
+        q.add_argument("--threads", type=positive_int)
 
     r = sub.add_parser("prepare", help="make a training folder from an offline dataset")
     r.add_argument("dataset", choices=["fashion-mnist", "emoji"])
@@ -216,47 +209,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .evaluation import eval_fid, eval_shapes
     from .pipeline import ImagenPipeline
 
+    pipe = ImagenPipeline.from_pretrained(
+        args.model, args.device, torch.bfloat16 if args.bf16 else None
+    )
+    common = dict(
+        guidance=args.guidance,
+        steps=args.steps,
+        sampler=args.sampler,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
     if args.eval_kind == "shapes":
-        from .evaluation import eval_shapes
-
-        pipe = ImagenPipeline.from_pretrained(
-            args.model, args.device, torch.bfloat16 if args.bf16 else None
-        )
-        report = eval_shapes(
-            pipe,
-            args.num,
-            args.guidance,
-            args.steps,
-            args.sampler,
-            args.seed,
-            args.batch_size,
-            args.out,
-        )
-        report["model"] = args.model or "bundled"
-        print(json.dumps(report, indent=2))
-        return 0
-    if args.eval_kind == "fid":
-        from .evaluation import eval_fid
-
-        pipe = ImagenPipeline.from_pretrained(args.model, args.device)
+        report = eval_shapes(pipe, args.num, out_dir=args.out, **common)
+    elif args.eval_kind == "fid":
         report = eval_fid(
             pipe,
             args.data,
             args.num,
-            args.guidance,
-            args.steps,
-            args.sampler,
-            args.seed,
-            args.batch_size,
-            args.feature_network,
-            args.cache_dir,
+            feature_network=args.feature_network,
+            cache_dir=args.cache_dir,
+            **common,
         )
-        report["model"] = args.model or "bundled"
-        print(json.dumps(report, indent=2))
-        return 0
-    raise UsageError(f"unknown evaluation {args.eval_kind!r}")
+    else:
+        raise UsageError(f"unknown evaluation {args.eval_kind!r}")
+    report["model"] = args.model or "bundled"
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 @command("prepare")

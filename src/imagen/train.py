@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from .data.shapes import ShapesDataset, all_captions, tensor_to_pil
 from .grid import captioned_grid
 from .guidance import Conditioning
 from .schedules import NoiseSchedule
+from .system import hardware_description
 from .text_encoders import (
     TextEmbedding,
     TextEncoder,
@@ -558,21 +558,6 @@ def tensorboard_writer(out: Path) -> Any:
     except ImportError:
         return None
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def hardware_description(device: torch.device) -> str:
-    """A short description of where training runs (GPU name, or CPU model and threads)."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} x{int(os.environ.get('WORLD_SIZE', '1'))}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} thread(s)"
 
 
 def validation_batch(dataset: Dataset | IterableDataset, n: int) -> tuple[Tensor, list[str]]:
