@@ -425,7 +425,7 @@ def train_stage(
     )
     val = validation_batch(dataset, cfg.num_val) if d.main and cfg.sample_every else None
     hardware = hardware_description(dev)
-    bad_run, t_last, losses = 0, time.time(), []
+    bad_run, t_last, losses, grad_norm = 0, time.time(), [], float("nan")
     started = t_last
     data_notes: Counter[str] = Counter(getattr(dataset, "scan_skipped", {}))
     try:
@@ -437,29 +437,33 @@ def train_stage(
                 images, captions, notes = next(batches)
                 data_notes.update(notes)
                 first = step * global_batch + (m * d.world + d.rank) * cfg.batch_size
-                rnd = draw_noise(
-                    cfg.seed,
-                    list(range(first, first + cfg.batch_size)),
-                    shape,
-                    schedule.num_timesteps,
-                    cfg,
-                )
+                indices = list(range(first, first + cfg.batch_size))
+                rnd = draw_noise(cfg.seed, indices, shape, schedule.num_timesteps, cfg)
                 images = images.to(dev).contiguous(memory_format=mem)
                 torch.manual_seed(cfg.seed * 1_000_003 + first)  # dropout, if any
-                loss = diffusion_loss(
-                    ddp_model, schedule, scfg, images, embed(captions), rnd, autocast
-                )
-                sync = m == cfg.grad_accum - 1 or d.world == 1
-                ctx = ddp_model.no_sync() if not sync else contextlib.nullcontext()
-                with ctx:
+                last_micro = m == cfg.grad_accum - 1 or d.world == 1
+                # DDP all-reduces gradients only on the last micro-batch of a step
+                with contextlib.nullcontext() if last_micro else ddp_model.no_sync():
+                    loss = diffusion_loss(
+                        ddp_model, schedule, scfg, images, embed(captions), rnd, autocast
+                    )
                     (loss / cfg.grad_accum).backward()
                 total += loss.detach() / cfg.grad_accum
             if d.world > 1:
                 dist.all_reduce(total)
                 total /= d.world
             loss_value = float(total)
-            if not math.isfinite(loss_value):
-                optimizer.zero_grad(set_to_none=True)
+            if math.isfinite(loss_value):
+                bad_run = 0
+                grad_norm = (
+                    float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    if cfg.grad_clip > 0
+                    else float("nan")
+                )
+                optimizer.step()
+                update_ema(ema_stage.unet, model, ema_decay(cfg, step, global_batch))
+                losses.append(loss_value)
+            else:  # the step is skipped: its data and step number are used up, weights untouched
                 bad_run, bad_total = bad_run + 1, bad_total + 1
                 log.warning("non-finite loss at step %d skipped (%d in a row)", step, bad_run)
                 if bad_run >= cfg.max_bad_steps:
@@ -467,21 +471,11 @@ def train_stage(
                         f"{bad_run} consecutive non-finite losses at step {step}; stopping. "
                         f"The last good checkpoint in {out / 'checkpoints'} is intact."
                     )
-                continue
-            bad_run = 0
-            grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                if cfg.grad_clip > 0
-                else float("nan")
-            )
-            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            update_ema(ema_stage.unet, model, ema_decay(cfg, step, global_batch))
             step += 1
             samples_seen += global_batch
-            losses.append(loss_value)
             bar.update(1)
-            if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+            if d.main and losses and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 now = time.time()
                 rate = len(losses) / max(now - t_last, 1e-9)
                 rec = {
@@ -511,7 +505,10 @@ def train_stage(
                 )
                 t_last, losses = now, []
             out_of_time = bool(cfg.time_budget_s) and time.time() - started > cfg.time_budget_s
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time:
+            checkpoint_due = (
+                step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time
+            )
+            if checkpoint_due and bad_run == 0:  # never checkpoint in the middle of a bad run
                 if d.main:
                     save_checkpoint(
                         out,
