@@ -181,3 +181,25 @@ def test_super_resolution_pair_is_the_downsampled_image():
     lr = resize(hr, 16)
     want = hr.reshape(2, 3, 16, 4, 16, 4).mean(dim=(3, 5))  # 4x4 box average
     assert torch.allclose(lr, want, atol=1e-6)
+
+
+def test_crops_from_larger_resizes_and_optional_flips(tmp_path):
+    root = tmp_path / "f"
+    root.mkdir()
+    img = np.zeros((64, 64, 3), dtype=np.uint8)
+    img[:, :32] = 255  # left half white
+    Image.fromarray(img).save(root / "a.png")
+    (root / "a.txt").write_text("white on the left")
+    whole = ImageTextFolder(root, 16)[0][0]  # the whole image, resized
+    assert whole[:, :, :8].mean() > 0.9 and whole[:, :, 8:].mean() < -0.9
+    crops = [
+        ImageTextFolder(root, 16, random_crop=True, resize_to=64, seed=s)[0][0] for s in range(8)
+    ]
+    assert all(c.shape == (3, 16, 16) for c in crops)
+    assert len({round(c.mean().item(), 3) for c in crops}) > 2  # crops of the full-size image
+    never = [ImageTextFolder(root, 16, seed=s)[0][0] for s in range(6)]
+    assert all(torch.equal(n, whole) for n in never)  # flips are off by default
+    flipped = [ImageTextFolder(root, 16, hflip=True, seed=s)[0][0] for s in range(12)]
+    assert any(f[:, :, :8].mean() < -0.9 for f in flipped) and any(
+        f[:, :, :8].mean() > 0.9 for f in flipped
+    )

@@ -38,11 +38,14 @@ class SamplingConfig:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     aug_level: float = 0.2  # SR stages: noise-augmentation level of the low-res input, in [0, 1)
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral
+    ddpm_variance: str = "posterior"  # DDPM only: posterior variance or beta_t
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, dict):
             self.threshold = ThresholdConfig(**self.threshold)
         get_sampler(self.sampler)  # raises on an unknown name
+        if self.ddpm_variance not in ("posterior", "beta"):
+            raise ValueError(f"ddpm_variance must be posterior or beta, got {self.ddpm_variance!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be a positive integer, got {self.steps}")
         if self.guidance < 0:
@@ -172,6 +175,8 @@ class Stage(nn.Module):
         kwargs: dict[str, Any] = {"generator": generator, "callback": callback}
         if s.sampler == "ddim":
             kwargs["eta"] = s.eta
+        elif s.sampler == "ddpm":
+            kwargs["variance"] = s.ddpm_variance
         return get_sampler(s.sampler)(denoise, x, timesteps, self.schedule.alpha_bar, **kwargs)
 
 

@@ -39,6 +39,8 @@ class DataConfig:
     min_size: int = 0  # skip images whose shorter side is smaller (0: keep all, upsampling)
     shuffle_buffer: int = 1000  # webdataset only
     random_crop: bool = True  # random crops in training (centre crops otherwise)
+    resize_to: int = 0  # resize the shorter side to this, then crop the stage's size (0: size)
+    hflip: bool = False  # random horizontal flips: off, as they break "left"/"right" captions
     seed: int = 0  # seed of random crops
 
     def __post_init__(self) -> None:

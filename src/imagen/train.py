@@ -115,6 +115,8 @@ def make_dataset(data: DataConfig, stage: StageConfig, training: bool = True) ->
             random_crop=training and data.random_crop,
             min_size=data.min_size,
             seed=data.seed,
+            resize_to=data.resize_to,
+            hflip=data.hflip,
         )
     raise ValueError(f"data kind {data.kind!r} is not map-style; use the webdataset loader")
 
@@ -178,6 +180,8 @@ def training_batches(
             data.min_size,
             data.seed,
             epoch,
+            data.resize_to,
+            data.hflip,
         )
 
     def stream() -> Iterator[Batch]:

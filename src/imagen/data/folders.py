@@ -10,8 +10,10 @@ palette and alpha images are converted to RGB and counted.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,40 +41,57 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     return img.convert("RGB"), f"converted {mode}"
 
 
-def resize_and_crop(img: Image.Image, size: int, rng: np.random.Generator | None) -> Image.Image:
-    """Resize the shorter side to ``size`` and crop a square: random with ``rng``, else centre."""
+@dataclass(frozen=True)
+class Preprocess:
+    """How a stored image becomes a stage's training input."""
+
+    size: int  # the stage's resolution
+    resize_to: int = 0  # resize the shorter side to this, then crop size x size (0: to size);
+    # larger than size trains on crops, as the paper's 256 -> 1024 model does
+    min_size: int = 0  # skip images whose shorter side is smaller
+    random_crop: bool = False  # random crops (training) or centre crops (evaluation)
+    hflip: bool = False  # random horizontal flips; off by default: they break "left"/"right"
+
+    @property
+    def random(self) -> bool:
+        return self.random_crop or self.hflip
+
+
+def resize_and_crop(
+    img: Image.Image, prep: Preprocess, rng: np.random.Generator | None
+) -> Image.Image:
+    """Resize the shorter side and crop a square: random when ``rng`` is given, else centre."""
+    size, target = prep.size, max(prep.resize_to, prep.size)
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    scale = target / min(w, h)
+    nw, nh = max(target, round(w * scale)), max(target, round(h * scale))
     img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None if scale > 0.5 else 2.0)
-    if rng is None:
+    if rng is None or not prep.random_crop:
         left, top = (nw - size) // 2, (nh - size) // 2
     else:
         left, top = int(rng.integers(0, nw - size + 1)), int(rng.integers(0, nh - size + 1))
-    return img.crop((left, top, left + size, top + size))
+    img = img.crop((left, top, left + size, top + size))
+    if prep.hflip and rng is not None and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return img
 
 
 def load_image_record(
-    data: bytes | Path, size: int, min_size: int, rng: np.random.Generator | None
+    data: bytes | Path, prep: Preprocess, rng: np.random.Generator | None
 ) -> tuple[torch.Tensor | None, list[str]]:
     """Decode, convert and crop one image; returns (tensor or None if skipped, notes)."""
     notes: list[str] = []
     try:
-        if isinstance(data, Path):
-            img = Image.open(data)
-        else:
-            import io
-
-            img = Image.open(io.BytesIO(data))
+        img = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return None, ["unreadable image"]
-    if min(img.size) < min_size:
+    if min(img.size) < prep.min_size:
         return None, ["image too small"]
     img, note = to_rgb(img)
     if note:
         notes.append(note)
-    return pil_to_tensor(resize_and_crop(img, size, rng)), notes
+    return pil_to_tensor(resize_and_crop(img, prep, rng)), notes
 
 
 def _read_metadata(root: Path) -> dict[str, str] | None:
@@ -110,9 +129,11 @@ class ImageTextFolder(Dataset):
         random_crop: bool = False,
         min_size: int = 0,
         seed: int = 0,
+        resize_to: int = 0,
+        hflip: bool = False,
     ) -> None:
-        self.root, self.size = Path(root), size
-        self.random_crop, self.min_size, self.seed = random_crop, min_size, seed
+        self.root, self.seed = Path(root), seed
+        self.prep = Preprocess(size, resize_to, min_size, random_crop, hflip)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         meta = _read_metadata(self.root)
@@ -150,8 +171,8 @@ class ImageTextFolder(Dataset):
         n = len(self.records)
         for k in range(n):
             path, caption = self.records[(index + k) % n]
-            rng = np.random.default_rng([self.seed, index, k]) if self.random_crop else None
-            image, notes = load_image_record(path, self.size, self.min_size, rng)
+            rng = np.random.default_rng([self.seed, index, k]) if self.prep.random else None
+            image, notes = load_image_record(path, self.prep, rng)
             skipped += notes
             if image is not None:
                 return image, caption, tuple(skipped)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .folders import Sample, load_image_record
+from .folders import Preprocess, Sample, load_image_record
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -55,10 +55,12 @@ class WebDatasetSource(IterableDataset):
         min_size: int = 0,
         seed: int = 0,
         epoch: int = 0,
+        resize_to: int = 0,
+        hflip: bool = False,
     ) -> None:
         self.urls = expand_shards(shards)
-        self.size, self.rank, self.world = size, rank, world
-        self.shuffle_buffer, self.random_crop, self.min_size = shuffle_buffer, random_crop, min_size
+        self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
+        self.prep = Preprocess(size, resize_to, min_size, random_crop, hflip)
         self.seed, self.epoch = seed, epoch
 
     def _split(self, urls: list[str]) -> list[str]:
@@ -107,7 +109,7 @@ class WebDatasetSource(IterableDataset):
                 pending.append("undecodable caption")
                 continue
             image, notes = load_image_record(
-                sample[key], self.size, self.min_size, rng if self.random_crop else None
+                sample[key], self.prep, rng if self.prep.random else None
             )
             pending += notes
             if image is None:
