@@ -51,7 +51,7 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     """Cosine schedule (Nichol & Dhariwal 2021, eq. 17):
     alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) * pi/2); beta_t = 1 - alpha_bar_t /
     alpha_bar_{t-1}, clipped at ``max_beta``."""
-    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    steps = torch.arange(timesteps + 1, dtype=torch.float64, device="cpu") / timesteps
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     alpha_bar = f / f[0]
     betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
@@ -61,7 +61,7 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
 def linear_betas(timesteps: int, start: float = 1e-4, end: float = 0.02) -> Tensor:
     """Linear schedule of Ho et al. (2020), scaled so that T != 1000 keeps its shape."""
     scale = 1000 / timesteps
-    return torch.linspace(start * scale, end * scale, timesteps, dtype=torch.float64)
+    return torch.linspace(start * scale, end * scale, timesteps, dtype=torch.float64, device="cpu")
 
 
 def _gather(values: Tensor, t: Tensor, ndim: int) -> Tensor:
@@ -71,7 +71,9 @@ def _gather(values: Tensor, t: Tensor, ndim: int) -> Tensor:
 
 
 class NoiseSchedule:
-    """A discrete variance-preserving schedule with its closed forms (kept in float64)."""
+    """A discrete variance-preserving schedule with its closed forms (kept in float64, on the
+    CPU whatever the default device: the samplers read it as Python floats, and the training
+    loss gathers from it per batch)."""
 
     def __init__(self, config: DiffusionConfig | None = None) -> None:
         self.config = config or DiffusionConfig()
@@ -82,7 +84,9 @@ class NoiseSchedule:
             betas = linear_betas(c.timesteps, c.linear_beta_start, c.linear_beta_end)
         self.betas = betas
         self.alpha_bar = torch.cumprod(1 - betas, dim=0)
-        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.alpha_bar_prev = torch.cat(
+            [torch.ones(1, dtype=torch.float64, device="cpu"), self.alpha_bar[:-1]]
+        )
 
     @property
     def num_timesteps(self) -> int:
