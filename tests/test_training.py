@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from imagen.cascade import Stage, load_cascade
-from imagen.checkpoint import checkpoint_dirs, load_checkpoint
+from imagen.checkpoint import checkpoint_dirs
 from imagen.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig, parse_cascade_config
 from imagen.export import export_model
 from imagen.presets import tiny_base, tiny_sr
@@ -84,19 +84,22 @@ def test_existing_run_needs_resume_and_same_model(tmp_path):
 
 
 def test_checkpoint_with_wrong_shapes_is_a_clear_error(tmp_path):
-    from imagen.train import make_optimizer
+    from imagen.parallel import Dist, Parallel
+    from imagen.train import make_optimizer, restore_checkpoint
     from imagen.unet import UNet
 
     train_stage(config(steps=3), 0, tmp_path / "r", progress=False)
     cfg = tiny_base(16, 32).unet
     cfg.channels = 8
     model, ema = UNet(cfg), UNet(cfg)
+    opt = make_optimizer(TrainConfig(), list(model.parameters()))
     with pytest.raises(ValueError, match="does not match the model configuration"):
-        load_checkpoint(
+        restore_checkpoint(
             checkpoint_dirs(tmp_path / "r")[-1],
             model,
             ema,
-            make_optimizer(TrainConfig(), list(model.parameters())),
+            opt,
+            Parallel("ddp", Dist(), torch.device("cpu")),
         )
 
 
@@ -247,9 +250,10 @@ from imagen.presets import tiny_base
 from imagen.text_encoders import TextEncoderConfig
 from imagen.train import train_stage
 batch = int(sys.argv[2])
+strategy = sys.argv[3] if len(sys.argv) > 3 else "ddp"
 cfg = CascadeRunConfig(TextEncoderConfig("hash-32", 12), DataConfig(), [StageRun(tiny_base(16, 32),
-      TrainConfig(batch_size=batch, max_steps=3, lr=1e-3, warmup_steps=1, checkpoint_every=3,
-                  sample_every=0, log_every=1, precision="fp32"))])
+      TrainConfig(batch_size=batch, max_steps=4, lr=1e-3, warmup_steps=1, checkpoint_every=2,
+                  sample_every=2, num_val=2, log_every=1, precision="fp32", distributed=strategy))])
 train_stage(cfg, 0, sys.argv[1], progress=False)
 """
 
@@ -262,7 +266,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_equal_one_process_with_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_process_with_the_concatenated_batch(tmp_path, strategy):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -279,6 +284,7 @@ def test_two_gloo_processes_equal_one_process_with_the_concatenated_batch(tmp_pa
         str(script),
         str(tmp_path / "two"),
         "2",
+        strategy,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -298,6 +304,26 @@ def test_two_gloo_processes_equal_one_process_with_the_concatenated_batch(tmp_pa
         # Adam normalises each update, so round-off in near-zero gradients shows up at ~1e-5
         assert worst < 5e-5 and moved > 100 * worst, (worst, moved)
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)
+    assert (tmp_path / "two" / "samples_00000004.png").is_file()
+    # a run checkpointed by 2 processes resumes in 1 (checkpoints hold full state dicts)
+    resumed = subprocess.run(
+        [sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+RESUME_SCRIPT = (
+    DDP_SCRIPT.replace("max_steps=4", "max_steps=5")
+    .replace(
+        "train_stage(cfg, 0, sys.argv[1], progress=False)",
+        "train_stage(cfg, 0, sys.argv[1], resume=True, progress=False)",
+    )
+    .replace("int(sys.argv[2])", "2")
+)
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):

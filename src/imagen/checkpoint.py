@@ -16,22 +16,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .weights import fsync_dir, load_strict, load_tensors, save_tensors
+from .weights import fsync_dir, load_tensors, save_tensors
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 
 
 def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split an optimiser state dict into tensors (for safetensors) and JSON-able metadata."""
+    """Split an optimiser state dict (keyed by parameter name or index) into tensors, named
+    ``PARAM/FIELD`` for safetensors, and JSON-able metadata."""
     tensors: dict[str, Tensor] = {}
     meta: dict[str, Any] = {"param_groups": state["param_groups"], "scalars": {}}
-    for idx, entry in state["state"].items():
+    for param, entry in state["state"].items():
         for name, value in entry.items():
-            key = f"{idx}.{name}"
+            key = f"{param}/{name}"
             if isinstance(value, Tensor):
                 tensors[key] = value
             else:
@@ -40,10 +40,10 @@ def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], d
 
 
 def unflatten_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[Any, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        param, name = key.rsplit("/", 1)
+        state.setdefault(int(param) if param.isdigit() else param, {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -61,9 +61,9 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: nn.Module,
-    ema: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Tensor],
+    ema_state: dict[str, Tensor],
+    optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int,
 ) -> Path:
@@ -75,9 +75,9 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_tensors(model.state_dict(), tmp / "model.safetensors")
-    save_tensors(ema.state_dict(), tmp / "ema.safetensors")
-    opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
+    save_tensors(model_state, tmp / "model.safetensors")
+    save_tensors(ema_state, tmp / "ema.safetensors")
+    opt_tensors, opt_meta = flatten_optimizer_state(optimizer_state)
     save_tensors(opt_tensors, tmp / "optimizer.safetensors")
     with open(tmp / "state.json", "w") as f:
         json.dump({**state, "step": step, "optimizer": opt_meta}, f, indent=1)
@@ -96,18 +96,18 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
+def read_checkpoint(
     path: Path,
-    model: nn.Module,
-    ema: nn.Module,
-    optimizer: torch.optim.Optimizer,
-) -> dict[str, Any]:
-    """Restore model, EMA and optimiser from a checkpoint directory, strictly; returns its
-    state.json contents."""
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """Model state, EMA state, optimiser state and the rest of state.json of a checkpoint."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
-    load_strict(model, load_tensors(path / "model.safetensors"), str(path / "model.safetensors"))
-    load_strict(ema, load_tensors(path / "ema.safetensors"), str(path / "ema.safetensors"))
-    opt_tensors = load_tensors(path / "optimizer.safetensors")
-    optimizer.load_state_dict(unflatten_optimizer_state(opt_tensors, state.pop("optimizer")))
-    return state
+    opt = unflatten_optimizer_state(
+        load_tensors(path / "optimizer.safetensors"), state.pop("optimizer")
+    )
+    return (
+        load_tensors(path / "model.safetensors"),
+        load_tensors(path / "ema.safetensors"),
+        opt,
+        state,
+    )

@@ -72,6 +72,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA decay, warmed up as min(decay, (1 + step) / (10 + step))
     ema_halflife_images: float | None = None  # if set, EMA by half-life in images (EDM style)
     precision: str = "bf16"  # bf16 (autocast) | fp32
+    distributed: str = "ddp"  # with several processes: ddp, or fsdp (sharded, for large stages)
     channels_last: bool = False  # NHWC memory format (faster on GPUs; slower on CPU, measured)
     seed: int = 0
     log_every: int = 10
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be adamw or adafactor, got {self.optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
         for name in (

@@ -8,12 +8,10 @@ state alone, and 2 processes with batch B compute the same update as 1 process w
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,11 +27,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm import tqdm
 
 from .cascade import Stage, StageConfig, augment_lowres, resize
-from .checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_dirs, read_checkpoint, save_checkpoint
 from .config import CascadeRunConfig, DataConfig, TrainConfig
 from .data.shapes import ShapesDataset, all_captions, tensor_to_pil
 from .grid import captioned_grid
 from .guidance import Conditioning
+from .parallel import Dist, Parallel, init_distributed
 from .schedules import NoiseSchedule
 from .system import hardware_description
 from .text_encoders import (
@@ -46,29 +45,6 @@ from .text_encoders import (
 from .unet import UNet
 
 log = logging.getLogger(__name__)
-
-
-# ---- distributed -------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """Join the process group that torchrun (or accelerate launch) describes, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 # ---- data --------------------------------------------------------------------------------
@@ -283,11 +259,12 @@ def ema_decay(cfg: TrainConfig, step: int, global_batch: int) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    ema_p = list(ema.parameters())
+    """ema <- decay * ema + (1 - decay) * model, on local shards when the models are sharded."""
+    Parallel.reshard(ema)
+    ema_p = Parallel.local(list(ema.parameters()))
+    model_p = Parallel.local([p.detach() for p in model.parameters()])
     torch._foreach_lerp_(
-        ema_p,
-        [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_p, strict=True)],
-        1 - decay,
+        ema_p, [p.to(e.dtype) for p, e in zip(model_p, ema_p, strict=True)], 1 - decay
     )
 
 
@@ -305,6 +282,26 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.
     if cfg.optimizer == "adafactor":
         return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm (sharded or not); returns the norm before clipping."""
+    if max_norm <= 0:
+        return float("nan")
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def restore_checkpoint(
+    path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, par: Parallel
+) -> tuple[int, int, int]:
+    """Load a checkpoint into model, EMA and optimiser (strictly); returns (step, samples seen,
+    skipped steps)."""
+    model_state, ema_state, opt_state, state = read_checkpoint(path)
+    par.load_model_state(model, model_state, str(path / "model.safetensors"))
+    par.load_model_state(ema, ema_state, str(path / "ema.safetensors"))
+    par.load_optimizer_state(model, optimizer, opt_state)
+    return state["step"], state["samples_seen"], state.get("bad_steps", 0)
 
 
 # ---- the loss ----------------------------------------------------------------------------
@@ -394,6 +391,7 @@ def train_stage(
         opt_path.write_text(json.dumps(options, indent=2) + "\n")
 
     torch.manual_seed(cfg.seed)
+    par = Parallel(cfg.distributed, d, dev)
     stage = Stage(scfg).to(dev)
     model: UNet = stage.unet
     ema_stage = Stage(scfg).to(dev)
@@ -401,17 +399,16 @@ def train_stage(
     ema_stage.requires_grad_(False).eval()
     mem = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=mem)
+    par.shard(model)
+    par.shard(ema_stage.unet)
     optimizer = make_optimizer(cfg, list(model.parameters()))
     step, samples_seen, bad_total = 0, 0, 0
     if resume and ckpts:
-        st = load_checkpoint(ckpts[-1], model, ema_stage.unet, optimizer)
-        step, samples_seen, bad_total = st["step"], st["samples_seen"], st.get("bad_steps", 0)
-        log.info("resumed from %s at step %d", ckpts[-1], step)
-    ddp_model: nn.Module = model
-    if d.world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        step, samples_seen, bad_total = restore_checkpoint(
+            ckpts[-1], model, ema_stage.unet, optimizer, par
         )
+        log.info("resumed from %s at step %d", ckpts[-1], step)
+    train_model = par.wrap(model)
     schedule = stage.schedule
     autocast = torch.bfloat16 if cfg.precision == "bf16" else None
     embed = CaptionEmbeddings(encoder, embedding_cache)
@@ -427,7 +424,8 @@ def train_stage(
         desc=f"stage {stage_index}",
         dynamic_ncols=True,
     )
-    val = validation_batch(dataset, cfg.num_val) if d.main and cfg.sample_every else None
+    samples_here = cfg.sample_every and (d.main or par.sharded)
+    val = validation_batch(dataset, cfg.num_val) if samples_here else None
     hardware = hardware_description(dev)
     bad_run, t_last, losses, grad_norm = 0, time.time(), [], float("nan")
     started = t_last
@@ -446,10 +444,10 @@ def train_stage(
                 images = images.to(dev).contiguous(memory_format=mem)
                 torch.manual_seed(cfg.seed * 1_000_003 + first)  # dropout, if any
                 last_micro = m == cfg.grad_accum - 1 or d.world == 1
-                # DDP all-reduces gradients only on the last micro-batch of a step
-                with contextlib.nullcontext() if last_micro else ddp_model.no_sync():
+                # gradients are all-reduced on the last micro-batch of a step only
+                with par.accumulating(train_model, last_micro):
                     loss = diffusion_loss(
-                        ddp_model, schedule, scfg, images, embed(captions), rnd, autocast
+                        train_model, schedule, scfg, images, embed(captions), rnd, autocast
                     )
                     (loss / cfg.grad_accum).backward()
                 total += loss.detach() / cfg.grad_accum
@@ -459,11 +457,8 @@ def train_stage(
             loss_value = float(total)
             if math.isfinite(loss_value):
                 bad_run = 0
-                grad_norm = (
-                    float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                    if cfg.grad_clip > 0
-                    else float("nan")
-                )
+                grad_norm = clip_gradients(model, cfg.grad_clip)
+
                 optimizer.step()
                 update_ema(ema_stage.unet, model, ema_decay(cfg, step, global_batch))
                 losses.append(loss_value)
@@ -513,13 +508,16 @@ def train_stage(
                 step % cfg.checkpoint_every == 0 or step == cfg.max_steps or out_of_time
             )
             if checkpoint_due and bad_run == 0:  # never checkpoint in the middle of a bad run
+                states = (
+                    par.model_state(model),
+                    par.model_state(ema_stage.unet),
+                    par.optimizer_state(model, optimizer),
+                )  # collective under FSDP
                 if d.main:
                     save_checkpoint(
                         out,
                         step,
-                        model,
-                        ema_stage.unet,
-                        optimizer,
+                        *states,
                         {"samples_seen": samples_seen, "bad_steps": bad_total},
                         cfg.keep_checkpoints,
                     )
@@ -528,7 +526,10 @@ def train_stage(
             if val is not None and (
                 step % cfg.sample_every == 0 or step == cfg.max_steps or out_of_time
             ):
-                _write_samples(ema_stage, encoder, val, out / f"samples_{step:08d}.png", cfg.seed)
+                # under FSDP every rank takes part in the sharded forward passes
+                _write_samples(
+                    ema_stage, encoder, val, out / f"samples_{step:08d}.png", cfg.seed, d.main
+                )
             if out_of_time:
                 log.info("time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
                 break
@@ -574,7 +575,12 @@ def validation_batch(dataset: Dataset | IterableDataset, n: int) -> tuple[Tensor
 
 @torch.no_grad()
 def _write_samples(
-    stage: Stage, encoder: TextEncoder, val: tuple[Tensor, list[str]], path: Path, seed: int
+    stage: Stage,
+    encoder: TextEncoder,
+    val: tuple[Tensor, list[str]],
+    path: Path,
+    seed: int,
+    write: bool = True,
 ) -> None:
     """Sample the validation captions with the EMA model (SR stages upsample the real
     low-res images) and save a grid: real images on top, samples below."""
@@ -583,6 +589,8 @@ def _write_samples(
     lowres = resize(images, cfg.lowres_size) if cfg.is_super_resolution else None
     gen = torch.Generator(device=stage.device).manual_seed(seed)
     out = stage.sample(encoder.encode(captions), lowres, generator=gen).clamp(-1, 1)
+    if not write:
+        return
     pics = [tensor_to_pil(x) for x in torch.cat([images.cpu(), out.cpu()])]
     captioned_grid(
         pics,

@@ -24,6 +24,12 @@ def state_dict_differences(model: nn.Module, state: dict[str, Tensor]) -> list[s
 
 def load_strict(model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
     """Load ``state`` into ``model`` or raise listing every missing, unexpected or misshapen key."""
+    check_state(model, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state(model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Raise, listing every missing, unexpected or misshapen key, unless ``state`` fits ``model``."""
     diffs = state_dict_differences(model, state)
     if diffs:
         shown = "\n  ".join(diffs[:20])
@@ -32,7 +38,6 @@ def load_strict(model: nn.Module, state: dict[str, Tensor], source: str = "check
             f"{source} does not match the model configuration ({len(diffs)} difference(s)):\n"
             f"  {shown}{more}"
         )
-    model.load_state_dict(state, strict=True)
 
 
 def fsync_dir(path: Path) -> None:
