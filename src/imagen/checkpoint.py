@@ -42,7 +42,8 @@ def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, Tensor], d
 def unflatten_optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     state: dict[Any, dict[str, Any]] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        param, name = key.rsplit("/", 1)
+        # PARAM/FIELD; checkpoints of version 0.1 wrote INDEX.FIELD
+        param, name = key.rsplit("/", 1) if "/" in key else key.split(".", 1)
         state.setdefault(int(param) if param.isdigit() else param, {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 

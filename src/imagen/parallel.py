@@ -122,6 +122,9 @@ class Parallel:
     ) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+        if not self.sharded and all(isinstance(k, int) for k in state["state"]):
+            optimizer.load_state_dict(state)  # keyed by index (checkpoints of version 0.1)
+            return
         set_optimizer_state_dict(model, optimizer, state, options=self._options())
 
     @staticmethod
