@@ -131,3 +131,22 @@ def test_inpainting_keeps_pixels_outside_the_mask(sampler):
     keep = mask.expand(1, 3, 16, 16) == 0
     assert torch.allclose(out[keep], image[keep], atol=1e-5)
     assert not torch.allclose(out[~keep], image[~keep], atol=1e-2)
+
+
+def test_int8_export_is_half_the_size_and_close(tmp_path):
+    cascade = make_cascade()
+    cascade.save(tmp_path / "fp16")
+    cascade.save(tmp_path / "int8", dtype=torch.int8)
+    size = {
+        k: (tmp_path / k / "stage0" / "model.safetensors").stat().st_size for k in ("fp16", "int8")
+    }
+    assert size["int8"] < 0.65 * size["fp16"]
+    a = load_cascade(tmp_path / "fp16").stages[0].unet.state_dict()
+    b = load_cascade(tmp_path / "int8").stages[0].unet.state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=a[k].abs().max().item() / 100 + 1e-3), k
+    x = cascade.sample(PROMPTS, generator=torch.Generator().manual_seed(0))[0]
+    y = load_cascade(tmp_path / "int8").sample(PROMPTS, generator=torch.Generator().manual_seed(0))[
+        0
+    ]
+    assert (x - y).abs().mean() < 0.05

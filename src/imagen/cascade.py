@@ -22,7 +22,7 @@ from .samplers import Generators, get_sampler, randn
 from .schedules import DiffusionConfig, NoiseSchedule, respaced_timesteps
 from .text_encoders import TextEmbedding, TextEncoder, check_encoder_matches
 from .unet import UNet, UNetConfig, config_from_dict
-from .weights import load_strict, load_tensors, save_tensors
+from .weights import dequantize, load_strict, load_tensors, quantize_int8, save_tensors
 
 INDEX_FILE = "model_index.json"
 FORMAT = "imagen-cascade"
@@ -280,7 +280,8 @@ def save_model_dir(
     dtype: torch.dtype | None = torch.float16,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model_index.json`` and one sub-directory per stage."""
+    """Write ``model_index.json`` and one sub-directory per stage; ``dtype`` is the weights'
+    storage type: float16 (default), bfloat16, float32, or int8 (weight-only, per channel)."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     names = []
@@ -290,7 +291,10 @@ def save_model_dir(
         d.mkdir(exist_ok=True)
         cfg = replace(cfg, text_encoder=dict(text_encoder))
         (d / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        save_tensors(state, d / "model.safetensors", dtype)
+        if dtype == torch.int8:
+            save_tensors(quantize_int8(state), d / "model.safetensors")
+        else:
+            save_tensors(state, d / "model.safetensors", dtype)
         names.append(name)
     index = {"format": FORMAT, "version": 1, "text_encoder": text_encoder, "stages": names}
     index.update(extra or {})
@@ -320,8 +324,8 @@ def load_stage(directory: str | Path, device: str | torch.device = "cpu") -> Sta
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{d} has no config.json")
     stage = Stage(StageConfig.from_dict(json.loads(cfg_path.read_text())))
-    state = load_tensors(d / "model.safetensors")
-    load_strict(stage.unet, {k: v.float() for k, v in state.items()}, str(d / "model.safetensors"))
+    state = dequantize(load_tensors(d / "model.safetensors"))
+    load_strict(stage.unet, state, str(d / "model.safetensors"))
     return stage.to(device).eval()
 
 

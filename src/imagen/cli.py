@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("runs", nargs="+", help="training run directories, base stage first")
     e.add_argument("--out", required=True, help="model directory to write")
     e.add_argument("--weights", choices=["ema", "model"], default="ema")
-    e.add_argument("--dtype", choices=["fp16", "fp32", "bf16"], default="fp16")
+    e.add_argument(
+        "--dtype",
+        choices=["fp16", "fp32", "bf16", "int8"],
+        default="fp16",
+        help="weight storage; int8: weight-only, one scale per output channel",
+    )
 
     m = sub.add_parser("embed", help="precompute the text embeddings of a dataset's captions")
     m.add_argument("config", help="cascade config: its text_encoder and data are used")
@@ -171,7 +176,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .export import export_model
 
-    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {
+        "fp16": torch.float16,
+        "fp32": torch.float32,
+        "bf16": torch.bfloat16,
+        "int8": torch.int8,
+    }[args.dtype]
     root = export_model(args.runs, args.out, args.weights, dtype)
     print(f"wrote model directory {root}")
     return 0

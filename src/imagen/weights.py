@@ -70,3 +70,38 @@ def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Te
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     return load_file(str(path), device=str(device))
+
+
+SCALE_SUFFIX = ".int8_scale"
+
+
+def quantize_int8(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weight-only int8 with one fp16 scale per output channel (absmax / 127) for every floating
+    tensor of two or more dimensions (conv and linear weights); the rest (biases, norms) in
+    fp16. Halves the size of an fp16 export, for shipping small models."""
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        if v.is_floating_point() and v.ndim >= 2:
+            flat = v.detach().float().flatten(1)
+            scale = (flat.abs().amax(1) / 127).clamp(min=1e-12)
+            out[k] = (
+                (flat / scale[:, None]).round().clamp(-127, 127).to(torch.int8).reshape(v.shape)
+            )
+            out[k + SCALE_SUFFIX] = scale.to(torch.float16)
+        else:
+            out[k] = v.detach().to(torch.float16) if v.is_floating_point() else v
+    return out
+
+
+def dequantize(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The float32 state dict of a (possibly) int8-quantized one (see :func:`quantize_int8`)."""
+    out: dict[str, Tensor] = {}
+    for k, v in state.items():
+        if k.endswith(SCALE_SUFFIX):
+            continue
+        scale = state.get(k + SCALE_SUFFIX)
+        if scale is not None:
+            out[k] = (v.float().flatten(1) * scale.float()[:, None]).reshape(v.shape)
+        else:
+            out[k] = v.float() if v.is_floating_point() else v
+    return out
