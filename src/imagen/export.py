@@ -25,11 +25,16 @@ def _training_record(run_dir: Path, ckpt: Path) -> dict[str, Any]:
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if r["step"] <= state["step"]]
         if rows:
-            # sum of the logged intervals: robust to restarts (resumed runs append to the log)
-            wall = sum(r["log_interval_s"] for r in rows if "log_interval_s" in r)
+            # sums over the logged intervals: robust to restarts (resumed runs append to the log;
+            # steps redone after a restart count in the wall time, as they cost it)
+            wall = sum(r.get("log_interval_s", 0.0) for r in rows)
             rec["wall_time_s"] = round(wall, 1)
             rec["final_loss"] = rows[-1]["loss"]
-            rec["hardware"] = rows[-1].get("hardware")
+            hardware: dict[str, float] = {}
+            for r in rows:
+                key = r.get("hardware") or "unknown"
+                hardware[key] = hardware.get(key, 0.0) + r.get("log_interval_s", 0.0)
+            rec["hardware"] = {k: f"{v / 60:.0f} min" for k, v in hardware.items()}
     return rec
 
 
