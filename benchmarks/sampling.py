@@ -48,14 +48,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    ap.add_argument("--steps", nargs="*", type=int, default=[10, 20, 50])
+    ap.add_argument("--samplers", nargs="*", default=["ddpm", "ddim", "dpmpp"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     pipe = ImagenPipeline.from_pretrained(args.model, device)
     rows = []
-    samplers = ["dpmpp"] if args.quick else ["ddpm", "ddim", "dpmpp"]
-    step_counts = [10] if args.quick else [10, 20, 50]
+    samplers = ["dpmpp"] if args.quick else args.samplers
+    step_counts = [10] if args.quick else args.steps
     for k, st in enumerate(pipe.cascade.stages):
         for sampler in samplers:
             for steps in step_counts:
