@@ -1,6 +1,8 @@
 """Quality against cost: Shapes accuracy of a model against the number of sampling steps of the
-base stage, for each sampler (super-resolution stages keep their defaults), so the fastest
-sampler that loses no accuracy is known.
+base stage, for each sampler, so the fastest sampler that loses no accuracy is known. By default
+the base stage's images are scored: prompt following is decided there (`imagen eval shapes`
+reports the same accuracy after every stage); --whole-cascade scores the final images, with the
+super-resolution stages at their defaults.
 
     python benchmarks/quality_vs_steps.py [--model DIR] [--num 20] [--steps 10 20 50 250]
 """
@@ -13,6 +15,7 @@ import time
 import torch
 from common import table, write
 
+from imagen.cascade import Cascade
 from imagen.evaluation import eval_shapes
 from imagen.pipeline import ImagenPipeline
 
@@ -25,10 +28,17 @@ def main() -> None:
     ap.add_argument("--samplers", nargs="*", default=["ddpm", "ddim", "dpmpp"])
     ap.add_argument("--threads", type=int)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--whole-cascade",
+        action="store_true",
+        help="score the final images (default: the base stage's, where prompt following is decided)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = ImagenPipeline.from_pretrained(args.model, args.device)
+    if not args.whole_cascade:  # super-resolution stages keep the base's accuracy (eval per_stage)
+        pipe = ImagenPipeline(Cascade(pipe.cascade.text_encoder, list(pipe.cascade.stages)[:1]))
     defaults = [s.config.sampling.steps for s in pipe.cascade.stages]
     rows = []
     for sampler in args.samplers:
@@ -57,7 +67,12 @@ def main() -> None:
     print(table(rows, list(rows[0])))
     path = write(
         "quality_vs_steps",
-        {"model": args.model or "bundled", "num_per_group": args.num, "rows": rows},
+        {
+            "model": args.model or "bundled",
+            "num_per_group": args.num,
+            "rows": rows,
+            "scored": "final images" if args.whole_cascade else "base-stage images",
+        },
     )
     print(f"wrote {path}")
 
