@@ -197,28 +197,35 @@ class SampleNoise:
     t: Tensor  # (B,) training timesteps
     noise: Tensor  # (B, C, H, W)
     drop: Tensor  # (B,) bool: replace the caption by the null condition
-    aug_level: Tensor  # (B,) SR augmentation level in [0, aug_max)
-    aug_noise: Tensor  # (B, C, H, W)
+    aug_level: Tensor | None  # (B,) SR augmentation level in [0, aug_max); None for base stages
+    aug_noise: Tensor | None  # (B, C, H, W); None for base stages
 
 
 def draw_noise(
-    seed: int, indices: list[int], shape: tuple[int, ...], timesteps: int, cfg: TrainConfig
+    seed: int,
+    indices: list[int],
+    shape: tuple[int, ...],
+    timesteps: int,
+    cfg: TrainConfig,
+    augment: bool,
 ) -> SampleNoise:
-    """Every random draw for the given global sample indices (independent of batching)."""
+    """Every random draw for the given global sample indices (independent of batching). The
+    augmentation draws, made last, are skipped for base stages, which do not use them."""
     ts, noises, drops, levels, aug_noises = [], [], [], [], []
     for i in indices:
         g = sample_generator(seed, i)
         ts.append(torch.randint(0, timesteps, (1,), generator=g))
         noises.append(torch.randn(shape, generator=g))
         drops.append(torch.rand(1, generator=g) < cfg.cond_drop)
-        levels.append(torch.rand(1, generator=g) * cfg.aug_max)
-        aug_noises.append(torch.randn(shape, generator=g))
+        if augment:
+            levels.append(torch.rand(1, generator=g) * cfg.aug_max)
+            aug_noises.append(torch.randn(shape, generator=g))
     return SampleNoise(
         torch.cat(ts),
         torch.stack(noises),
         torch.cat(drops),
-        torch.cat(levels),
-        torch.stack(aug_noises),
+        torch.cat(levels) if augment else None,
+        torch.stack(aug_noises) if augment else None,
     )
 
 
@@ -440,7 +447,9 @@ def train_stage(
                 data_notes.update(notes)
                 first = step * global_batch + (m * d.world + d.rank) * cfg.batch_size
                 indices = list(range(first, first + cfg.batch_size))
-                rnd = draw_noise(cfg.seed, indices, shape, schedule.num_timesteps, cfg)
+                rnd = draw_noise(
+                    cfg.seed, indices, shape, schedule.num_timesteps, cfg, scfg.is_super_resolution
+                )
                 images = images.to(dev).contiguous(memory_format=mem)
                 torch.manual_seed(cfg.seed * 1_000_003 + first)  # dropout, if any
                 last_micro = m == cfg.grad_accum - 1 or d.world == 1
