@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from imagen.system import cpu_model_name
+from imagen.utils.system import cpu_model_name
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -15,8 +15,8 @@ import time
 import torch
 from common import table, write
 
-from imagen.cascade import Cascade
-from imagen.evaluation import eval_shapes
+from imagen.evaluation.shapes import eval_shapes
+from imagen.models.cascade import Cascade
 from imagen.pipeline import ImagenPipeline
 
 

@@ -12,11 +12,11 @@ import time
 
 import torch
 
-from imagen.cascade import SamplingConfig, Stage
-from imagen.guidance import Conditioning
-from imagen.presets import tiny_base
-from imagen.schedules import NoiseSchedule
-from imagen.text_encoders import HashTextEncoder
+from imagen.diffusion.guidance import Conditioning
+from imagen.diffusion.schedules import NoiseSchedule
+from imagen.models.cascade import SamplingConfig, Stage
+from imagen.models.presets import tiny_base
+from imagen.text.encoders import HashTextEncoder
 
 
 def main() -> None:

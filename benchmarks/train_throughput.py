@@ -16,10 +16,10 @@ import torch
 from common import matmul_peak, table, timed, write
 from torch.utils.flop_counter import FlopCounterMode
 
-from imagen.guidance import Conditioning
-from imagen.presets import count_preset_parameters, get_preset
-from imagen.schedules import NoiseSchedule
-from imagen.unet import UNet
+from imagen.diffusion.guidance import Conditioning
+from imagen.diffusion.schedules import NoiseSchedule
+from imagen.models.presets import count_preset_parameters, get_preset
+from imagen.models.unet import UNet
 
 
 def make_step(name: str, batch: int, device: torch.device, bf16: bool, channels_last: bool):

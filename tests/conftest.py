@@ -13,7 +13,7 @@ torch.set_num_threads(int(os.environ.get("IMAGEN_TEST_THREADS", "1")))
 
 @pytest.fixture
 def hash_encoder():
-    from imagen.text_encoders import HashTextEncoder
+    from imagen.text.encoders import HashTextEncoder
 
     return HashTextEncoder(dim=32, max_length=12)
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from imagen.cli import main
+from imagen.cli.main import main
 from imagen.pipeline import BUNDLED_MODEL
 
 pytest.importorskip(
@@ -40,7 +40,7 @@ def test_sample_with_the_bundled_model_is_deterministic(tmp_path, capsys):
 
 
 def test_recorded_evaluation_reproduces():
-    from imagen.evaluation import eval_shapes
+    from imagen.evaluation.shapes import eval_shapes
     from imagen.pipeline import ImagenPipeline
 
     check = json.loads((BUNDLED_MODEL / "model_index.json").read_text())["evaluation_check"]

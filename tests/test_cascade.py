@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from imagen.cascade import Cascade, Edit, SamplingConfig, Stage, load_cascade, read_index
-from imagen.presets import tiny_base, tiny_sr
-from imagen.text_encoders import HashTextEncoder
+from imagen.models.cascade import Cascade, Edit, SamplingConfig, Stage, load_cascade, read_index
+from imagen.models.presets import tiny_base, tiny_sr
+from imagen.text.encoders import HashTextEncoder
 
 
 def make_cascade(seed=0):

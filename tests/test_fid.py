@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from imagen.data.prepare import FASHION_DIR, read_idx
-from imagen.fid import FeatureNetwork, features, fid_kid, network_path
+from imagen.evaluation.fid import FeatureNetwork, features, fid_kid, network_path
 
 try:
     network_path("fid-helper-inception")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from imagen.guidance import (
+from imagen.diffusion.guidance import (
     Conditioning,
     ThresholdConfig,
     apply_threshold,
@@ -9,8 +9,8 @@ from imagen.guidance import (
     guided_output,
     model_output,
 )
-from imagen.presets import tiny_base
-from imagen.unet import UNet
+from imagen.models.presets import tiny_base
+from imagen.models.unet import UNet
 
 
 @pytest.fixture

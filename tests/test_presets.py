@@ -1,6 +1,6 @@
 import pytest
 
-from imagen.presets import PRESETS, count_preset_parameters, get_preset
+from imagen.models.presets import PRESETS, count_preset_parameters, get_preset
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from test_cascade import make_cascade
 
-from imagen.cli import main
+from imagen.cli.main import main
 from imagen.pipeline import ImagenPipeline
 
 

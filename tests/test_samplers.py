@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from imagen.samplers import get_sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m
-from imagen.schedules import DiffusionConfig, NoiseSchedule, respaced_timesteps
+from imagen.diffusion.samplers import get_sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule, respaced_timesteps
 
 MU, S = 0.3, 0.5
 

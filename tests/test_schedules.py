@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from imagen.schedules import (
+from imagen.diffusion.schedules import (
     DiffusionConfig,
     NoiseSchedule,
     cosine_betas,

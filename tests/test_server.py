@@ -12,7 +12,7 @@ from PIL import Image
 from test_cascade import make_cascade
 
 from imagen.pipeline import ImagenPipeline
-from imagen.server import ServerConfig, create_app
+from imagen.server.app import ServerConfig, create_app
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_compatible_requests_are_batched(pipe, monkeypatch):
 def test_a_cancelled_request_never_reaches_the_model(pipe, monkeypatch):
     import asyncio
 
-    from imagen.server import Cancelled, Job, ModelWorker
+    from imagen.server.app import Cancelled, Job, ModelWorker
 
     calls = []
     monkeypatch.setattr(pipe, "generate", lambda *a, **k: calls.append(a))

@@ -3,8 +3,8 @@ import os
 import pytest
 import torch
 
-from imagen.embedding_cache import EmbeddingCache, build_cache
-from imagen.text_encoders import (
+from imagen.text.cache import EmbeddingCache, build_cache
+from imagen.text.encoders import (
     HashTextEncoder,
     TextEncoderConfig,
     check_encoder_matches,

@@ -10,14 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagen.cascade import Stage, load_cascade
-from imagen.checkpoint import checkpoint_dirs
-from imagen.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig, parse_cascade_config
-from imagen.export import export_model
-from imagen.presets import tiny_base, tiny_sr
-from imagen.text_encoders import TextEncoderConfig
-from imagen.train import NonFiniteLossError, train_stage
-from imagen.weights import load_tensors
+from imagen.models.cascade import Stage, load_cascade
+from imagen.models.presets import tiny_base, tiny_sr
+from imagen.text.encoders import TextEncoderConfig
+from imagen.training.checkpoint import checkpoint_dirs
+from imagen.training.config import (
+    CascadeRunConfig,
+    DataConfig,
+    StageRun,
+    TrainConfig,
+    parse_cascade_config,
+)
+from imagen.training.export import export_model
+from imagen.training.trainer import NonFiniteLossError, train_stage
+from imagen.utils.tensors import load_tensors
 
 
 def config(steps=6, stage="base", data=None, **train):
@@ -84,9 +90,9 @@ def test_existing_run_needs_resume_and_same_model(tmp_path):
 
 
 def test_checkpoint_with_wrong_shapes_is_a_clear_error(tmp_path):
-    from imagen.parallel import Dist, Parallel
-    from imagen.train import make_optimizer, restore_checkpoint
-    from imagen.unet import UNet
+    from imagen.models.unet import UNet
+    from imagen.training.parallel import Dist, Parallel
+    from imagen.training.trainer import make_optimizer, restore_checkpoint
 
     train_stage(config(steps=3), 0, tmp_path / "r", progress=False)
     cfg = tiny_base(16, 32).unet
@@ -117,7 +123,7 @@ def test_checkpoints_are_safetensors_and_json_only(tmp_path):
 
 
 def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    import imagen.train as T
+    import imagen.training.trainer as T
 
     real = T.diffusion_loss
     calls = {"n": 0}
@@ -185,7 +191,7 @@ stages:
     train: {batch_size: 2}
 """
     (tmp_path / "c.yaml").write_text(text)
-    from imagen.config import load_cascade_config
+    from imagen.training.config import load_cascade_config
 
     cfg = load_cascade_config(tmp_path / "c.yaml")
     assert cfg.stages[0].stage.sampling.steps == 7 and cfg.stages[0].train.batch_size == 2
@@ -200,10 +206,10 @@ stages:
 
 TRAIN_SCRIPT = """
 import sys
-from imagen.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig
-from imagen.presets import tiny_base
-from imagen.text_encoders import TextEncoderConfig
-from imagen.train import train_stage
+from imagen.training.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig
+from imagen.models.presets import tiny_base
+from imagen.text.encoders import TextEncoderConfig
+from imagen.training.trainer import train_stage
 import torch
 torch.set_num_threads(1)
 cfg = CascadeRunConfig(TextEncoderConfig("hash-32", 12), DataConfig(), [StageRun(tiny_base(16, 32),
@@ -245,10 +251,10 @@ DDP_SCRIPT = """
 import sys
 import torch
 torch.set_num_threads(1)
-from imagen.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig
-from imagen.presets import tiny_base
-from imagen.text_encoders import TextEncoderConfig
-from imagen.train import train_stage
+from imagen.training.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig
+from imagen.models.presets import tiny_base
+from imagen.text.encoders import TextEncoderConfig
+from imagen.training.trainer import train_stage
 batch = int(sys.argv[2])
 strategy = sys.argv[3] if len(sys.argv) > 3 else "ddp"
 cfg = CascadeRunConfig(TextEncoderConfig("hash-32", 12), DataConfig(), [StageRun(tiny_base(16, 32),
@@ -349,7 +355,7 @@ def test_adafactor_trains_and_resumes_exactly(tmp_path):
 
 
 def test_learning_rate_and_ema_schedules():
-    from imagen.train import ema_decay, lr_at
+    from imagen.training.trainer import ema_decay, lr_at
 
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine")
     assert lr_at(cfg, 0) == pytest.approx(1e-4) and lr_at(cfg, 9) == pytest.approx(1e-3)
@@ -366,7 +372,7 @@ def test_learning_rate_and_ema_schedules():
 
 
 def test_train_command_line(tmp_path, capsys):
-    from imagen.cli import main
+    from imagen.cli.main import main
 
     (tmp_path / "c.json").write_text(
         json.dumps(
@@ -415,21 +421,21 @@ def test_train_command_line(tmp_path, capsys):
     assert main(["embed", str(tmp_path / "c.json"), "--out", str(tmp_path / "emb")]) == 0
     assert "bytes/caption" in capsys.readouterr().out
     from imagen.data.shapes import all_captions
-    from imagen.embedding_cache import EmbeddingCache
+    from imagen.text.cache import EmbeddingCache
 
     groups = all_captions()
     assert len(EmbeddingCache.open(tmp_path / "emb")) == len(groups["one"]) + len(groups["two"])
 
 
 def test_training_reads_the_embedding_cache(tmp_path):
-    from imagen.embedding_cache import build_cache
-    from imagen.text_encoders import HashTextEncoder
-    from imagen.train import CaptionEmbeddings, dataset_captions
+    from imagen.text.cache import build_cache
+    from imagen.text.encoders import HashTextEncoder
+    from imagen.training.trainer import CaptionEmbeddings, dataset_captions
 
     enc = HashTextEncoder(32, 12)
     caps = dataset_captions(DataConfig())
     build_cache(caps[:50], enc, tmp_path / "c")
-    from imagen.embedding_cache import EmbeddingCache
+    from imagen.text.cache import EmbeddingCache
 
     embed = CaptionEmbeddings(enc, EmbeddingCache.open(tmp_path / "c", enc))
     emb = embed(caps[:10] + caps[100:102])

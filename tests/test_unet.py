@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from imagen.presets import tiny_base, tiny_sr
-from imagen.unet import UNet, UNetConfig
+from imagen.models.presets import tiny_base, tiny_sr
+from imagen.models.unet import UNet, UNetConfig
 
 
 def perturbed(config):

@@ -1,11 +1,11 @@
 """imagen: cascaded text-to-image diffusion (Saharia et al. 2022) in PyTorch."""
 
-from .cascade import Cascade, Edit, SamplingConfig, Stage, StageConfig, load_cascade
-from .guidance import ThresholdConfig
-from .pipeline import ImagenPipeline
-from .schedules import DiffusionConfig, NoiseSchedule
-from .text_encoders import TextEncoder, TextEncoderConfig, load_text_encoder
-from .unet import UNet, UNetConfig
+from imagen.diffusion.guidance import ThresholdConfig
+from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule
+from imagen.models.cascade import Cascade, Edit, SamplingConfig, Stage, StageConfig, load_cascade
+from imagen.models.unet import UNet, UNetConfig
+from imagen.pipeline import ImagenPipeline
+from imagen.text.encoders import TextEncoder, TextEncoderConfig, load_text_encoder
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .shapes import (
+from imagen.data.shapes import (
     BACKGROUND,
     DEFAULT_HOLDOUT,
     PALETTE,

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .shapes import pil_to_tensor
+from imagen.data.shapes import pil_to_tensor
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 Sample = tuple[torch.Tensor, str, tuple[str, ...]]  # image, caption, what was skipped to get it

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .folders import Preprocess, Sample, load_image_record
+from imagen.data.folders import Preprocess, Sample, load_image_record
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 

@@ -26,23 +26,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from tqdm import tqdm
 
-from .cascade import Stage, StageConfig, augment_lowres, resize
-from .checkpoint import checkpoint_dirs, read_checkpoint, save_checkpoint
-from .config import CascadeRunConfig, DataConfig, TrainConfig
-from .data.shapes import ShapesDataset, all_captions, tensor_to_pil
-from .grid import captioned_grid
-from .guidance import Conditioning
-from .parallel import Dist, Parallel, init_distributed
-from .schedules import NoiseSchedule
-from .system import hardware_description
-from .text_encoders import (
+from imagen.data.shapes import ShapesDataset, all_captions, tensor_to_pil
+from imagen.diffusion.guidance import Conditioning
+from imagen.diffusion.schedules import NoiseSchedule
+from imagen.models.cascade import Stage, StageConfig, augment_lowres, resize
+from imagen.models.unet import UNet
+from imagen.text.encoders import (
     TextEmbedding,
     TextEncoder,
     load_text_encoder,
     pad_embeddings,
     unpad_embeddings,
 )
-from .unet import UNet
+from imagen.training.checkpoint import checkpoint_dirs, read_checkpoint, save_checkpoint
+from imagen.training.config import CascadeRunConfig, DataConfig, TrainConfig
+from imagen.training.parallel import Dist, Parallel, init_distributed
+from imagen.utils.grid import captioned_grid
+from imagen.utils.system import hardware_description
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def make_dataset(data: DataConfig, stage: StageConfig, training: bool = True) ->
     resolution, caption, notes on records skipped or converted to produce it)."""
     if data.kind == "shapes":
         return ShapesDataset(stage.resolution, data.shapes)
-    from .data.folders import ImageTextFolder
+    from imagen.data.folders import ImageTextFolder
 
     if data.kind == "folder":
         return ImageTextFolder(
@@ -103,10 +103,10 @@ def dataset_captions(data: DataConfig) -> list[str]:
         groups = all_captions(data.shapes.holdout_pairs())
         return groups["one"] + groups["two"]
     if data.kind == "folder":
-        from .data.folders import ImageTextFolder
+        from imagen.data.folders import ImageTextFolder
 
         return ImageTextFolder(data.path, 8).captions()
-    from .data.webdataset import shard_captions
+    from imagen.data.webdataset import shard_captions
 
     return shard_captions(data.path)
 
@@ -143,7 +143,7 @@ def training_batches(
             dataset, batch_sampler=sampler, num_workers=data.num_workers, collate_fn=collate
         )
         return iter(loader), dataset
-    from .data.webdataset import WebDatasetSource
+    from imagen.data.webdataset import WebDatasetSource
 
     def source(epoch: int) -> WebDatasetSource:
         return WebDatasetSource(

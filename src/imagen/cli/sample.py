@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import UsageError, command, positive_int
+from imagen.cli.main import UsageError, command, positive_int
 
 
 def _float_list(text: str) -> list[float]:
@@ -83,9 +83,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     from PIL import Image
 
-    from .cascade import read_index
-    from .grid import captioned_grid
-    from .pipeline import BUNDLED_MODEL, ImagenPipeline
+    from imagen.models.cascade import read_index
+    from imagen.pipeline import BUNDLED_MODEL, ImagenPipeline
+    from imagen.utils.grid import captioned_grid
 
     model_dir = Path(args.model) if args.model else BUNDLED_MODEL
     try:

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .cascade import Cascade, Edit, SamplingConfig, load_cascade
-from .data.shapes import pil_to_tensor, tensor_to_pil
-from .text_encoders import TextEmbedding
+from imagen.data.shapes import pil_to_tensor, tensor_to_pil
+from imagen.models.cascade import Cascade, Edit, SamplingConfig, load_cascade
+from imagen.text.encoders import TextEmbedding
 
-BUNDLED_MODEL = Path(__file__).parent / "weights" / "shapes-cascade"
+BUNDLED_MODEL = Path(__file__).parents[1] / "weights" / "shapes-cascade"
 
 PerStage = Any  # a value for every stage, or a list with one value per stage
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .weights import fsync_dir, load_tensors, save_tensors
+from imagen.utils.tensors import fsync_dir, load_tensors, save_tensors
 
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"

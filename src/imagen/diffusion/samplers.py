@@ -1,8 +1,8 @@
 """Samplers: plain functions over a denoiser ``(x_t, t) -> x0_hat``, as in k-diffusion.
 
 Every sampler takes the same arguments, so it works with any model (through
-:func:`imagen.guidance.make_denoiser`) and any number of steps: ``timesteps`` is a descending
-list of training timesteps (see :func:`imagen.schedules.respaced_timesteps`) and
+:func:`imagen.diffusion.guidance.make_denoiser`) and any number of steps: ``timesteps`` is a descending
+list of training timesteps (see :func:`imagen.diffusion.schedules.respaced_timesteps`) and
 ``alpha_bar`` the schedule's cumulative products. After the last listed timestep the
 samplers step to the clean image (alpha_bar = 1). Guidance and thresholding live in the
 denoiser, so they apply in every sampler.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .guidance import Denoiser
+from imagen.diffusion.guidance import Denoiser
 
 Callback = Callable[[int, Tensor], None]
 Generators = torch.Generator | list[torch.Generator] | None

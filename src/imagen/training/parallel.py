@@ -104,7 +104,7 @@ class Parallel:
         """Load a full state dict, strictly: differences are listed in the error."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        from .weights import check_state
+        from imagen.utils.tensors import check_state
 
         check_state(model, state, source)
         set_model_state_dict(model, state, options=self._options(strict=True))

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.checker import score
-from .data.shapes import all_captions
-from .grid import captioned_grid
-from .pipeline import ImagenPipeline
+from imagen.data.checker import score
+from imagen.data.shapes import all_captions
+from imagen.pipeline import ImagenPipeline
+from imagen.utils.grid import captioned_grid
 
 GROUPS = ("one", "two", "heldout")
 
@@ -110,8 +110,15 @@ def eval_fid(
 ) -> dict[str, Any]:
     """FID / KID of ``num`` generated images (prompted with captions of the real dataset)
     against ``num`` real images centre-cropped to the model's resolution."""
-    from .data.folders import ImageTextFolder
-    from .fid import FeatureNetwork, cached_features, clip_score_status, features, fid_kid, to_uint8
+    from imagen.data.folders import ImageTextFolder
+    from imagen.evaluation.fid import (
+        FeatureNetwork,
+        cached_features,
+        clip_score_status,
+        features,
+        fid_kid,
+        to_uint8,
+    )
 
     net = FeatureNetwork(feature_network)
     size = pipe.cascade.stages[-1].config.resolution

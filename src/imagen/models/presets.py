@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import torch
 
-from .cascade import SamplingConfig, Stage, StageConfig
-from .schedules import DiffusionConfig
-from .unet import UNetConfig, count_parameters
+from imagen.diffusion.schedules import DiffusionConfig
+from imagen.models.cascade import SamplingConfig, Stage, StageConfig
+from imagen.models.unet import UNetConfig, count_parameters
 
 T5_XXL_DIM = 4096
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
-from .pipeline import ImagenPipeline
+from imagen.pipeline import ImagenPipeline
 
 
 @dataclass
@@ -356,7 +356,9 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
-        return resources.files("imagen").joinpath("web/index.html").read_text(encoding="utf-8")
+        return (
+            resources.files("imagen").joinpath("server/web/index.html").read_text(encoding="utf-8")
+        )
 
     return app
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .weights import load_tensors, save_tensors
+from imagen.utils.tensors import load_tensors, save_tensors
 
 DEFAULT_NETWORK = "fid-helper-inception"
 TF_INPUT_RANGE = (-1.0, 0.9921875)  # what the TF FID Inception was fed

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .guidance import Conditioning, Denoiser, ThresholdConfig, make_denoiser
-from .samplers import Generators, get_sampler, randn
-from .schedules import DiffusionConfig, NoiseSchedule, respaced_timesteps
-from .text_encoders import TextEmbedding, TextEncoder, check_encoder_matches
-from .unet import UNet, UNetConfig, config_from_dict
-from .weights import dequantize, load_strict, load_tensors, quantize_int8, save_tensors
+from imagen.diffusion.guidance import Conditioning, Denoiser, ThresholdConfig, make_denoiser
+from imagen.diffusion.samplers import Generators, get_sampler, randn
+from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule, respaced_timesteps
+from imagen.models.unet import UNet, UNetConfig, config_from_dict
+from imagen.text.encoders import TextEmbedding, TextEncoder, check_encoder_matches
+from imagen.utils.tensors import dequantize, load_strict, load_tensors, quantize_int8, save_tensors
 
 INDEX_FILE = "model_index.json"
 FORMAT = "imagen-cascade"
@@ -336,7 +336,7 @@ def load_cascade(
     text_dtype: torch.dtype | None = None,
 ) -> Cascade:
     """Load a model directory; the text encoder is the one recorded there unless given."""
-    from .text_encoders import TextEncoderConfig, load_text_encoder
+    from imagen.text.encoders import TextEncoderConfig, load_text_encoder
 
     root = Path(directory)
     index = read_index(root)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .text_encoders import TextEncoder, unpad_embeddings
+from imagen.text.encoders import TextEncoder, unpad_embeddings
 
 ENCODER_FILE = "encoder.json"
 

@@ -21,11 +21,11 @@ from typing import Any
 
 import tomllib
 
-from .cascade import StageConfig
-from .data.shapes import ShapesConfig
-from .presets import get_preset
-from .text_encoders import TextEncoderConfig
-from .unet import config_from_dict
+from imagen.data.shapes import ShapesConfig
+from imagen.models.cascade import StageConfig
+from imagen.models.presets import get_preset
+from imagen.models.unet import config_from_dict
+from imagen.text.encoders import TextEncoderConfig
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Any
 
 from PIL import Image
 
-from .data.checker import check_image, score
-from .grid import captioned_grid
-from .pipeline import ImagenPipeline
+from imagen.data.checker import check_image, score
+from imagen.pipeline import ImagenPipeline
+from imagen.utils.grid import captioned_grid
 
 DEMO_PROMPTS = [
     "a red circle on the left",
@@ -86,11 +86,11 @@ def sample_section(
 
 def train_small_base(out_dir: Path, minutes: float, seed: int) -> Path:
     """Train a small 32 px base model on Shapes for ``minutes`` and export it."""
-    from .config import CascadeRunConfig, StageRun, TrainConfig
-    from .export import export_model
-    from .presets import shapes_base32
-    from .text_encoders import TextEncoderConfig
-    from .train import train_stage
+    from imagen.models.presets import shapes_base32
+    from imagen.text.encoders import TextEncoderConfig
+    from imagen.training.config import CascadeRunConfig, StageRun, TrainConfig
+    from imagen.training.export import export_model
+    from imagen.training.trainer import train_stage
 
     stage = shapes_base32()
     train = TrainConfig(

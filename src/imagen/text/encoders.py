@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .unet import masked_mean
+from imagen.models.unet import masked_mean
 
 log = logging.getLogger(__name__)
 

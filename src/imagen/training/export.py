@@ -9,9 +9,15 @@ from typing import Any
 
 import torch
 
-from .cascade import StageConfig, check_stage_chain, load_stage, read_index, save_model_dir
-from .checkpoint import checkpoint_dirs
-from .weights import load_tensors
+from imagen.models.cascade import (
+    StageConfig,
+    check_stage_chain,
+    load_stage,
+    read_index,
+    save_model_dir,
+)
+from imagen.training.checkpoint import checkpoint_dirs
+from imagen.utils.tensors import load_tensors
 
 
 def _training_record(run_dir: Path, ckpt: Path) -> dict[str, Any]:

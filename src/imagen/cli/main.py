@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0)
     dm.add_argument("--threads", type=positive_int)
 
-    from .sample_cli import add_sample_parser
+    from imagen.cli.sample import add_sample_parser
 
     add_sample_parser(sub)
     return p
@@ -141,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_cascade_config
-    from .train import train_stage
+    from imagen.training.config import load_cascade_config
+    from imagen.training.trainer import train_stage
 
     cfg = load_cascade_config(args.config)
     if not 0 <= args.stage < len(cfg.stages):
@@ -154,7 +154,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         tc.lr = args.lr
     cache = None
     if args.embeddings:
-        from .embedding_cache import EmbeddingCache
+        from imagen.text.cache import EmbeddingCache
 
         cache = EmbeddingCache.open(args.embeddings)
     summary = train_stage(
@@ -174,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .export import export_model
+    from imagen.training.export import export_model
 
     dtype = {
         "fp16": torch.float16,
@@ -191,10 +191,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import load_cascade_config
-    from .embedding_cache import build_cache
-    from .text_encoders import load_text_encoder
-    from .train import dataset_captions
+    from imagen.text.cache import build_cache
+    from imagen.text.encoders import load_text_encoder
+    from imagen.training.config import load_cascade_config
+    from imagen.training.trainer import dataset_captions
 
     cfg = load_cascade_config(args.config)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -219,8 +219,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .evaluation import eval_fid, eval_shapes
-    from .pipeline import ImagenPipeline
+    from imagen.evaluation.shapes import eval_fid, eval_shapes
+    from imagen.pipeline import ImagenPipeline
 
     pipe = ImagenPipeline.from_pretrained(
         args.model, args.device, torch.bfloat16 if args.bf16 else None
@@ -252,7 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 @command("prepare")
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data.prepare import prepare_emoji, prepare_fashion_mnist
+    from imagen.data.prepare import prepare_emoji, prepare_fashion_mnist
 
     if args.dataset == "fashion-mnist":
         counts = prepare_fashion_mnist(args.out, limit=args.limit)
@@ -264,7 +264,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 @command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import ServerConfig, serve
+    from imagen.server.app import ServerConfig, serve
 
     serve(
         args.model,
@@ -281,7 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from imagen.cli.demo import run_demo
 
     path = run_demo(args.out, args.model, args.minutes if args.train else None, args.seed)
     print(f"wrote {path}")

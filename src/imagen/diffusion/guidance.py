@@ -10,8 +10,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .schedules import NoiseSchedule
-from .unet import UNet
+from imagen.diffusion.schedules import NoiseSchedule
+from imagen.models.unet import UNet
 
 Denoiser = Callable[[Tensor, int], Tensor]
 """A denoiser maps a batch of noisy images x_t and an integer training timestep t to x0_hat."""

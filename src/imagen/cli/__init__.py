@@ -1,0 +1,1 @@
+"""The `imagen` command line."""

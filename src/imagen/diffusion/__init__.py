@@ -1,0 +1,1 @@
+"""The diffusion maths: noise schedules, classifier-free guidance and thresholding, samplers. Imports nothing above utils."""

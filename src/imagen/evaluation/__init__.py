@@ -1,0 +1,1 @@
+"""Evaluation: Shapes prompt-following accuracy and FID/KID."""
