@@ -17,7 +17,7 @@ from common import matmul_peak, sync, table, timed, write
 from sampling import time_stage
 from train_throughput import make_step, step_flops
 
-from imagen.models.cascade import SamplingConfig
+from imagen.models.stage import SamplingConfig
 from imagen.pipeline import ImagenPipeline, compile_unets
 
 

@@ -14,8 +14,8 @@ import torch
 
 from imagen.diffusion.guidance import Conditioning
 from imagen.diffusion.schedules import NoiseSchedule
-from imagen.models.cascade import SamplingConfig, Stage
 from imagen.models.presets import tiny_base
+from imagen.models.stage import SamplingConfig, Stage
 from imagen.text.encoders import HashTextEncoder
 
 

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from imagen.models.cascade import Cascade, Edit, SamplingConfig, Stage, load_cascade, read_index
+from imagen.models.cascade import Cascade, load_cascade, read_index
 from imagen.models.presets import tiny_base, tiny_sr
+from imagen.models.stage import Edit, SamplingConfig, Stage
 from imagen.text.encoders import HashTextEncoder
 
 

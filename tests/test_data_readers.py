@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader
 
 from imagen.data.folders import ImageTextFolder
 from imagen.data.webdataset import WebDatasetSource, shard_captions
-from imagen.models.cascade import resize
-from imagen.training.trainer import Dist, StepBatchSampler, collate
+from imagen.models.stage import resize
+from imagen.training.data import StepBatchSampler, collate
+from imagen.training.parallel import Dist
 
 
 def png_bytes(img, fmt="PNG"):

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagen.models.cascade import Stage, load_cascade
+from imagen.models.cascade import load_cascade
 from imagen.models.presets import tiny_base, tiny_sr
+from imagen.models.stage import Stage
 from imagen.text.encoders import TextEncoderConfig
 from imagen.training.checkpoint import checkpoint_dirs
 from imagen.training.config import (
@@ -91,8 +92,9 @@ def test_existing_run_needs_resume_and_same_model(tmp_path):
 
 def test_checkpoint_with_wrong_shapes_is_a_clear_error(tmp_path):
     from imagen.models.unet import UNet
+    from imagen.training.optim import make_optimizer
     from imagen.training.parallel import Dist, Parallel
-    from imagen.training.trainer import make_optimizer, restore_checkpoint
+    from imagen.training.trainer import restore_checkpoint
 
     train_stage(config(steps=3), 0, tmp_path / "r", progress=False)
     cfg = tiny_base(16, 32).unet
@@ -123,9 +125,8 @@ def test_checkpoints_are_safetensors_and_json_only(tmp_path):
 
 
 def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
-    import imagen.training.trainer as T
 
-    real = T.diffusion_loss
+    real = Stage.loss
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -133,7 +134,7 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (2, 3) or calls["n"] > 6 else loss
 
-    monkeypatch.setattr(T, "diffusion_loss", flaky)
+    monkeypatch.setattr(Stage, "loss", flaky)
     with pytest.raises(NonFiniteLossError, match="consecutive non-finite"):
         train_stage(
             config(steps=20, checkpoint_every=2, max_bad_steps=3), 0, tmp_path / "r", progress=False
@@ -355,7 +356,7 @@ def test_adafactor_trains_and_resumes_exactly(tmp_path):
 
 
 def test_learning_rate_and_ema_schedules():
-    from imagen.training.trainer import ema_decay, lr_at
+    from imagen.training.optim import ema_decay, lr_at
 
     cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, lr_schedule="cosine")
     assert lr_at(cfg, 0) == pytest.approx(1e-4) and lr_at(cfg, 9) == pytest.approx(1e-3)
@@ -430,7 +431,8 @@ def test_train_command_line(tmp_path, capsys):
 def test_training_reads_the_embedding_cache(tmp_path):
     from imagen.text.cache import build_cache
     from imagen.text.encoders import HashTextEncoder
-    from imagen.training.trainer import CaptionEmbeddings, dataset_captions
+    from imagen.training.captions import CaptionEmbeddings
+    from imagen.training.data import dataset_captions
 
     enc = HashTextEncoder(32, 12)
     caps = dataset_captions(DataConfig())

@@ -2,7 +2,8 @@
 
 from imagen.diffusion.guidance import ThresholdConfig
 from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule
-from imagen.models.cascade import Cascade, Edit, SamplingConfig, Stage, StageConfig, load_cascade
+from imagen.models.cascade import Cascade, load_cascade
+from imagen.models.stage import Edit, SamplingConfig, Stage, StageConfig
 from imagen.models.unet import UNet, UNetConfig
 from imagen.pipeline import ImagenPipeline
 from imagen.text.encoders import TextEncoder, TextEncoderConfig, load_text_encoder

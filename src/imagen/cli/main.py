@@ -194,7 +194,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from imagen.text.cache import build_cache
     from imagen.text.encoders import load_text_encoder
     from imagen.training.config import load_cascade_config
-    from imagen.training.trainer import dataset_captions
+    from imagen.training.data import dataset_captions
 
     cfg = load_cascade_config(args.config)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -83,7 +83,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     from PIL import Image
 
-    from imagen.models.cascade import read_index
+    from imagen.models.model_dir import read_index
     from imagen.pipeline import BUNDLED_MODEL, ImagenPipeline
     from imagen.utils.grid import captioned_grid
 

@@ -229,6 +229,11 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def captions(self) -> list[str]:
+        """Every caption this dataset can yield (the seen one- and two-object captions)."""
+        groups = all_captions(self.config.holdout_pairs())
+        return groups["one"] + groups["two"]
+
     def scene(self, index: int) -> Scene:
         rng = np.random.default_rng([self.config.seed, index])
         return sample_scene(rng, self.config.holdout_pairs(), self.config.two_object_fraction)

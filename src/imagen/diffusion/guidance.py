@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from imagen.diffusion.schedules import NoiseSchedule
-from imagen.models.unet import UNet
 
 Denoiser = Callable[[Tensor, int], Tensor]
 """A denoiser maps a batch of noisy images x_t and an integer training timestep t to x0_hat."""
@@ -76,6 +75,16 @@ class Conditioning:
             self.aug_level,
         )
 
+    def dropped(self, drop: Tensor) -> Conditioning:
+        """The null caption where ``drop`` (B,) is True (conditioning dropout in training)."""
+        keep = ~drop
+        return Conditioning(
+            torch.where(keep[:, None, None], self.text, torch.zeros_like(self.text)),
+            self.mask & keep[:, None],
+            self.lowres,
+            self.aug_level,
+        )
+
     @staticmethod
     def cat(a: Conditioning, b: Conditioning) -> Conditioning:
         def both(x: Tensor | None, y: Tensor | None) -> Tensor | None:
@@ -89,15 +98,13 @@ class Conditioning:
         )
 
 
-def model_output(
-    model: UNet | Callable[..., Tensor], x: Tensor, t: Tensor, cond: Conditioning
-) -> Tensor:
+def model_output(model: Callable[..., Tensor], x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
     """One U-Net evaluation under ``cond``."""
     return model(x, t, cond.text, cond.mask, cond.lowres, cond.aug_level)
 
 
 def guided_output(
-    model: UNet | Callable[..., Tensor],
+    model: Callable[..., Tensor],
     x: Tensor,
     t: Tensor,
     cond: Conditioning,
@@ -117,7 +124,7 @@ def guided_output(
 
 
 def make_denoiser(
-    model: UNet | Callable[..., Tensor],
+    model: Callable[..., Tensor],
     schedule: NoiseSchedule,
     cond: Conditioning,
     guidance_scale: float = 1.0,

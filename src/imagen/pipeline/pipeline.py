@@ -18,31 +18,15 @@ import torch
 from PIL import Image
 
 from imagen.data.shapes import pil_to_tensor, tensor_to_pil
-from imagen.models.cascade import Cascade, Edit, SamplingConfig, load_cascade
+from imagen.models.cascade import Cascade, load_cascade
+from imagen.models.stage import Edit, SamplingConfig
 from imagen.text.encoders import TextEmbedding
+from imagen.utils.compile import CompileFallback
 
 BUNDLED_MODEL = Path(__file__).parents[1] / "weights" / "shapes-cascade"
 
 PerStage = Any  # a value for every stage, or a list with one value per stage
 log = logging.getLogger(__name__)
-
-
-class CompileFallback:
-    """Calls ``torch.compile(module)``; if compiling fails (no compiler, an unsupported op), warns
-    once and runs the module eagerly from then on."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.eager = module
-        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(module)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - reported, then the eager path runs
-                log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, e)
-                self.compiled = None
-        return self.eager(*args, **kwargs)
 
 
 def compile_unets(cascade: Cascade, stages: list[int] | None = None) -> None:

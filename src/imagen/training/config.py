@@ -22,8 +22,8 @@ from typing import Any
 import tomllib
 
 from imagen.data.shapes import ShapesConfig
-from imagen.models.cascade import StageConfig
 from imagen.models.presets import get_preset
+from imagen.models.stage import StageConfig
 from imagen.models.unet import config_from_dict
 from imagen.text.encoders import TextEncoderConfig
 
@@ -63,7 +63,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adafactor (the paper's choice for its base model)
     lr: float = 1e-4  # peak learning rate (the paper: 1e-4)
     warmup_steps: int = 100  # linear warm-up (the paper: 10k)
-    lr_schedule: str = "constant"  # constant | cosine (decay to 0 at max_steps)
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at max_steps) | wsd (see below)
+    decay_fraction: float = 0.2  # wsd: constant lr, then linear decay over this final fraction
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
@@ -73,7 +74,9 @@ class TrainConfig:
     ema_halflife_images: float | None = None  # if set, EMA by half-life in images (EDM style)
     precision: str = "bf16"  # bf16 (autocast) | fp32
     distributed: str = "ddp"  # with several processes: ddp, or fsdp (sharded, for large stages)
-    channels_last: bool = False  # NHWC memory format (faster on GPUs; slower on CPU, measured)
+    channels_last: bool | None = None  # NHWC memory format; None: on for CUDA (measured
+    # faster there), off on CPU (measured slower)
+    compile: bool = False  # torch.compile the U-Net for training (eager if it cannot compile)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 250
@@ -87,8 +90,12 @@ class TrainConfig:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         if self.optimizer not in ("adamw", "adafactor"):
             raise ValueError(f"optimizer must be adamw or adafactor, got {self.optimizer!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.lr_schedule not in ("constant", "cosine", "wsd"):
+            raise ValueError(
+                f"lr_schedule must be constant, cosine or wsd, got {self.lr_schedule!r}"
+            )
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
         if self.precision not in ("bf16", "fp32"):

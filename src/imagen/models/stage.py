@@ -1,0 +1,304 @@
+"""One stage of the cascade: a U-Net with its noise schedule, its conditioning, its loss and
+its sampler settings.
+
+:class:`Stage` is the one owner of how the U-Net is conditioned and called (as NVlabs/edm's
+preconditioning wrapper owns its loss): training (:meth:`Stage.loss`) and sampling
+(:meth:`Stage.sample`) both build the conditioning with :meth:`Stage.condition` (text tokens,
+the null caption, the noise-augmented low-res image of super-resolution stages) and run the
+network through :meth:`Stage.forward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from imagen.diffusion.guidance import (
+    Conditioning,
+    Denoiser,
+    ThresholdConfig,
+    make_denoiser,
+    model_output,
+)
+from imagen.diffusion.samplers import Generators, get_sampler, randn
+from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule, respaced_timesteps
+from imagen.models.unet import UNet, UNetConfig, config_from_dict
+from imagen.text.encoders import TextEmbedding
+
+
+@dataclass
+class SamplingConfig:
+    """How a stage is sampled by default; every field can be overridden per call."""
+
+    sampler: str = "dpmpp"  # ddpm | ddim | dpmpp
+    steps: int = 20  # number of denoiser evaluations (respaced timesteps)
+    guidance: float = 3.0  # classifier-free guidance scale (1 = no guidance)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    aug_level: float = 0.2  # SR stages: noise-augmentation level of the low-res input, in [0, 1)
+    eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral
+    ddpm_variance: str = "posterior"  # DDPM only: posterior variance or beta_t
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, dict):
+            self.threshold = ThresholdConfig(**self.threshold)
+        get_sampler(self.sampler)  # raises on an unknown name
+        if self.ddpm_variance not in ("posterior", "beta"):
+            raise ValueError(f"ddpm_variance must be posterior or beta, got {self.ddpm_variance!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        if not 0.0 <= self.aug_level < 1.0:
+            raise ValueError(f"aug_level must be in [0, 1), got {self.aug_level}")
+
+
+@dataclass
+class StageConfig:
+    """One stage of the cascade: its U-Net, its diffusion and its sampling defaults."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    lowres_size: int | None = None  # SR stages: the resolution of the stage below
+    text_encoder: dict[str, Any] = field(default_factory=dict)  # name, dim, max_length
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unet, dict):
+            self.unet = UNetConfig.from_dict(self.unet)
+        if isinstance(self.diffusion, dict):
+            self.diffusion = config_from_dict(DiffusionConfig, self.diffusion)
+        if isinstance(self.sampling, dict):
+            self.sampling = config_from_dict(SamplingConfig, self.sampling)
+        if (self.lowres_size is not None) != self.unet.lowres_cond:
+            raise ValueError(
+                "a super-resolution stage needs both lowres_size and unet.lowres_cond; "
+                "a base stage needs neither"
+            )
+
+    @property
+    def resolution(self) -> int:
+        return self.unet.image_size
+
+    @property
+    def is_super_resolution(self) -> bool:
+        return self.lowres_size is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageConfig:
+        return config_from_dict(cls, data)
+
+
+def resize(images: Tensor, size: int) -> Tensor:
+    """Resize a batch of images: area averaging down, bilinear up (no-op at equal size)."""
+    if images.shape[-1] == size:
+        return images
+    if images.shape[-1] > size:
+        return F.interpolate(images, size=(size, size), mode="area")
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def augment_lowres(
+    lowres: Tensor,
+    size: int,
+    level: Tensor,
+    schedule: NoiseSchedule,
+    noise: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Noise-conditioning augmentation (Imagen sec. 2.5): upsample the low-res image to the
+    stage's size and diffuse it to augmentation level ``level`` in [0, 1) (per sample, as a
+    fraction of the schedule; 0 leaves it clean) with ``noise`` (shaped like the output).
+    Returns the corrupted image and the timestep the U-Net is conditioned on."""
+    up = resize(lowres, size)
+    t = (level * (schedule.num_timesteps - 1)).round().long().to(up.device)
+    noised = schedule.q_sample(up, t, noise.to(up.dtype))
+    return torch.where(t.view(-1, 1, 1, 1) > 0, noised, up), t.float()
+
+
+@dataclass
+class TrainingDraws:
+    """Every random draw of one training batch (see :meth:`Stage.loss`)."""
+
+    t: Tensor  # (B,) training timesteps
+    noise: Tensor  # (B, C, H, W)
+    drop: Tensor  # (B,) bool: replace the caption by the null condition
+    aug_level: Tensor | None = None  # (B,) SR augmentation level in [0, aug_max); None for base
+    aug_noise: Tensor | None = None  # (B, C, H, W); None for base stages
+
+    def to(self, device: torch.device) -> TrainingDraws:
+        def move(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.to(device, non_blocking=True)
+
+        return TrainingDraws(
+            move(self.t),
+            move(self.noise),
+            move(self.drop),
+            move(self.aug_level),
+            move(self.aug_noise),
+        )
+
+
+class Stage(nn.Module):
+    """A U-Net with its schedule and sampling defaults: the conditioning, the network call, the
+    training loss and sampling of one cascade stage."""
+
+    def __init__(self, config: StageConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.unet = UNet(config.unet)
+        self.schedule = NoiseSchedule(config.diffusion)
+        self.compiled: Callable[..., Tensor] | None = None  # set by imagen.pipeline.compile_unets
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    # ---- conditioning and the network call (shared by training and sampling) -------------
+    def condition(
+        self,
+        text: TextEmbedding,
+        lowres: Tensor | None = None,
+        aug_level: Tensor | None = None,
+        aug_noise: Tensor | None = None,
+        drop: Tensor | None = None,
+    ) -> Conditioning:
+        """The U-Net's conditioning for a batch: the text tokens (the null caption where
+        ``drop`` is True) and, for super-resolution stages, the low-res images upsampled to
+        this stage's size and noise-augmented to ``aug_level`` (fractions in [0, 1)) with
+        ``aug_noise``."""
+        device = self.device
+        cond = Conditioning(text.tokens.to(device), text.mask.to(device))
+        if drop is not None:
+            cond = cond.dropped(drop.to(device))
+        if self.config.is_super_resolution:
+            if lowres is None or aug_level is None or aug_noise is None:
+                raise ValueError("a super-resolution stage needs the low-res images to upsample")
+            cond.lowres, cond.aug_level = augment_lowres(
+                lowres.to(device).float(),
+                self.config.resolution,
+                aug_level.to(device),
+                self.schedule,
+                aug_noise.to(device),
+            )
+        return cond
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond: Conditioning,
+        autocast: torch.dtype | None = None,
+        net: Callable[..., Tensor] | None = None,
+    ) -> Tensor:
+        """The U-Net's prediction (the stage's target) for noisy images ``x`` at timesteps
+        ``t`` under ``cond``, with optional autocast; ``net`` replaces the U-Net (a compiled or
+        DDP-wrapped version of it)."""
+        net = net or self.compiled or self.unet
+        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=bool(autocast)):
+            return model_output(net, x, t.float(), cond)
+
+    # ---- training ------------------------------------------------------------------------
+    def loss(
+        self,
+        images: Tensor,
+        text: TextEmbedding,
+        draws: TrainingDraws,
+        autocast: torch.dtype | None = None,
+        net: Callable[..., Tensor] | None = None,
+    ) -> Tensor:
+        """The weighted denoising loss of one batch (Ho et al. 2020 eq. 14, with the stage's
+        target and loss weighting), with conditioning dropout and, for SR stages, noise-
+        conditioning augmentation of the real low-res images."""
+        draws = draws.to(images.device)
+        lowres = resize(images, self.config.lowres_size) if self.config.lowres_size else None
+        cond = self.condition(text, lowres, draws.aug_level, draws.aug_noise, draws.drop)
+        xt = self.schedule.q_sample(images, draws.t, draws.noise)
+        target = self.schedule.target(images, draws.noise, draws.t)
+        pred = self.forward(xt, draws.t, cond, autocast, net)
+        per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+        return (self.schedule.loss_weight(draws.t) * per_sample).mean()
+
+    # ---- sampling ------------------------------------------------------------------------
+    def denoiser(
+        self,
+        cond: Conditioning,
+        sampling: SamplingConfig,
+        autocast: torch.dtype | None = None,
+    ) -> Denoiser:
+        """This stage as a denoiser ``(x_t, t) -> x0_hat`` with guidance and thresholding."""
+        net = self.compiled or self.unet
+        return make_denoiser(
+            net, self.schedule, cond, sampling.guidance, sampling.threshold, autocast
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text: TextEmbedding,
+        lowres: Tensor | None = None,
+        sampling: SamplingConfig | None = None,
+        generator: Generators = None,
+        autocast_dtype: torch.dtype | None = None,
+        callback: Callable[[int, Tensor], None] | None = None,
+        edit: Edit | None = None,
+    ) -> Tensor:
+        """Sample images in [-1, 1] for a batch of encoded captions (and, for SR stages, the
+        low-res images to upsample); ``edit`` turns this into image-to-image or inpainting."""
+        s = sampling or self.config.sampling
+        device = self.device
+        b, n, c = text.tokens.shape[0], self.config.resolution, self.config.unet.in_channels
+        level = aug_noise = None
+        if self.config.is_super_resolution:
+            level = torch.full((b,), s.aug_level, device=device)
+            aug_noise = randn((b, c, n, n), generator, device)
+        cond = self.condition(text, lowres, level, aug_noise)
+        denoise = self.denoiser(cond, s, autocast_dtype)
+        timesteps = respaced_timesteps(self.schedule.num_timesteps, s.steps)
+        x = randn((b, c, n, n), generator, device)
+        if edit is not None:
+            image = resize(edit.image.to(device).float(), n).expand(b, -1, -1, -1)
+            run = round(edit.strength * len(timesteps))
+            if run == 0:
+                return image.clone()
+            if run < len(timesteps):  # SDEdit: start part-way, from the noised input
+                timesteps = timesteps[-run:]
+                x = self.schedule.q_sample(image, torch.full((b,), timesteps[0], device=device), x)
+            if edit.mask is not None:
+                denoise = _keep_known(denoise, image, edit.mask.to(device).float(), n)
+        kwargs: dict[str, Any] = {"generator": generator, "callback": callback}
+        if s.sampler == "ddim":
+            kwargs["eta"] = s.eta
+        elif s.sampler == "ddpm":
+            kwargs["variance"] = s.ddpm_variance
+        return get_sampler(s.sampler)(denoise, x, timesteps, self.schedule.alpha_bar, **kwargs)
+
+
+@dataclass
+class Edit:
+    """Image-to-image (SDEdit, Meng et al. 2022) and inpainting inputs for a stage."""
+
+    image: Tensor  # (1 or B, C, H, W) in [-1, 1], any resolution (resized to the stage's)
+    strength: float = 1.0  # fraction of the sampling steps to run; 0 returns the image
+    mask: Tensor | None = None  # (1 or B, 1, H, W): 1 = regenerate, 0 = keep the image
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+
+
+def _keep_known(denoise: Denoiser, image: Tensor, mask: Tensor, size: int) -> Denoiser:
+    """Inpainting by replacement in x0 space: the known region of x0_hat is the input image at
+    every step, so each sampler's final step (which lands on x0_hat) keeps it exactly."""
+    m = F.interpolate(mask, size=(size, size), mode="nearest").clamp(0, 1)
+
+    def inpaint(x: Tensor, t: int) -> Tensor:
+        return m * denoise(x, t) + (1 - m) * image
+
+    return inpaint

@@ -1,0 +1,246 @@
+"""What a training step consumes: batches of (image, caption) and every random draw of each
+sample, as a pure function of (seed, global sample index).
+
+Map-style data (Shapes, folders) are indexed by global sample number, and their random
+draws are made in the DataLoader workers with the images, so the training process only moves
+finished batches to the device. A run is therefore exactly resumable, and 2 processes with
+batch B compute the same update as 1 process with batch 2B.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from imagen.data.shapes import ShapesDataset, all_captions
+from imagen.models.stage import StageConfig, TrainingDraws
+from imagen.training.config import DataConfig, TrainConfig
+from imagen.training.parallel import Dist
+
+
+# ---- per-sample randomness ---------------------------------------------------------------
+def sample_generator(seed: int, index: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+@dataclass(frozen=True)
+class DrawSpec:
+    """What to draw for each sample: the image shape, the number of timesteps, the caption
+    dropout rate and, for super-resolution stages, the augmentation range."""
+
+    seed: int
+    shape: tuple[int, ...]
+    timesteps: int
+    cond_drop: float
+    aug_max: float | None  # None for base stages (no augmentation draws)
+
+    @classmethod
+    def of(cls, stage: StageConfig, cfg: TrainConfig, timesteps: int) -> DrawSpec:
+        shape = (stage.unet.in_channels, stage.resolution, stage.resolution)
+        aug = cfg.aug_max if stage.is_super_resolution else None
+        return cls(cfg.seed, shape, timesteps, cfg.cond_drop, aug)
+
+
+def draw_sample(spec: DrawSpec, index: int) -> tuple[Tensor, ...]:
+    """Every random draw of global sample ``index``: timestep, noise, caption drop and (SR only,
+    made last) augmentation level and noise."""
+    g = sample_generator(spec.seed, index)
+    out = [
+        torch.randint(0, spec.timesteps, (1,), generator=g),
+        torch.randn(spec.shape, generator=g),
+        torch.rand(1, generator=g) < spec.cond_drop,
+    ]
+    if spec.aug_max is not None:
+        out.append(torch.rand(1, generator=g) * spec.aug_max)
+        out.append(torch.randn(spec.shape, generator=g))
+    return tuple(out)
+
+
+def stack_draws(rows: list[tuple[Tensor, ...]]) -> TrainingDraws:
+    cols = list(zip(*rows, strict=True))
+    t, noise, drop = torch.cat(cols[0]), torch.stack(cols[1]), torch.cat(cols[2])
+    if len(cols) == 3:
+        return TrainingDraws(t, noise, drop)
+    return TrainingDraws(t, noise, drop, torch.cat(cols[3]), torch.stack(cols[4]))
+
+
+def draw_noise(spec: DrawSpec, indices: list[int]) -> TrainingDraws:
+    """The draws of the given global sample indices (independent of batching)."""
+    return stack_draws([draw_sample(spec, i) for i in indices])
+
+
+# ---- datasets ----------------------------------------------------------------------------
+def make_dataset(data: DataConfig, stage: StageConfig, training: bool = True) -> Dataset:
+    """The map-style dataset a stage trains on, yielding (image in [-1, 1] at the stage's
+    resolution, caption, notes on records skipped or converted to produce it)."""
+    if data.kind == "shapes":
+        return ShapesDataset(stage.resolution, data.shapes)
+    from imagen.data.folders import ImageTextFolder
+
+    if data.kind == "folder":
+        return ImageTextFolder(
+            data.path,
+            stage.resolution,
+            random_crop=training and data.random_crop,
+            min_size=data.min_size,
+            seed=data.seed,
+            resize_to=data.resize_to,
+            hflip=data.hflip,
+        )
+    raise ValueError(f"data kind {data.kind!r} is not map-style; use the webdataset loader")
+
+
+def dataset_captions(data: DataConfig) -> list[str]:
+    """Every caption a training run on ``data`` can see (for the embedding cache)."""
+    if data.kind == "shapes":
+        groups = all_captions(data.shapes.holdout_pairs())
+        return groups["one"] + groups["two"]
+    if data.kind == "folder":
+        from imagen.data.folders import ImageTextFolder
+
+        return ImageTextFolder(data.path, 8).captions()
+    from imagen.data.webdataset import shard_captions
+
+    return shard_captions(data.path)
+
+
+class WithDraws(Dataset):
+    """Item i (a global sample index) is item ``i % length`` of ``dataset`` (i itself for an
+    unbounded dataset) with the random draws of sample i appended."""
+
+    def __init__(self, dataset: Dataset, spec: DrawSpec, length: int | None) -> None:
+        self.dataset, self.spec, self.length = dataset, spec, length
+
+    def __len__(self) -> int:
+        return self.length or len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        item = self.dataset[index % self.length if self.length else index]
+        return (*item, draw_sample(self.spec, index))
+
+
+# ---- batches -----------------------------------------------------------------------------
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields this process's global sample indices for each (step, micro-batch) from
+    ``start_step`` on: global step s covers indices [s G, (s + 1) G), G = batch x accum x
+    world, interleaved so that the split across processes does not change which samples a step
+    sees."""
+
+    def __init__(
+        self, batch: int, accum: int, dist_info: Dist, start_step: int, max_steps: int
+    ) -> None:
+        self.batch, self.accum, self.d = batch, accum, dist_info
+        self.start, self.stop = start_step, max_steps
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = self.batch * self.accum * self.d.world
+        for step in range(self.start, self.stop):
+            for m in range(self.accum):
+                base = step * g + (m * self.d.world + self.d.rank) * self.batch
+                yield list(range(base, base + self.batch))
+
+
+Batch = tuple[Tensor, list[str], Counter[str], TrainingDraws | None]
+
+
+def collate(batch: list[tuple[Any, ...]]) -> tuple[Tensor, list[str], Counter[str]]:
+    """Stack a batch of (image, caption, notes); the notes count the records skipped or
+    converted to make it (an item with an empty image carries only such counts)."""
+    notes = Counter(n for item in batch for n in item[2])
+    kept = [item for item in batch if item[0].numel()]
+    if not kept:
+        return torch.empty(0), [], notes
+    return torch.stack([item[0] for item in kept]), [item[1] for item in kept], notes
+
+
+def collate_with_draws(batch: list[tuple[Any, ...]]) -> Batch:
+    """:func:`collate` for items that carry their random draws (from :class:`WithDraws`)."""
+    images, captions, notes = collate(batch)
+    kept = [item[3] for item in batch if item[0].numel()]
+    return images, captions, notes, stack_draws(kept) if kept else None
+
+
+def _loader(dataset: Dataset, data: DataConfig, pin: bool, **kwargs: Any) -> DataLoader:
+    workers = data.num_workers
+    extra = {"prefetch_factor": 4} if workers else {}
+    return DataLoader(dataset, num_workers=workers, pin_memory=pin, **extra, **kwargs)
+
+
+def training_batches(
+    data: DataConfig,
+    stage: StageConfig,
+    cfg: TrainConfig,
+    d: Dist,
+    start_step: int,
+    spec: DrawSpec,
+    pin_memory: bool = False,
+) -> tuple[Iterator[Batch], Dataset]:
+    """This process's micro-batches from ``start_step`` on (with their random draws), and the
+    dataset behind them.
+
+    Map-style data are indexed by global sample number, so a resumed run sees exactly the
+    samples it would have seen. WebDataset shards are a stream: a resumed run starts a new
+    pass over its shards (the pass number reshuffles them)."""
+    if data.kind != "webdataset":
+        dataset = make_dataset(data, stage)
+        length = None if data.kind == "shapes" else len(dataset)
+        sampler = StepBatchSampler(cfg.batch_size, cfg.grad_accum, d, start_step, cfg.max_steps)
+        loader = _loader(
+            WithDraws(dataset, spec, length),
+            data,
+            pin_memory,
+            batch_sampler=sampler,
+            collate_fn=collate_with_draws,
+        )
+        return iter(loader), dataset
+    from imagen.data.webdataset import WebDatasetSource
+
+    source = partial(
+        WebDatasetSource,
+        data.path,
+        stage.resolution,
+        d.rank,
+        d.world,
+        data.shuffle_buffer,
+        data.random_crop,
+        data.min_size,
+        data.seed,
+        resize_to=data.resize_to,
+        hflip=data.hflip,
+    )
+    return _stream(source, data, cfg, start_step, pin_memory), source(epoch=0)
+
+
+def _stream(
+    source: Callable[..., Any], data: DataConfig, cfg: TrainConfig, start: int, pin: bool
+) -> Iterator[Batch]:
+    """Full batches from passes over a WebDataset source (draws are made by the trainer)."""
+    epoch, carry = start, Counter()
+    while True:
+        produced = False
+        for images, captions, notes in _loader(
+            source(epoch=epoch), data, pin, batch_size=cfg.batch_size, collate_fn=collate
+        ):
+            carry.update(notes)
+            if len(captions) < cfg.batch_size:  # a short last batch: only its counts are kept
+                continue
+            produced = True
+            yield images, captions, carry, None
+            carry = Counter()
+        if not produced:
+            raise ValueError(
+                f"no full batch of usable samples in {data.path} (skipped: {dict(carry)})"
+            )
+        epoch += 1

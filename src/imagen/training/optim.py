@@ -1,0 +1,78 @@
+"""The optimiser, learning-rate schedule, EMA and gradient clipping of the trainer.
+
+Nothing here reads a value back from the device: a non-finite step is skipped on the device
+(fused AdamW's ``found_inf``, and an EMA weight of zero), so a GPU step never waits for the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from imagen.training.config import TrainConfig
+from imagen.training.parallel import Parallel
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then constant, cosine decay to zero at max_steps, or warm-up-stable-
+    decay (``wsd``: constant, then linear decay to zero over the last ``decay_fraction``)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if cfg.lr_schedule == "wsd":
+        decay = max(1, round(cfg.decay_fraction * cfg.max_steps))
+        return cfg.lr * min(1.0, max(0.0, (cfg.max_steps - step) / decay))
+    return cfg.lr
+
+
+def ema_decay(cfg: TrainConfig, step: int, global_batch: int) -> float:
+    """EMA decay for this step: from a half-life in images (EDM), else ``ema_decay`` warmed up
+    as min(decay, (1 + step) / (10 + step))."""
+    if cfg.ema_halflife_images:
+        return 0.5 ** (global_batch / cfg.ema_halflife_images)
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor | None = None) -> None:
+    """ema <- decay * ema + (1 - decay) * model, on local shards when the models are sharded;
+    where ``ok`` (a 0-d bool tensor) is False the EMA is left as it is."""
+    Parallel.reshard(ema)
+    ema_p = Parallel.local(list(ema.parameters()))
+    model_p = Parallel.local(list(model.parameters()))
+    model_p = [p.to(e.dtype) for p, e in zip(model_p, ema_p, strict=True)]
+    if ok is None:
+        torch._foreach_lerp_(ema_p, model_p, 1 - decay)
+    else:
+        w = ok.to(ema_p[0].dtype) * (1 - decay)
+        torch._foreach_lerp_(ema_p, model_p, [w] * len(ema_p))
+
+
+def make_optimizer(
+    cfg: TrainConfig, params: list[nn.Parameter], fused: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW (fused into one kernel when ``fused``: it can skip a step on the device) or
+    Adafactor."""
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None
+    )
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` skips a step itself when given ``found_inf`` (fused AdamW)."""
+    return all(g.get("fused") for g in optimizer.param_groups)
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> Tensor | None:
+    """Clip the global gradient norm (sharded or not); returns the norm before clipping, on the
+    device (None when clipping is off)."""
+    if max_norm <= 0:
+        return None
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

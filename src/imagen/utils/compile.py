@@ -1,0 +1,29 @@
+"""``torch.compile`` with a clean eager fallback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class CompileFallback:
+    """Calls ``torch.compile(module)``; if compiling fails (no compiler, an unsupported op), warns
+    once and runs the module eagerly from then on."""
+
+    def __init__(self, module: torch.nn.Module, **options: Any) -> None:
+        self.eager = module
+        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(module, **options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - reported, then the eager path runs
+                log.warning("torch.compile failed (%s: %s); running eagerly", type(e).__name__, e)
+                self.compiled = None
+        return self.eager(*args, **kwargs)
