@@ -446,3 +446,41 @@ def test_training_reads_the_embedding_cache(tmp_path):
     assert torch.allclose(emb.tokens[:, : direct.tokens.shape[1]], direct.tokens, atol=1e-2)
     with pytest.raises(ValueError, match="rebuild it"):
         CaptionEmbeddings(HashTextEncoder(32, 8), EmbeddingCache.open(tmp_path / "c"))
+
+
+def test_wsd_schedule_holds_then_decays_linearly_to_zero():
+    from imagen.training.optim import lr_at
+
+    cfg = TrainConfig(
+        lr=1e-3, warmup_steps=10, max_steps=100, lr_schedule="wsd", decay_fraction=0.2
+    )
+    assert lr_at(cfg, 9) == pytest.approx(1e-3) and lr_at(cfg, 80) == pytest.approx(1e-3)
+    assert lr_at(cfg, 90) == pytest.approx(0.5e-3) and lr_at(cfg, 99) == pytest.approx(0.05e-3)
+
+
+def test_a_stage_can_override_the_cascade_data():
+    from imagen.training.config import parse_cascade_config
+
+    cfg = parse_cascade_config(
+        {
+            "data": {"kind": "shapes", "num_workers": 0},
+            "stages": [
+                {"preset": "tiny-base", "data": {"shapes": {"two_object_fraction": 0.75}}},
+                {"preset": "tiny-sr"},
+            ],
+        }
+    )
+    assert cfg.stages[0].data.shapes.two_object_fraction == 0.75
+    assert cfg.stages[0].data.kind == "shapes" and cfg.stages[1].data is None
+    assert cfg.data.shapes.two_object_fraction == 0.5
+
+
+def test_caption_table_equals_the_memoised_encoder(hash_encoder):
+    from imagen.training.captions import CaptionEmbeddings, CaptionTable
+
+    caps = ["a red circle on the left", "a blue square above a green triangle", ""]
+    table = CaptionTable(caps, CaptionEmbeddings(hash_encoder), torch.device("cpu"))
+    memo = CaptionEmbeddings(hash_encoder)
+    for batch in (caps, caps[:1], [caps[1], caps[0], caps[1]], ["an unseen caption"]):
+        a, b = table(batch), memo(batch)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)

@@ -122,3 +122,21 @@ def test_bf16_autocast_runs():
             torch.ones(2, 3, dtype=torch.bool),
         )
     assert torch.isfinite(out.float()).all()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    cfg = tiny_base(16, 32).unet
+    model = UNet(cfg)
+    for p in model.parameters():  # zero-initialised output layers would give zero gradients
+        p.data.add_(torch.randn_like(p) * 0.05)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0])
+    text, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = ckpt
+        model(x, t, text, mask).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+    assert any(g.abs().sum() > 0 for g in grads[0])

@@ -64,12 +64,6 @@ def linear_betas(timesteps: int, start: float = 1e-4, end: float = 0.02) -> Tens
     return torch.linspace(start * scale, end * scale, timesteps, dtype=torch.float64, device="cpu")
 
 
-def _gather(values: Tensor, t: Tensor, ndim: int) -> Tensor:
-    """values[t] reshaped to broadcast against a tensor with ``ndim`` dimensions."""
-    out = values.to(t.device)[t]
-    return out.reshape(-1, *([1] * (ndim - 1)))
-
-
 class NoiseSchedule:
     """A discrete variance-preserving schedule with its closed forms (kept in float64, on the
     CPU whatever the default device: the samplers read it as Python floats, and the training
@@ -87,6 +81,19 @@ class NoiseSchedule:
         self.alpha_bar_prev = torch.cat(
             [torch.ones(1, dtype=torch.float64, device="cpu"), self.alpha_bar[:-1]]
         )
+        self._copies: dict[tuple[str, torch.device], Tensor] = {}
+
+    def _gather(self, name: str, t: Tensor, ndim: int = 1) -> Tensor:
+        """The table ``name`` (betas, alpha_bar, alpha_bar_prev) at timesteps ``t``, reshaped to
+        broadcast against a tensor with ``ndim`` dimensions. Tables are copied to a device
+        once: a per-step host-to-device copy would make every training step wait."""
+        values = getattr(self, name)
+        if t.device.type != "cpu":
+            key = (name, t.device)
+            if key not in self._copies:
+                self._copies[key] = values.to(t.device)
+            values = self._copies[key]
+        return values[t].reshape(-1, *([1] * (ndim - 1)))
 
     @property
     def num_timesteps(self) -> int:
@@ -94,7 +101,7 @@ class NoiseSchedule:
 
     # alpha_t and sigma_t of x_t = alpha_t x0 + sigma_t eps, as float32 tensors broadcastable to x
     def alpha_sigma(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
-        ab = _gather(self.alpha_bar, t, ndim)
+        ab = self._gather("alpha_bar", t, ndim)
         return ab.sqrt().float(), (1 - ab).sqrt().float()
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -106,9 +113,9 @@ class NoiseSchedule:
     def q_posterior(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7)."""
         nd = x0.ndim
-        beta = _gather(self.betas, t, nd)
-        ab = _gather(self.alpha_bar, t, nd)
-        ab_prev = _gather(self.alpha_bar_prev, t, nd)
+        beta = self._gather("betas", t, nd)
+        ab = self._gather("alpha_bar", t, nd)
+        ab_prev = self._gather("alpha_bar_prev", t, nd)
         coef_x0 = beta * ab_prev.sqrt() / (1 - ab)
         coef_xt = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)
         var = beta * (1 - ab_prev) / (1 - ab)
@@ -116,7 +123,7 @@ class NoiseSchedule:
 
     def snr(self, t: Tensor) -> Tensor:
         """Signal-to-noise ratio alpha_bar / (1 - alpha_bar), float32."""
-        ab = self.alpha_bar.to(t.device)[t]
+        ab = self._gather("alpha_bar", t)
         return (ab / (1 - ab)).float()
 
     def loss_weight(self, t: Tensor) -> Tensor:

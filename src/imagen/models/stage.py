@@ -132,6 +132,13 @@ class TrainingDraws:
     aug_level: Tensor | None = None  # (B,) SR augmentation level in [0, aug_max); None for base
     aug_noise: Tensor | None = None  # (B, C, H, W); None for base stages
 
+    def pin_memory(self) -> TrainingDraws:
+        """Page-locked copies (``DataLoader(pin_memory=True)`` calls this)."""
+        return TrainingDraws(*(None if x is None else x.pin_memory() for x in self._fields()))
+
+    def _fields(self) -> tuple[Tensor | None, ...]:
+        return (self.t, self.noise, self.drop, self.aug_level, self.aug_noise)
+
     def to(self, device: torch.device) -> TrainingDraws:
         def move(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.to(device, non_blocking=True)

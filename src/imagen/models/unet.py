@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -281,6 +282,13 @@ class UNet(nn.Module):
         assert not skip_chs and res == cfg.image_size
         self.norm_out = group_norm(cur, cfg.norm_groups)
         self.conv_out = zero_init(nn.Conv2d(cur, cfg.in_channels, 3, padding=1))
+        self.activation_checkpointing = False  # a training option, not part of the config
+
+    def _run(self, block: nn.Module, *args: Tensor) -> Tensor:
+        """``block(*args)``, recomputed in the backward pass when activation checkpointing."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     @staticmethod
     def _add(modules: nn.ModuleList, kinds: list[str], kind: str, module: nn.Module) -> None:
@@ -327,14 +335,17 @@ class UNet(nn.Module):
                 if not cfg.downsample_first:
                     skips.append(h)
             else:
-                h = mod(h, emb, text, text_mask)
+                h = self._run(mod, h, emb, text, text_mask)
                 skips.append(h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb), text, text_mask), emb)
+        h = self._run(self.mid1, h, emb)
+        h = self._run(self.mid_attn, h, text, text_mask)
+        h = self._run(self.mid2, h, emb)
         for kind, mod in zip(self.up_kinds, self.up, strict=True):
             if kind == "up":
                 h = mod(h)
             else:
-                h = mod(torch.cat([h, skips.pop() * self.skip_scale], dim=1), emb, text, text_mask)
+                h = torch.cat([h, skips.pop() * self.skip_scale], dim=1)
+                h = self._run(mod, h, emb, text, text_mask)
         if self.final_block is not None:
             h = self.final_block(torch.cat([h, h0 * self.skip_scale], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -53,10 +53,15 @@ class CaptionEmbeddings:
 
 class CaptionTable:
     """Every caption of a known set, encoded once and kept on ``device``; a lookup pads to the
-    batch's longest caption, exactly as :class:`CaptionEmbeddings` does."""
+    batch's longest caption, exactly as :class:`CaptionEmbeddings` does, or with ``fixed`` to
+    the longest of the set (one shape for every batch, as a compiled model wants)."""
 
     def __init__(
-        self, captions: list[str], source: CaptionEmbeddings, device: torch.device
+        self,
+        captions: list[str],
+        source: CaptionEmbeddings,
+        device: torch.device,
+        fixed: bool = False,
     ) -> None:
         captions = list(dict.fromkeys(captions))
         rows = source.rows(captions)
@@ -65,7 +70,7 @@ class CaptionTable:
         padded = pad_embeddings(rows)
         self.tokens = padded.tokens.to(device, torch.float16)
         self.mask = padded.mask.to(device)
-        self.fallback = source
+        self.fallback, self.fixed = source, fixed
         self.encoded = source.encoded
 
     @staticmethod
@@ -76,6 +81,8 @@ class CaptionTable:
         if any(c not in self.row for c in captions):  # outside the known set: encode
             return self.fallback(captions)
         ids = [self.row[c] for c in captions]
-        length = max(1, max(self.lengths[i] for i in ids))
-        idx = torch.tensor(ids).to(self.tokens.device, non_blocking=True)
+        length = self.tokens.shape[1] if self.fixed else max(1, max(self.lengths[i] for i in ids))
+        idx = torch.tensor(ids)
+        if self.tokens.device.type == "cuda":  # an asynchronous copy needs page-locked memory
+            idx = idx.pin_memory().to(self.tokens.device, non_blocking=True)
         return TextEmbedding(self.tokens[idx, :length].float(), self.mask[idx, :length])

@@ -77,6 +77,8 @@ class TrainConfig:
     channels_last: bool | None = None  # NHWC memory format; None: on for CUDA (measured
     # faster there), off on CPU (measured slower)
     compile: bool = False  # torch.compile the U-Net for training (eager if it cannot compile)
+    activation_checkpointing: bool = False  # recompute U-Net blocks in the backward pass
+    # (less memory, so larger batches of large stages; about a third more compute)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 250
@@ -117,10 +119,16 @@ class TrainConfig:
 
 @dataclass
 class StageRun:
-    """Everything needed to train one stage: its model and its training settings."""
+    """Everything needed to train one stage: its model, its training settings and, where this
+    stage's data differ from the cascade's, its own data settings."""
 
     stage: StageConfig
     train: TrainConfig
+    data: DataConfig | None = None  # None: the cascade's data
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = config_from_dict(DataConfig, self.data)
 
 
 @dataclass
@@ -174,10 +182,11 @@ def parse_cascade_config(data: dict[str, Any]) -> CascadeRunConfig:
     if unknown:
         raise ValueError(f"unknown top-level config key(s): {', '.join(sorted(unknown))}")
     te = config_from_dict(TextEncoderConfig, data.get("text_encoder", {}))
-    dc = config_from_dict(DataConfig, data.get("data", {}))
+    data_dict = data.get("data", {})
+    dc = config_from_dict(DataConfig, data_dict)
     stages = []
     for i, entry in enumerate(data.get("stages", [])):
-        extra = set(entry) - {"preset", "stage", "train"}
+        extra = set(entry) - {"preset", "stage", "train", "data"}
         if extra:
             raise ValueError(f"stage {i}: unknown key(s) {', '.join(sorted(extra))}")
         base = get_preset(entry["preset"]).to_dict() if "preset" in entry else {}
@@ -185,9 +194,11 @@ def parse_cascade_config(data: dict[str, Any]) -> CascadeRunConfig:
         try:
             stage = StageConfig.from_dict(stage_dict)
             train = config_from_dict(TrainConfig, entry.get("train", {}))
+            own = entry.get("data")
+            stage_data = config_from_dict(DataConfig, deep_merge(data_dict, own)) if own else None
         except (TypeError, ValueError) as e:
             raise ValueError(f"stage {i}: {e}") from e
-        stages.append(StageRun(stage, train))
+        stages.append(StageRun(stage, train, stage_data))
     if not stages:
         raise ValueError("the config defines no stages")
     return CascadeRunConfig(te, dc, stages)

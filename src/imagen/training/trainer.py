@@ -101,6 +101,7 @@ class Trainer:
                 f"stage.unet.text_dim: {self.encoder.dim}"
             )
         self.config, self.stage_index, self.progress = config, stage_index, progress
+        self.data = run.data or config.data
         self.run_dir = RunDirectory(out_dir)
         self.resume_from = self._prepare_run_dir(resume)
         self._build_models()
@@ -110,9 +111,10 @@ class Trainer:
 
     # ---- set-up --------------------------------------------------------------------------
     def _options(self) -> dict[str, Any]:
-        """The fully resolved configuration of this run, as written to training_options.json."""
+        """The fully resolved configuration of this run, as written to training_options.json
+        (with this stage's encoder record and step count)."""
         cfg = self.config.to_dict()
-        cfg["stages"][self.stage_index] = {"stage": asdict(self.scfg), "train": asdict(self.cfg)}
+        cfg["stages"][self.stage_index].update(stage=asdict(self.scfg), train=asdict(self.cfg))
         return {"stage_index": self.stage_index, "world_size": self.d.world, "config": cfg}
 
     def _prepare_run_dir(self, resume: bool) -> Path | None:
@@ -130,14 +132,16 @@ class Trainer:
         cfg, dev = self.cfg, self.dev
         torch.manual_seed(cfg.seed)
         self.par = Parallel(cfg.distributed, self.d, dev)
-        self.stage = Stage(self.scfg).to(dev)
+        with torch.device(dev):  # initialised where it trains (fast for billion-weight models)
+            self.stage = Stage(self.scfg)
+            self.ema_stage = Stage(self.scfg)
         self.model = self.stage.unet
-        self.ema_stage = Stage(self.scfg).to(dev)
         self.ema_stage.unet.load_state_dict(self.model.state_dict())
         self.ema_stage.requires_grad_(False).eval()
         channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
+        self.model.activation_checkpointing = cfg.activation_checkpointing
         self.par.shard(self.model)
         self.par.shard(self.ema_stage.unet)
         fused = cfg.optimizer == "adamw" and not self.par.sharded
@@ -151,7 +155,7 @@ class Trainer:
             for g in self.optimizer.param_groups:  # this run's choice, not the checkpoint's
                 g["fused"] = self.optimizer.defaults.get("fused")
         wrapped = self.par.wrap(self.model)
-        self.net = CompileFallback(wrapped) if cfg.compile else wrapped
+        self.net = CompileFallback(wrapped, dynamic=False) if cfg.compile else wrapped
         self.wrapped = wrapped
         self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
         zero = torch.zeros((), device=dev)
@@ -169,7 +173,7 @@ class Trainer:
         max_length = int(self.encoder.config().get("max_length") or 77)
         if not CaptionTable.fits(len(set(captions)), max_length, self.encoder.dim):
             return source
-        return CaptionTable(captions, source, self.dev)
+        return CaptionTable(captions, source, self.dev, fixed=self.cfg.compile)
 
     # ---- one step ------------------------------------------------------------------------
     def train_step(self, batches: Any, notes: Counter[str]) -> Tensor:
@@ -233,7 +237,7 @@ class Trainer:
         """Train to ``max_steps`` (or the time budget); returns the run's summary."""
         cfg, d = self.cfg, self.d
         batches, dataset = training_batches(
-            self.config.data,
+            self.data,
             self.scfg,
             cfg,
             d,
