@@ -6,6 +6,7 @@ stage, ``config.json`` and ``model.safetensors`` (fp16, bf16, fp32, or int8 weig
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,15 @@ from imagen.utils.tensors import dequantize, load_strict, load_tensors, quantize
 
 INDEX_FILE = "model_index.json"
 FORMAT = "imagen-cascade"
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_model_dir(
