@@ -198,6 +198,16 @@ def test_truncated_and_unreadable_shards_are_skipped_and_counted(tmp_path, worke
     assert skipped == Counter({"caption not UTF-8": 1, BAD_SHARD: 2})
 
 
+def test_embed_reads_captions_past_bad_shards(tmp_path, capsys, caplog):
+    from imagen.cli.main import main
+
+    cfg = config(data=DataConfig(kind="webdataset", path=str(bad_shards(tmp_path / "w"))))
+    (tmp_path / "c.json").write_text(json.dumps(cfg.to_dict()))
+    assert main(["embed", str(tmp_path / "c.json"), "--out", str(tmp_path / "emb")]) == 0
+    assert "bytes/caption" in capsys.readouterr().out
+    assert "captions left out" in caplog.text and BAD_SHARD in caplog.text
+
+
 def test_a_missing_shard_is_counted_not_fatal(tmp_path):
     root = bad_shards(tmp_path / "w")
     ds = WebDatasetSource([str(root / "d-00003.tar"), str(root / "gone.tar")], 32)

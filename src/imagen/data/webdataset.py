@@ -79,8 +79,10 @@ def _members(
         if exts is not None and ext not in exts:
             continue
         f = tar.extractfile(member)
-        if f is not None:
-            yield key, ext, f.read()
+        data = f.read() if f is not None else None
+        tar.members = []  # read once, in order: do not keep every header of the shard
+        if data is not None:
+            yield key, ext, data
 
 
 def tar_samples(
