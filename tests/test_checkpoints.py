@@ -106,6 +106,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     assert summary["step"] == 9
     # resumed from step 3: the result is that of the uninterrupted run, bit for bit
     assert same(weights(run), straight[0]) and same(weights(run, "ema"), straight[1])
+    assert (run / "checkpoints" / "damaged-step_00000006").is_dir()  # kept for a post-mortem
 
 
 def test_no_usable_checkpoint_is_a_one_line_error(tmp_path, capsys):

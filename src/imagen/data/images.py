@@ -64,11 +64,12 @@ def _scaled_to_8bit(img: Image.Image) -> Image.Image:
     samples 0..1 (or 0..255 when any exceeds 1)."""
     arr = np.asarray(img)
     if img.mode == "F":
-        top = 255.0 if float(np.nanmax(arr, initial=0.0)) > 1.0 else 1.0
-        scaled = np.nan_to_num(arr.astype(np.float64)) / top * 255.0
-    else:
-        scaled = arr.astype(np.float64) / 257.0  # 65535 / 255
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+        values = np.nan_to_num(arr.astype(np.float32))
+        top = 255.0 if float(values.max(initial=0.0)) > 1.0 else 1.0
+        out = np.clip(np.rint(values * (255.0 / top)), 0, 255)
+    else:  # v / 257 rounded, in integers (4 bytes a pixel, whatever the image's size)
+        out = (np.clip(arr, 0, 65535).astype(np.uint32) * 255 + 32767) // 65535
+    return Image.fromarray(out.astype(np.uint8), "L")
 
 
 def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:

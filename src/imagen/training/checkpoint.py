@@ -6,8 +6,8 @@ tensors) and ``state.json`` (step, samples seen, counters, the optimiser's non-t
 the sha256 of each weights file, and a sha256 of state.json's own content). It is written
 under a temporary name, every file fsynced, then renamed into place in one atomic step, so a
 process killed at any moment leaves the previous checkpoint or the new one, never a broken
-one. The last K are kept; checkpoints of later steps, left by a run that resumed before them
-because they were damaged, are moved aside to ``checkpoints/damaged-step_N``.
+one. The last K are kept; checkpoints of the same or later steps, left by a run that resumed
+before them because they were damaged, are moved aside to ``checkpoints/damaged-step_N``.
 
 Checkpoints written before checksums existed (version 0.1: no checksums, optimiser state
 keyed by parameter index) are still read: their files are checked to be complete
@@ -128,8 +128,8 @@ def save_checkpoint(
     record[STATE_DIGEST] = _digest(record)
     _write_json(tmp / STATE_FILE, record)
     fsync_dir(tmp)
-    if final.exists():  # a checkpoint of the same step from an earlier attempt
-        shutil.rmtree(final)
+    if final.exists():  # the same step, from a run that resumed before it: found damaged
+        _move_aside(final)
     os.rename(tmp, final)
     fsync_dir(root)
     _prune(run_dir, final, keep)
@@ -139,23 +139,28 @@ def save_checkpoint(
     return final
 
 
+def _move_aside(ckpt: Path) -> None:
+    aside = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.rename(ckpt, aside)
+    log.warning("moved %s aside to %s: this run superseded it", ckpt, aside.name)
+
+
 def _prune(run_dir: Path, newest: Path, keep: int) -> None:
     """Keep the ``keep`` newest checkpoints up to ``newest`` (just written and hashed). Later
     ones can only be checkpoints a resumed run found damaged: they are moved aside, never
     deleted, and never counted as kept."""
     ckpts = checkpoint_dirs(run_dir)
     for later in [p for p in ckpts if step_of(p) > step_of(newest)]:
-        aside = later.with_name(f"{DAMAGED_PREFIX}{later.name}")
-        if aside.exists():
-            shutil.rmtree(aside)
-        os.rename(later, aside)
-        log.warning("moved %s aside to %s: a later run superseded it", later, aside.name)
+        _move_aside(later)
     for old in [p for p in ckpts if step_of(p) <= step_of(newest)][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- verification --------------------------------------------------------------------------
 _VERIFIED: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime, inode) -> sha256
+_WARNED: set[str] = set()  # checkpoints without checksums already reported
 
 
 def _sha256_once(path: Path) -> str:
@@ -230,7 +235,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: {STATE_FILE} is unreadable: {e}") from e
     _check_record(path, record)
     _check_files(path, record.get(CHECKSUMS))
-    if CHECKSUMS not in record:
+    if CHECKSUMS not in record and str(path) not in _WARNED:
+        _WARNED.add(str(path))
         log.warning("%s has no checksums (written by an older version): accepted unverified", path)
     return record
 
