@@ -210,9 +210,12 @@ def test_embed_reads_captions_past_bad_shards(tmp_path, capsys, caplog):
 
 def test_a_missing_shard_is_counted_not_fatal(tmp_path):
     root = bad_shards(tmp_path / "w")
-    ds = WebDatasetSource([str(root / "d-00003.tar"), str(root / "gone.tar")], 32)
+    shards = [str(root / "d-00003.tar"), str(root / "gone.tar")]  # a list, as YAML gives it
+    data = DataConfig(kind="webdataset", path=shards)
+    ds = get_source("webdataset").open(data, data.preprocess(32), sources.Split())
     caps, notes = read_all(ds)
     assert len(caps) == 4 and notes == Counter({BAD_SHARD: 1})
+    assert len(dataset_captions(data)) == 4
 
 
 # ---- training on all of it -------------------------------------------------------------

@@ -14,7 +14,7 @@ class DataConfig:
     """Where training images and captions come from."""
 
     kind: str = "shapes"  # a registered source: shapes | folder | webdataset (see data.sources)
-    path: str | None = None  # folder, or shard pattern / URL list for webdataset
+    path: str | list[str] | None = None  # folder, or shard pattern(s) / URLs for webdataset
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     num_workers: int = 0  # DataLoader worker processes
     min_size: int = 0  # skip images whose shorter side is smaller (0: keep all, upsampling)

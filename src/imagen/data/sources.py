@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class SourceOptions(Protocol):
     """The settings sources read (a :class:`~imagen.data.config.DataConfig`)."""
 
-    path: str | None
+    path: str | list[str] | None
     shapes: ShapesConfig
     shuffle_buffer: int
 
@@ -85,7 +85,7 @@ def _shapes_captions(opts: SourceOptions) -> list[str]:
 
 def _shard_captions(opts: SourceOptions) -> list[str]:
     skipped: Counter[str] = Counter()
-    captions = shard_captions(str(opts.path), skipped)
+    captions = shard_captions(opts.path or [], skipped)
     if skipped:
         log.warning("captions left out of %s: %s", opts.path, dict(skipped))
     return captions
@@ -118,7 +118,7 @@ register_source(
     SourceKind(
         "webdataset",
         open=lambda opts, prep, split: WebDatasetSource(
-            str(opts.path), prep, split.rank, split.world, opts.shuffle_buffer, split.epoch
+            opts.path or [], prep, split.rank, split.world, opts.shuffle_buffer, split.epoch
         ),
         captions=_shard_captions,
         stream=True,
