@@ -2,138 +2,109 @@
 a folder with ``metadata.jsonl`` / ``metadata.csv`` (the Hugging Face imagefolder convention:
 a ``file_name`` column and a ``text`` or ``caption`` column).
 
-Bad records never crash a run and are never silent: an unreadable image or a missing caption
-is skipped (the next record is used in its place) and counted by reason; grayscale, CMYK,
-palette and alpha images are converted to RGB and counted.
+Bad records never crash a run and are never silent: a record without a caption, or whose
+caption is not UTF-8, is left out when the folder is scanned (counted in ``scan_skipped``); an
+unreadable, too large or too small image is skipped when read (the next record is used in its
+place) and counted by reason; 16-bit, grayscale, CMYK, palette and alpha images are converted
+to RGB (see :mod:`imagen.data.images`) and counted.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from imagen.data.shapes import pil_to_tensor
+from imagen.data.images import Preprocess, load_image_record
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 Sample = tuple[torch.Tensor, str, tuple[str, ...]]  # image, caption, what was skipped to get it
+NOT_UTF8 = "caption not UTF-8"
+MISSING_CAPTION = "missing caption"
 
 
-def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
-    """Convert any PIL image to RGB (alpha composited on white); returns the conversion made."""
-    if img.mode == "RGB":
-        return img, None
-    mode = img.mode
-    if mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB"), f"converted {mode}"
-    return img.convert("RGB"), f"converted {mode}"
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How a stored image becomes a stage's training input."""
-
-    size: int  # the stage's resolution
-    resize_to: int = 0  # resize the shorter side to this, then crop size x size (0: to size);
-    # larger than size trains on crops, as the paper's 256 -> 1024 model does
-    min_size: int = 0  # skip images whose shorter side is smaller
-    random_crop: bool = False  # random crops (training) or centre crops (evaluation)
-    hflip: bool = False  # random horizontal flips; off by default: they break "left"/"right"
-
-    @property
-    def random(self) -> bool:
-        return self.random_crop or self.hflip
-
-
-def resize_and_crop(
-    img: Image.Image, prep: Preprocess, rng: np.random.Generator | None
-) -> Image.Image:
-    """Resize the shorter side and crop a square: random when ``rng`` is given, else centre."""
-    size, target = prep.size, max(prep.resize_to, prep.size)
-    w, h = img.size
-    scale = target / min(w, h)
-    nw, nh = max(target, round(w * scale)), max(target, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None if scale > 0.5 else 2.0)
-    if rng is None or not prep.random_crop:
-        left, top = (nw - size) // 2, (nh - size) // 2
-    else:
-        left, top = int(rng.integers(0, nw - size + 1)), int(rng.integers(0, nh - size + 1))
-    img = img.crop((left, top, left + size, top + size))
-    if prep.hflip and rng is not None and rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return img
-
-
-def load_image_record(
-    data: bytes | Path, prep: Preprocess, rng: np.random.Generator | None
-) -> tuple[torch.Tensor | None, list[str]]:
-    """Decode, convert and crop one image; returns (tensor or None if skipped, notes)."""
-    notes: list[str] = []
+def decode_caption(raw: bytes) -> str | None:
+    """A caption's text (a UTF-8 byte-order mark and surrounding space removed), or None when
+    the bytes are not UTF-8: such captions are skipped and counted, never patched with U+FFFD."""
     try:
-        img = Image.open(data if isinstance(data, Path) else io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return None, ["unreadable image"]
-    if min(img.size) < prep.min_size:
-        return None, ["image too small"]
-    img, note = to_rgb(img)
-    if note:
-        notes.append(note)
-    return pil_to_tensor(resize_and_crop(img, prep, rng)), notes
+        return raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        return None
 
 
-def _read_metadata(root: Path) -> dict[str, str] | None:
-    """file_name -> caption from metadata.jsonl or metadata.csv, if present."""
-    rows: list[dict[str, str]] = []
-    if (root / "metadata.jsonl").is_file():
-        for n, line in enumerate(
-            (root / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1
-        ):
+def _is_utf8(text: str) -> bool:
+    """False for text read with ``surrogateescape`` that held bytes which are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _metadata_rows(root: Path) -> list[dict[str, Any]] | None:
+    """The rows of metadata.jsonl or metadata.csv, if present. Bytes that are not UTF-8 are
+    kept as surrogates, so one bad caption costs its record, not the whole file."""
+    jsonl, table = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.is_file():
+        rows = []
+        text = jsonl.read_text(encoding="utf-8", errors="surrogateescape")
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{root / 'metadata.jsonl'} line {n}: {e}") from e
-    elif (root / "metadata.csv").is_file():
-        with open(root / "metadata.csv", newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
+                    raise ValueError(f"{jsonl} line {n}: {e}") from e
+        return rows
+    if table.is_file():
+        with open(table, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            return list(csv.DictReader(f))
+    return None
+
+
+def _read_metadata(root: Path) -> dict[str, str] | None:
+    """file_name -> caption from metadata.jsonl or metadata.csv, if present."""
+    rows = _metadata_rows(root)
+    if rows is None:
         return None
     out = {}
     for row in rows:
+        if not isinstance(row, dict):
+            continue
         text = row.get("text", row.get("caption"))
-        if "file_name" in row and isinstance(text, str):
+        if isinstance(row.get("file_name"), str) and isinstance(text, str):
             out[row["file_name"]] = text
     return out
 
 
-class ImageTextFolder(Dataset):
-    """A folder of captioned images, as a map-style dataset of :data:`Sample`."""
+def _caption_of(path: Path, rel: str, meta: dict[str, str] | None) -> tuple[str | None, str]:
+    """(caption, "") for image ``path`` (``rel`` inside the folder), or (None, why it has none):
+    from the metadata when the folder has one, else from the same-stem .txt file."""
+    if meta is not None:
+        text = meta.get(rel)
+        if text is None:
+            return None, MISSING_CAPTION
+        return (text, "") if _is_utf8(text) else (None, NOT_UTF8)
+    txt = path.with_suffix(".txt")
+    if not txt.is_file():
+        return None, MISSING_CAPTION
+    text = decode_caption(txt.read_bytes())
+    return (text, "") if text is not None else (None, NOT_UTF8)
 
-    def __init__(
-        self,
-        root: str | Path,
-        size: int,
-        random_crop: bool = False,
-        min_size: int = 0,
-        seed: int = 0,
-        resize_to: int = 0,
-        hflip: bool = False,
-    ) -> None:
-        self.root, self.seed = Path(root), seed
-        self.prep = Preprocess(size, resize_to, min_size, random_crop, hflip)
+
+class ImageTextFolder(Dataset):
+    """A folder of captioned images, as a map-style dataset of :data:`Sample`.
+
+    ``prep`` is how images become inputs; an ``int`` means ``Preprocess(prep, **fields)``."""
+
+    def __init__(self, root: str | Path, prep: Preprocess | int, **fields: Any) -> None:
+        self.root = Path(root)
+        self.prep = prep if isinstance(prep, Preprocess) else Preprocess(prep, **fields)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         meta = _read_metadata(self.root)
@@ -141,18 +112,9 @@ class ImageTextFolder(Dataset):
         self.records: list[tuple[Path, str]] = []
         self.scan_skipped: Counter[str] = Counter()
         for p in images:
-            rel = p.relative_to(self.root).as_posix()
-            if meta is not None:
-                caption = meta.get(rel)
-            else:
-                txt = p.with_suffix(".txt")
-                caption = (
-                    txt.read_text(encoding="utf-8", errors="replace").strip()
-                    if txt.is_file()
-                    else None
-                )
+            caption, why = _caption_of(p, p.relative_to(self.root).as_posix(), meta)
             if caption is None:
-                self.scan_skipped["missing caption"] += 1
+                self.scan_skipped[why] += 1
             else:
                 self.records.append((p, caption))
         if not self.records:
@@ -160,10 +122,15 @@ class ImageTextFolder(Dataset):
                 f"no captioned images in {self.root} (skipped: {dict(self.scan_skipped)})"
             )
 
+    @property
+    def seed(self) -> int:
+        return self.prep.seed
+
     def __len__(self) -> int:
         return len(self.records)
 
     def captions(self) -> list[str]:
+        """The caption of every record, in index order."""
         return [c for _, c in self.records]
 
     def __getitem__(self, index: int) -> Sample:

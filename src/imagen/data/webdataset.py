@@ -5,21 +5,30 @@ URLs or ``pipe:`` commands, streamed with a shuffle buffer.
 Shards are dealt round-robin to processes (rank r of W takes shards r, r + W, ...) and then
 to data-loader workers, so no sample is read twice in an epoch; that needs at least
 W x workers shards. Bad samples are skipped and counted (the counts ride along with the next
-good sample, so they reach the trainer from worker processes too).
+good sample, so they reach the trainer from worker processes too). A shard that cannot be
+opened, or is truncated or corrupt part-way, is counted once and reading goes on with the
+samples it gave so far and then the next shard.
 """
 
 from __future__ import annotations
 
+import tarfile
+import zlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from imagen.data.folders import Preprocess, Sample, load_image_record
+from imagen.data.folders import MISSING_CAPTION, NOT_UTF8, Sample, decode_caption
+from imagen.data.images import Preprocess, load_image_record
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+BAD_SHARD = "unreadable or truncated shard"
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
@@ -41,27 +50,98 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     return out
 
 
+def _open_tar(url: str) -> tuple[tarfile.TarFile, IO[bytes] | None]:
+    """A local shard with random access (members not asked for are seeked over), anything else
+    (URL, ``pipe:``) as a stream."""
+    if Path(url).is_file():
+        return tarfile.open(url), None
+    from webdataset.gopen import gopen
+
+    stream = gopen(url)
+    return tarfile.open(fileobj=stream, mode="r|*"), stream
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """Sample key and extension of a member: "dir/000123.seg.png" -> ("dir/000123", "seg.png")."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _members(
+    tar: tarfile.TarFile, exts: tuple[str, ...] | None
+) -> Iterator[tuple[str, str, bytes]]:
+    """(key, extension, bytes) of each regular member, in order (only ``exts`` when given)."""
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, ext = _split_name(member.name)
+        if exts is not None and ext not in exts:
+            continue
+        f = tar.extractfile(member)
+        data = f.read() if f is not None else None
+        tar.members = []  # read once, in order: do not keep every header of the shard
+        if data is not None:
+            yield key, ext, data
+
+
+def tar_samples(
+    url: str, skipped: Counter[str], exts: tuple[str, ...] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The samples of one shard: dicts of extension -> bytes (and ``__key__``), members of one
+    sample being consecutive. An unreadable or truncated shard ends early, counted once in
+    ``skipped`` (the incomplete sample it was reading is dropped with it)."""
+    try:
+        tar, stream = _open_tar(url)
+    except SHARD_ERRORS:
+        skipped[BAD_SHARD] += 1
+        return
+    sample: dict[str, Any] = {}
+    complete = False
+    try:
+        with tar:
+            for key, ext, data in _members(tar, exts):
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample.setdefault("__key__", key)
+                if ext in sample:
+                    skipped["duplicate member in sample"] += 1
+                sample[ext] = data
+        complete = True
+    except SHARD_ERRORS:
+        skipped[BAD_SHARD] += 1
+    finally:
+        if stream is not None:
+            try:
+                stream.close()  # a pipe: reports its command's failure here
+            except SHARD_ERRORS:
+                if complete:
+                    skipped[BAD_SHARD] += 1
+                complete = False
+    if complete and sample:
+        yield sample
+
+
 class WebDatasetSource(IterableDataset):
-    """An iterable of :data:`Sample` (image in [-1, 1] at ``size``, caption, notes) from shards."""
+    """An iterable of :data:`Sample` (image in [-1, 1] at ``prep.size``, caption, notes) from
+    shards; ``prep`` as for :class:`~imagen.data.folders.ImageTextFolder`."""
 
     def __init__(
         self,
         shards: str | list[str],
-        size: int,
+        prep: Preprocess | int,
         rank: int = 0,
         world: int = 1,
         shuffle_buffer: int = 1000,
-        random_crop: bool = True,
-        min_size: int = 0,
-        seed: int = 0,
         epoch: int = 0,
-        resize_to: int = 0,
-        hflip: bool = False,
+        **fields: Any,
     ) -> None:
         self.urls = expand_shards(shards)
         self.rank, self.world, self.shuffle_buffer = rank, world, shuffle_buffer
-        self.prep = Preprocess(size, resize_to, min_size, random_crop, hflip)
-        self.seed, self.epoch = seed, epoch
+        fields.setdefault("random_crop", True)
+        self.prep = prep if isinstance(prep, Preprocess) else Preprocess(prep, **fields)
+        self.epoch = epoch
 
     def _split(self, urls: list[str]) -> list[str]:
         mine = urls[self.rank :: self.world]
@@ -71,52 +151,42 @@ class WebDatasetSource(IterableDataset):
         return mine
 
     def __iter__(self) -> Iterator[Sample]:
-        import webdataset as wds
-
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        pipeline = wds.WebDataset(
-            self._split(self.urls),
-            nodesplitter=None,
-            workersplitter=None,
-            shardshuffle=False,
-            empty_check=False,
-        )
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        pending: list[str] = []
-        stream = self._decode(pipeline, rng, pending)
+        rng = np.random.default_rng([self.prep.seed, self.epoch, self.rank, worker])
+        pending: Counter[str] = Counter()
+        stream = self._decode(self._split(self.urls), rng, pending)
         if self.shuffle_buffer > 1:
             stream = _shuffled(stream, self.shuffle_buffer, rng)
         yield from stream
         if pending:  # skipped samples after the last good one still get counted
-            yield torch.empty(0), "", tuple(pending)
+            yield torch.empty(0), "", tuple(pending.elements())
 
     def _decode(
-        self, pipeline: object, rng: np.random.Generator, pending: list[str]
+        self, urls: list[str], rng: np.random.Generator, pending: Counter[str]
     ) -> Iterator[Sample]:
-        for sample in pipeline:
-            key = next((k for k in IMAGE_KEYS if k in sample), None)
-            if key is None:
-                pending.append("no image in sample")
-                continue
-            raw = sample.get("txt")
-            if raw is None:
-                pending.append("missing caption")
-                continue
-            try:
-                caption = raw.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                pending.append("undecodable caption")
-                continue
-            image, notes = load_image_record(
-                sample[key], self.prep, rng if self.prep.random else None
-            )
-            pending += notes
-            if image is None:
-                continue
-            out = (image, caption, tuple(pending))
-            pending.clear()
-            yield out
+        for url in urls:
+            for sample in tar_samples(url, pending):
+                key = next((k for k in IMAGE_KEYS if k in sample), None)
+                if key is None:
+                    pending["no image in sample"] += 1
+                    continue
+                if "txt" not in sample:
+                    pending[MISSING_CAPTION] += 1
+                    continue
+                caption = decode_caption(sample["txt"])
+                if caption is None:
+                    pending[NOT_UTF8] += 1
+                    continue
+                image, notes = load_image_record(
+                    sample[key], self.prep, rng if self.prep.random else None
+                )
+                pending.update(notes)
+                if image is None:
+                    continue
+                out = (image, caption, tuple(pending.elements()))
+                pending.clear()
+                yield out
 
 
 def _shuffled(stream: Iterator[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
@@ -133,16 +203,17 @@ def _shuffled(stream: Iterator[Sample], size: int, rng: np.random.Generator) -> 
     yield from buf
 
 
-def shard_captions(shards: str | list[str]) -> list[str]:
-    """Every caption in the shards (for the embedding cache); reads only the ``txt`` members."""
-    import tarfile
-
+def shard_captions(shards: str | list[str], skipped: Counter[str] | None = None) -> list[str]:
+    """Every caption in the shards (for the embedding cache); reads only the ``txt`` members
+    of local shards. Captions that are not UTF-8 and unreadable shards are left out and
+    counted in ``skipped``."""
+    skipped = Counter() if skipped is None else skipped
     out = []
     for url in expand_shards(shards):
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".txt"):
-                    f = tar.extractfile(member)
-                    if f is not None:
-                        out.append(f.read().decode("utf-8", errors="replace").strip())
+        for sample in tar_samples(url, skipped, exts=("txt",)):
+            caption = decode_caption(sample["txt"])
+            if caption is None:
+                skipped[NOT_UTF8] += 1
+            else:
+                out.append(caption)
     return out

@@ -21,35 +21,11 @@ from typing import Any
 
 import tomllib
 
-from imagen.data.shapes import ShapesConfig
+from imagen.data.config import DataConfig
 from imagen.models.presets import get_preset
 from imagen.models.stage import StageConfig
 from imagen.models.unet import config_from_dict
 from imagen.text.encoders import TextEncoderConfig
-
-
-@dataclass
-class DataConfig:
-    """Where training images and captions come from."""
-
-    kind: str = "shapes"  # shapes | folder | webdataset
-    path: str | None = None  # folder, or shard pattern / URL list for webdataset
-    shapes: ShapesConfig = field(default_factory=ShapesConfig)
-    num_workers: int = 0  # DataLoader worker processes
-    min_size: int = 0  # skip images whose shorter side is smaller (0: keep all, upsampling)
-    shuffle_buffer: int = 1000  # webdataset only
-    random_crop: bool = True  # random crops in training (centre crops otherwise)
-    resize_to: int = 0  # resize the shorter side to this, then crop the stage's size (0: size)
-    hflip: bool = False  # random horizontal flips: off, as they break "left"/"right" captions
-    seed: int = 0  # seed of random crops
-
-    def __post_init__(self) -> None:
-        if isinstance(self.shapes, dict):
-            self.shapes = config_from_dict(ShapesConfig, self.shapes)
-        if self.kind not in ("shapes", "folder", "webdataset"):
-            raise ValueError(f"data.kind must be shapes, folder or webdataset, got {self.kind!r}")
-        if self.kind != "shapes" and not self.path:
-            raise ValueError(f"data.kind {self.kind!r} needs data.path")
 
 
 @dataclass

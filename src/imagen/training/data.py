@@ -1,9 +1,10 @@
 """What a training step consumes: batches of (image, caption) and every random draw of each
 sample, as a pure function of (seed, global sample index).
 
-Map-style data (Shapes, folders) are indexed by global sample number, and their random
-draws are made in the DataLoader workers with the images, so the training process only moves
-finished batches to the device. A run is therefore exactly resumable, and 2 processes with
+Data come from the registered sources of :mod:`imagen.data.sources`. Map-style data (Shapes,
+folders) are indexed by global sample number, and their random draws are made in the
+DataLoader workers with the images, so the training process only moves finished batches to
+the device. A run is therefore exactly resumable, and 2 processes with
 batch B compute the same update as 1 process with batch 2B.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -20,9 +20,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from imagen.data.shapes import ShapesDataset, all_captions
+from imagen.data.config import DataConfig
+from imagen.data.sources import Split, get_source
 from imagen.models.stage import StageConfig, TrainingDraws
-from imagen.training.config import DataConfig, TrainConfig
+from imagen.training.config import TrainConfig
 from imagen.training.parallel import Dist
 
 
@@ -82,35 +83,15 @@ def draw_noise(spec: DrawSpec, indices: list[int]) -> TrainingDraws:
 def make_dataset(data: DataConfig, stage: StageConfig, training: bool = True) -> Dataset:
     """The map-style dataset a stage trains on, yielding (image in [-1, 1] at the stage's
     resolution, caption, notes on records skipped or converted to produce it)."""
-    if data.kind == "shapes":
-        return ShapesDataset(stage.resolution, data.shapes)
-    from imagen.data.folders import ImageTextFolder
-
-    if data.kind == "folder":
-        return ImageTextFolder(
-            data.path,
-            stage.resolution,
-            random_crop=training and data.random_crop,
-            min_size=data.min_size,
-            seed=data.seed,
-            resize_to=data.resize_to,
-            hflip=data.hflip,
-        )
-    raise ValueError(f"data kind {data.kind!r} is not map-style; use the webdataset loader")
+    kind = get_source(data.kind)
+    if kind.stream:
+        raise ValueError(f"data kind {data.kind!r} is a stream, not map-style; use its loader")
+    return kind.open(data, data.preprocess(stage.resolution, training), Split())
 
 
 def dataset_captions(data: DataConfig) -> list[str]:
     """Every caption a training run on ``data`` can see (for the embedding cache)."""
-    if data.kind == "shapes":
-        groups = all_captions(data.shapes.holdout_pairs())
-        return groups["one"] + groups["two"]
-    if data.kind == "folder":
-        from imagen.data.folders import ImageTextFolder
-
-        return ImageTextFolder(data.path, 8).captions()
-    from imagen.data.webdataset import shard_captions
-
-    return shard_captions(data.path)
+    return get_source(data.kind).captions(data)
 
 
 class WithDraws(Dataset):
@@ -191,11 +172,13 @@ def training_batches(
     dataset behind them.
 
     Map-style data are indexed by global sample number, so a resumed run sees exactly the
-    samples it would have seen. WebDataset shards are a stream: a resumed run starts a new
-    pass over its shards (the pass number reshuffles them)."""
-    if data.kind != "webdataset":
-        dataset = make_dataset(data, stage)
-        length = None if data.kind == "shapes" else len(dataset)
+    samples it would have seen. Streams (WebDataset shards) are read in passes: a resumed run
+    starts a new pass over its shards (the pass number reshuffles them)."""
+    kind = get_source(data.kind)
+    prep = data.preprocess(stage.resolution)
+    if not kind.stream:
+        dataset = kind.open(data, prep, Split(d.rank, d.world))
+        length = len(dataset) if kind.bounded else None  # type: ignore[arg-type]
         sampler = StepBatchSampler(cfg.batch_size, cfg.grad_accum, d, start_step, cfg.max_steps)
         loader = _loader(
             WithDraws(dataset, spec, length),
@@ -205,33 +188,22 @@ def training_batches(
             collate_fn=collate_with_draws,
         )
         return iter(loader), dataset
-    from imagen.data.webdataset import WebDatasetSource
 
-    source = partial(
-        WebDatasetSource,
-        data.path,
-        stage.resolution,
-        d.rank,
-        d.world,
-        data.shuffle_buffer,
-        data.random_crop,
-        data.min_size,
-        data.seed,
-        resize_to=data.resize_to,
-        hflip=data.hflip,
-    )
-    return _stream(source, data, cfg, start_step, pin_memory), source(epoch=0)
+    def one_pass(epoch: int) -> Dataset:
+        return kind.open(data, prep, Split(d.rank, d.world, epoch))
+
+    return _stream(one_pass, data, cfg, start_step, pin_memory), one_pass(0)
 
 
 def _stream(
-    source: Callable[..., Any], data: DataConfig, cfg: TrainConfig, start: int, pin: bool
+    source: Callable[[int], Dataset], data: DataConfig, cfg: TrainConfig, start: int, pin: bool
 ) -> Iterator[Batch]:
     """Full batches from passes over a WebDataset source (draws are made by the trainer)."""
     epoch, carry = start, Counter()
     while True:
         produced = False
         for images, captions, notes in _loader(
-            source(epoch=epoch), data, pin, batch_size=cfg.batch_size, collate_fn=collate
+            source(epoch), data, pin, batch_size=cfg.batch_size, collate_fn=collate
         ):
             carry.update(notes)
             if len(captions) < cfg.batch_size:  # a short last batch: only its counts are kept

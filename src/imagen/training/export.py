@@ -1,17 +1,108 @@
-"""Assembling separately trained stages into one model directory (``imagen export``)."""
+"""Assembling separately trained stages into one model directory (``imagen export``).
+
+Everything is checked before anything is written: the stage chain, the text encoder, the
+checksums of every checkpoint and stage used, and that the weights fit their configurations.
+The model directory is then written beside its place and renamed into place
+(:func:`~imagen.models.model_dir.save_model_dir`): a failing export leaves a model already
+there untouched.
+"""
 
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from imagen.models.cascade import check_stage_chain
-from imagen.models.model_dir import load_stage, read_index, save_model_dir
-from imagen.training.rundir import RunDirectory
-from imagen.utils.tensors import load_tensors
+from imagen.models.model_dir import (
+    INDEX_FILE,
+    StageWeights,
+    portable_text_encoder,
+    read_index,
+    read_stage_config,
+    save_model_dir,
+    verify_stage,
+)
+from imagen.models.stage import Stage, StageConfig
+from imagen.training.checkpoint import read_weights
+from imagen.training.rundir import OPTIONS_FILE, RunDirectory
+from imagen.utils.tensors import check_state
+
+
+@dataclass
+class StageSource:
+    """One stage of an export: its configuration, text encoder record, weights (a state dict
+    from a run, or a stage directory copied as stored) and training record."""
+
+    origin: Path
+    config: StageConfig
+    text_encoder: dict[str, Any]
+    weights: StageWeights
+    training: dict[str, Any]
+
+
+def _from_run(rd: RunDirectory, weights: str) -> StageSource:
+    """The newest usable checkpoint of a run (a damaged newer one is skipped with a warning)."""
+    ckpt = rd.latest_checkpoint()
+    state = read_weights(ckpt, weights)
+    return StageSource(
+        rd.path, rd.stage_config(), rd.text_encoder(), state, rd.training_record(ckpt)
+    )
+
+
+def _from_model(stage_dir: Path) -> StageSource:
+    """A stage of an existing model directory, with the training record the model kept."""
+    index = read_index(stage_dir.parent)
+    if stage_dir.name not in index["stages"]:
+        raise ValueError(f"{stage_dir.parent} has no stage {stage_dir.name!r}: {index['stages']}")
+    verify_stage(stage_dir)
+    k = index["stages"].index(stage_dir.name)
+    records = index.get("training")
+    record = records[k] if isinstance(records, list) and k < len(records) else None
+    if not isinstance(record, dict):
+        record = {"copied_from": f"{stage_dir.parent.name}/{stage_dir.name}"}
+    return StageSource(
+        stage_dir, read_stage_config(stage_dir), dict(index["text_encoder"]), stage_dir, record
+    )
+
+
+def stage_source(item: str | Path, weights: str) -> StageSource:
+    """A run directory (its newest usable checkpoint), or a stage directory of a model
+    (``MODEL_DIR/stageK``, copied as stored)."""
+    p = Path(item)
+    if (p / OPTIONS_FILE).is_file():
+        return _from_run(RunDirectory(p), weights)
+    if (p / "config.json").is_file() and (p.parent / INDEX_FILE).is_file():
+        return _from_model(p)
+    raise FileNotFoundError(
+        f"{p} is neither a training run (no {OPTIONS_FILE}) nor a stage of a model directory "
+        f"(MODEL_DIR/stageK)"
+    )
+
+
+def _encoder_key(record: dict[str, Any]) -> tuple[str, int]:
+    return portable_text_encoder(record).get("name", ""), int(record.get("dim") or -1)
+
+
+def check_sources(sources: list[StageSource]) -> None:
+    """Raise unless the stages form a cascade, share one text encoder and their weights fit
+    their configurations (checked on the meta device: no memory is used)."""
+    check_stage_chain([s.config for s in sources])
+    first = sources[0]
+    for s in sources[1:]:
+        if _encoder_key(s.text_encoder) != _encoder_key(first.text_encoder):
+            raise ValueError(
+                f"{s.origin} was trained with text encoder {s.text_encoder}, "
+                f"not {first.text_encoder} (as {first.origin})"
+            )
+    for s in sources:
+        if isinstance(s.weights, dict):
+            with torch.device("meta"):
+                unet = Stage(s.config).unet
+            check_state(unet, s.weights, f"{s.origin} ({len(s.weights)} tensors)")
 
 
 def export_model(
@@ -21,30 +112,31 @@ def export_model(
     dtype: torch.dtype = torch.float16,
     notes: dict[str, Any] | None = None,
 ) -> Path:
-    """Build a model directory from training runs, base stage first (the newest checkpoint of
-    each; EMA weights by default). The text encoder must be the same for every stage."""
+    """Build a model directory from its stages, base stage first. Each item is a training run
+    directory (the newest checkpoint that verifies; EMA weights by default) or a stage
+    directory of an existing model, ``MODEL_DIR/stageK``, which is copied as stored (int8
+    stays int8, whatever ``dtype``) with the training record that model kept, so one stage
+    can be replaced without the runs of the others; ``out_dir`` may be that same model. The
+    text encoder must be the same for every stage. A model at ``out_dir`` is replaced only by
+    a complete, loadable one."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    configs, states, records = [], [], []
-    encoder: dict[str, Any] | None = None
-    for rd in map(RunDirectory, run_dirs):
-        cfg = rd.stage_config()
-        ckpts = rd.checkpoints()
-        if not ckpts:
-            raise FileNotFoundError(f"{rd.path} has no complete checkpoint")
-        te_full = rd.text_encoder()
-        if encoder is None:
-            encoder = te_full
-        elif (encoder.get("name"), encoder.get("dim")) != (te_full.get("name"), te_full.get("dim")):
-            raise ValueError(f"{rd.path} was trained with text encoder {te_full}, not {encoder}")
-        configs.append(cfg)
-        states.append(load_tensors(ckpts[-1] / f"{weights}.safetensors"))
-        records.append(rd.training_record(ckpts[-1]))
-    assert encoder is not None
-    extra = {"training": records, "exported_weights": weights, "platform": platform.platform()}
+    if not run_dirs:
+        raise ValueError("nothing to export: name at least one run or stage directory")
+    sources = [stage_source(item, weights) for item in run_dirs]
+    check_sources(sources)
+    extra = {
+        "training": [s.training for s in sources],
+        "exported_weights": weights,
+        "platform": platform.platform(),
+    }
     extra.update(notes or {})
-    root = save_model_dir(out_dir, encoder, configs, states, dtype, extra)
-    check_stage_chain(configs)
-    for name in read_index(root)["stages"]:  # load each stage once: fail here, not at sampling
-        load_stage(root / name)
-    return root
+    return save_model_dir(
+        out_dir,
+        sources[0].text_encoder,
+        [s.config for s in sources],
+        [s.weights for s in sources],
+        dtype,
+        extra,
+        verify=True,
+    )

@@ -1,4 +1,4 @@
-"""A training run directory: the one place that knows its layout.
+"""A training run directory: the one place that knows its layout and its resume policy.
 
     RUN_DIR/training_options.json   the fully resolved config and the stage index
     RUN_DIR/log.jsonl               one JSON record per logged interval
@@ -6,23 +6,70 @@
     RUN_DIR/checkpoints/step_N/     model, EMA and optimiser state (see checkpoint.py)
     RUN_DIR/samples_N.png           validation grids
 
-The trainer writes through it and ``imagen export`` reads through it.
+The trainer writes through it and ``imagen export`` reads through it. Nothing is written
+until the run has something to keep (its first log record, sample grid or checkpoint): the
+options are held until then, so a run that fails to start leaves no half-made run directory,
+and the same command line (with ``--resume``) serves a first launch and every restart.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from torch import Tensor
 
 from imagen.models.stage import StageConfig
-from imagen.training.checkpoint import checkpoint_dirs, read_checkpoint, save_checkpoint
+from imagen.training.checkpoint import (
+    CheckpointError,
+    checkpoint_dirs,
+    read_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
+
+log = logging.getLogger(__name__)
 
 OPTIONS_FILE = "training_options.json"
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
+
+
+def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON under a temporary name, fsync it, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunLog:
+    """The run's log.jsonl, opened for appending on the first record written."""
+
+    def __init__(self, run: RunDirectory) -> None:
+        self.run = run
+        self.file: Any = None
+
+    def write(self, text: str) -> int:
+        if self.file is None:
+            self.run.materialize()
+            self.file = open(self.run.path / LOG_FILE, "a")  # noqa: SIM115 - closed in close()
+        return self.file.write(text)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class RunDirectory:
@@ -30,6 +77,7 @@ class RunDirectory:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._pending_options: dict[str, Any] | None = None
 
     # ---- options -------------------------------------------------------------------------
     @property
@@ -37,18 +85,33 @@ class RunDirectory:
         return self.path / OPTIONS_FILE
 
     def write_options(self, options: dict[str, Any]) -> None:
+        """Record this run's options; they are written (atomically) with the run's first
+        log record, sample grid or checkpoint."""
+        self._pending_options = options
+
+    def materialize(self) -> None:
+        """Create the directory and write the pending options: the run now has output."""
         self.path.mkdir(parents=True, exist_ok=True)
-        self.options_path.write_text(json.dumps(options, indent=2) + "\n")
+        if self._pending_options is not None:
+            write_json_atomically(self.options_path, self._pending_options)
+            self._pending_options = None
 
     def read_options(self) -> dict[str, Any]:
         if not self.options_path.is_file():
             raise FileNotFoundError(f"{self.path} is not a training run (no {OPTIONS_FILE})")
-        return json.loads(self.options_path.read_text())
+        try:
+            return json.loads(self.options_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{self.options_path} is not valid JSON: {e}") from e
 
     def stage_config(self) -> StageConfig:
         """The configuration of the stage this run trains."""
         opts = self.read_options()
-        return StageConfig.from_dict(opts["config"]["stages"][opts["stage_index"]]["stage"])
+        try:
+            stage = opts["config"]["stages"][opts["stage_index"]]["stage"]
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"{self.options_path} has no stage configuration ({e!r})") from e
+        return StageConfig.from_dict(stage)
 
     def text_encoder(self) -> dict[str, Any]:
         """The text encoder record of this run (from the stage, else the run's config)."""
@@ -58,18 +121,58 @@ class RunDirectory:
 
     # ---- checkpoints ---------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
+        """Complete checkpoints, oldest first (complete: not necessarily intact)."""
         return checkpoint_dirs(self.path)
 
+    def previous_run(self) -> list[str]:
+        """What here shows that a run was started in this directory before."""
+        names = (OPTIONS_FILE, LOG_FILE, CHECKPOINTS)
+        return [n for n in names if (self.path / n).exists()]
+
+    def latest_checkpoint(self) -> Path:
+        """The newest checkpoint that verifies (checksums, state.json); a damaged newer one is
+        reported and skipped, never deleted. Raises when none is usable."""
+        problems = []
+        for ckpt in reversed(self.checkpoints()):
+            try:
+                verify_checkpoint(ckpt)
+            except CheckpointError as e:
+                log.warning("skipping a damaged checkpoint: %s", e)
+                problems.append(f"{ckpt.name}: {str(e).split(': ', 1)[-1]}")
+                continue
+            if problems:
+                log.warning("using %s, the newest usable checkpoint", ckpt)
+            return ckpt
+        if not problems:
+            raise FileNotFoundError(f"{self.path} has no complete checkpoint")
+        raise ValueError(f"no usable checkpoint in {self.path}: {'; '.join(problems)}")
+
     def resume_checkpoint(self, resume: bool) -> Path | None:
-        """The checkpoint a run starting here continues from: the newest with ``resume``, None
-        for a fresh run; refuses to start afresh over existing checkpoints."""
-        ckpts = self.checkpoints()
-        if ckpts and not resume:
-            raise FileExistsError(
-                f"{self.path} already holds checkpoints; pass --resume or choose another --out"
+        """The checkpoint a run starting here continues from: with ``resume`` the newest usable
+        one, or None (a fresh start, logged) when the directory holds no previous run; without
+        it None. Refuses to start afresh over a previous run, and to resume one that has no
+        usable checkpoint (a mistyped --out or lost checkpoints must not restart at step 0)."""
+        ckpts, before = self.checkpoints(), self.previous_run()
+        if not resume:
+            if ckpts:
+                raise FileExistsError(
+                    f"{self.path} already holds checkpoints; pass --resume or choose another --out"
+                )
+            if before:
+                raise FileExistsError(
+                    f"{self.path} holds a previous run ({', '.join(before)}) but no checkpoint; "
+                    f"delete it or choose another --out"
+                )
+            return None
+        if ckpts:
+            return self.latest_checkpoint()
+        if before:
+            raise FileNotFoundError(
+                f"cannot resume {self.path}: it holds a previous run ({', '.join(before)}) but no "
+                f"checkpoint; delete it to start again, or check --out"
             )
-        return ckpts[-1] if resume and ckpts else None
+        log.warning("--resume: %s holds no previous run; starting a new run at step 0", self.path)
+        return None
 
     def save_checkpoint(
         self,
@@ -80,6 +183,7 @@ class RunDirectory:
         state: dict[str, Any],
         keep: int,
     ) -> Path:
+        self.materialize()
         return save_checkpoint(
             self.path, step, model_state, ema_state, optimizer_state, state, keep
         )
@@ -88,29 +192,45 @@ class RunDirectory:
     def read_checkpoint(
         path: Path,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+        """Model, EMA and optimiser state and state.json of a checkpoint, verified first."""
         return read_checkpoint(path)
 
     # ---- log and summary -----------------------------------------------------------------
-    def open_log(self) -> IO[str]:
-        return open(self.path / LOG_FILE, "a")  # noqa: SIM115 - closed by the trainer
+    def open_log(self) -> RunLog:
+        return RunLog(self)
 
     def read_log(self) -> list[dict[str, Any]]:
+        """The log's records; a line that does not parse (cut short by a killed run) is
+        skipped with a warning."""
         path = self.path / LOG_FILE
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows, bad = [], 0
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                row, bad = None, bad + 1
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        if bad:
+            log.warning("%s: %d line(s) that are not JSON records skipped", path, bad)
+        return rows
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        (self.path / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        self.materialize()
+        write_json_atomically(self.path / SUMMARY_FILE, summary)
 
     def sample_grid_path(self, step: int) -> Path:
+        """Where the sample grid of ``step`` goes (the directory exists once this is asked)."""
+        self.materialize()
         return self.path / f"samples_{step:08d}.png"
 
     def training_record(self, ckpt: Path) -> dict[str, Any]:
         """Steps, images seen, wall time and hardware of the run up to ``ckpt``, from its log
         (for the model index that ``imagen export`` writes)."""
         rec: dict[str, Any] = {"run_dir": self.path.name, "checkpoint": ckpt.name}
-        state = json.loads((ckpt / "state.json").read_text())
+        state = verify_checkpoint(ckpt)
         rec["steps"] = state["step"]
         rec["samples_seen"] = state["samples_seen"]
         rows = [r for r in self.read_log() if r["step"] <= state["step"]]
