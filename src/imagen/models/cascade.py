@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from imagen.diffusion.samplers import Generators
-from imagen.models.model_dir import load_stage, read_index, save_model_dir
+from imagen.models.model_dir import check_text_encoder, load_stage, read_index, save_model_dir
 from imagen.models.stage import Edit, SamplingConfig, Stage, StageConfig
 from imagen.text.encoders import (
     TextEmbedding,
@@ -99,8 +99,8 @@ def load_cascade(
     """Load a model directory; the text encoder is the one recorded there unless given."""
     root = Path(directory)
     index = read_index(root)
-    te = index["text_encoder"]
     if text_encoder is None:
+        te = check_text_encoder(index["text_encoder"], root)
         text_encoder = load_text_encoder(
             TextEncoderConfig(name=te["name"], max_length=int(te["max_length"])), device, text_dtype
         )
