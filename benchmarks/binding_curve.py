@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 from common import table, write
@@ -32,9 +33,16 @@ def score(pipe: ImagenPipeline, num: int, batch: int) -> dict[str, float]:
 
 
 def run_curve(
-    path: str, num: int, final_num: int, every: int, device: torch.device, batch: int
+    path: str,
+    num: int,
+    final_num: int,
+    every: int,
+    device: torch.device,
+    batch: int,
+    saved: Callable[[dict], None],
 ) -> dict:
-    """The accuracy of the EMA weights of each kept checkpoint of one run."""
+    """The accuracy of the EMA weights of each kept checkpoint of one run (``saved`` is called
+    with the partial curve after every checkpoint, so a run cut short keeps what it scored)."""
     rd = RunDirectory(path)
     cfg = rd.stage_config()
     te = rd.text_encoder()
@@ -44,7 +52,8 @@ def run_curve(
     stage = Stage(cfg).to(device).eval()
     pipe = ImagenPipeline(Cascade(encoder, [stage]))
     ckpts = rd.checkpoints()
-    rows = []
+    rows: list[dict] = []
+    curve = {"run_dir": path, "options": rd.read_options(), "curve": rows, "final": None}
     for k, ckpt in enumerate(ckpts):
         if k % every and k != len(ckpts) - 1:
             continue
@@ -54,8 +63,12 @@ def run_curve(
         row.update(score(pipe, num, batch))
         rows.append(row)
         print(table([row], list(row)), flush=True)
-    final = {"num_per_group": final_num, **score(pipe, final_num, batch)} if final_num else None
-    return {"run_dir": path, "options": rd.read_options(), "curve": rows, "final": final}
+        saved(curve)
+    if final_num:
+        curve["final"] = {"num_per_group": final_num, **score(pipe, final_num, batch)}
+        print("final", curve["final"], flush=True)
+    saved(curve)
+    return curve
 
 
 def main() -> None:
@@ -70,12 +83,17 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
     device = torch.device(args.device)
-    curves = [
-        run_curve(r, args.num, args.final_num, args.every, device, args.batch_size)
-        for r in args.runs
-    ]
-    path = write(args.name, {"num_per_group": args.num, "runs": curves})
-    print(f"wrote {path} in {time.time() - started:.0f} s")
+    curves: list[dict] = []
+
+    def saved(curve: dict) -> None:
+        done = [c for c in curves if c["run_dir"] != curve["run_dir"]] + [curve]
+        write(args.name, {"num_per_group": args.num, "runs": done})
+
+    for r in args.runs:
+        curves.append(
+            run_curve(r, args.num, args.final_num, args.every, device, args.batch_size, saved)
+        )
+    print(f"done in {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import torch
 
 from imagen.utils.system import cpu_model_name
 
-RESULTS = Path(__file__).parent / "results"
+# where result files go (IMAGEN_BENCH_RESULTS overrides, e.g. to collect them from a remote run)
+RESULTS = Path(os.environ.get("IMAGEN_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def machine() -> dict[str, Any]:

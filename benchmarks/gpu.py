@@ -178,17 +178,21 @@ def main() -> None:
     n = 8192 if device.type == "cuda" else 1024
     peak = matmul_peak(device, torch.bfloat16, n)
     print(f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
-    train = train_section(QUICK if args.quick else FIRST, device, peak, clock)
-    sample = sampling_section(device, 8 if args.quick else 64, clock)
+    result: dict[str, Any] = {"peak_bf16_flops": peak, "train": [], "sampling": []}
+
+    def save() -> None:  # after every section, so a run cut short keeps what it measured
+        result["seconds"] = time.time() - clock.start
+        write(f"gpu-{device.type}", result)
+
+    result["train"] += train_section(QUICK if args.quick else FIRST, device, peak, clock)
+    save()
+    result["sampling"] = sampling_section(device, 8 if args.quick else 64, clock)
+    save()
     if not args.quick:
-        train += train_section(LAST, device, peak, clock)
-    seconds = time.time() - clock.start
-    path = write(
-        f"gpu-{device.type}",
-        {"peak_bf16_flops": peak, "train": train, "sampling": sample, "seconds": seconds},
-    )
-    print(f"wrote {path} in {seconds:.0f} s")
+        result["train"] += train_section(LAST, device, peak, clock)
+        save()
     sync(device)
+    print(f"done in {result['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

@@ -132,6 +132,8 @@ class Trainer:
         cfg, dev = self.cfg, self.dev
         torch.manual_seed(cfg.seed)
         self.par = Parallel(cfg.distributed, self.d, dev)
+        if dev.type == "cuda":  # shapes are fixed, so let cuDNN pick its fastest kernels
+            torch.backends.cudnn.benchmark = True
         with torch.device(dev):  # initialised where it trains (fast for billion-weight models)
             self.stage = Stage(self.scfg)
             self.ema_stage = Stage(self.scfg)
