@@ -144,7 +144,7 @@ class HashTextEncoder(TextEncoder):
         mask = torch.zeros(len(captions), length, dtype=torch.bool)
         for i, ws in enumerate(words):
             for j, w in enumerate(ws[:length]):
-                tokens[i, j] = self._word(w) + self.positions[j]
+                tokens[i, j] = self._word(w) + self.positions[j].cpu()
                 mask[i, j] = True
         return TextEmbedding(tokens.to(self.device), mask.to(self.device))
 
