@@ -20,6 +20,15 @@ def pipe():
     return ImagenPipeline(make_cascade())
 
 
+def png_b64(img):
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+PNG_1PX = png_b64(Image.new("L", (1, 1), 255))
+
+
 def client_for(pipe, **limits):
     cfg = ServerConfig(**{"max_steps": 6, "max_images": 3, **limits})
     return TestClient(create_app(pipe, cfg, "tiny"))
@@ -84,6 +93,61 @@ def test_bad_requests_are_4xx_naming_the_field(pipe, body, field):
         assert r.status_code == 422 and r.json()["detail"].startswith(field)
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "x", "num_image": 2}, "num_image"),  # a typo is refused, not ignored
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "\n\t"}, "prompt"),
+        ({"prompt": "x", "guidance": "nan"}, "guidance"),
+        ({"prompt": "x", "init_image": "not base64!"}, "init_image"),
+        ({"prompt": "x", "mask": PNG_1PX}, "mask"),
+        ({"prompt": "x", "strength": 2}, "strength"),
+        ({"prompt": "x", "negative_prompt": "n" * 301}, "negative_prompt"),
+    ],
+)
+def test_unknown_fields_blank_prompts_and_bad_images_are_422(pipe, body, field):
+    with client_for(pipe) as c:
+        r = c.post("/v1/generate", json=body)
+        assert r.status_code == 422 and r.json()["detail"].startswith(field), r.text
+
+
+def test_bodies_over_the_limit_are_413(pipe):
+    with client_for(pipe, max_body_bytes=2000) as c:
+        r = c.post("/v1/generate", json={"prompt": "x", "init_image": "A" * 3000})
+        assert r.status_code == 413, r.text
+        assert c.post("/v1/generate", json={"prompt": "x", "steps": 1}).status_code == 200
+        schema = c.get("/openapi.json").json()
+        assert "413" in schema["paths"]["/v1/generate"]["post"]["responses"]
+
+
+def test_images_larger_than_the_limit_are_422(pipe):
+    buf = io.BytesIO()
+    Image.new("RGB", (70, 20)).save(buf, "PNG")
+    big = base64.b64encode(buf.getvalue()).decode()
+    with client_for(pipe, max_image_side=64) as c:
+        r = c.post("/v1/generate", json={"prompt": "x", "init_image": big})
+        assert r.status_code == 422 and "70 px" in r.json()["detail"]
+
+
+def test_the_queue_limit_counts_waiting_and_running_requests(pipe, monkeypatch):
+    gate, calls = blocked(pipe, monkeypatch)
+    with client_for(pipe, max_queue=16, max_batch_images=8, batch_wait_s=0.2) as c:
+
+        def post(i):
+            return c.post("/v1/generate", json={"prompt": f"p{i}", "steps": 1, "seed": i})
+
+        with ThreadPoolExecutor(32) as ex:
+            futures = [ex.submit(post, i) for i in range(16)]
+            wait_for(lambda: c.app.state.worker.admitted == 16)
+            extra = [ex.submit(post, i) for i in range(16, 24)]
+            wait_for(lambda: all(f.done() for f in extra))
+            assert [f.result().status_code for f in extra] == [429] * 8
+            gate.set()
+            assert [f.result().status_code for f in futures] == [200] * 16
+    assert c.app.state.worker.admitted == 0
+
+
 def test_malformed_json(pipe):
     with client_for(pipe) as c:
         r = c.post(
@@ -116,7 +180,7 @@ def wait_for(condition, timeout=30.0):
 
 def test_queue_overflow_gets_429_and_accepted_requests_all_finish(pipe, monkeypatch):
     gate, calls = blocked(pipe, monkeypatch)
-    with client_for(pipe, max_queue=2, max_batch_images=1) as c:
+    with client_for(pipe, max_queue=3, max_batch_images=1) as c:
 
         def post(i):
             return c.post("/v1/generate", json={"prompt": f"p{i}", "steps": 1, "seed": i})
@@ -159,13 +223,15 @@ def test_compatible_requests_are_batched(pipe, monkeypatch):
 def test_a_cancelled_request_never_reaches_the_model(pipe, monkeypatch):
     import asyncio
 
+    from imagen.pipeline import SamplingOverrides
     from imagen.server.app import Cancelled, Job, ModelWorker
 
     calls = []
     monkeypatch.setattr(pipe, "generate", lambda *a, **k: calls.append(a))
     worker = ModelWorker(pipe, ServerConfig())
     loop = asyncio.new_event_loop()
-    job = Job("x", 1, 1.0, 1, "dpmpp", 0, "c1", loop, loop.create_future())
+    overrides = SamplingOverrides(guidance=1.0, steps=1, sampler="dpmpp")
+    job = Job("x", 1, overrides, 0, "c1", loop, loop.create_future())
     job.cancelled.set()
     worker.submit(job)
     deadline = time.time() + 5
