@@ -17,7 +17,7 @@ from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
-from imagen.diffusion.samplers import Cancelled
+from imagen.diffusion.samplers import SAMPLERS, Cancelled
 from imagen.pipeline import ImagenPipeline, SamplingOverrides, sampling_summary
 from imagen.server.schema import (
     GenerateResponse,
@@ -127,6 +127,7 @@ def add_info_routes(app: Any, pipe: ImagenPipeline, cfg: ServerConfig, model_nam
             "name": model_name,
             "text_encoder": pipe.cascade.text_encoder.config(),
             "stages": stages,
+            "samplers": {name: s.help for name, s in SAMPLERS.items()},
             "limits": asdict(cfg),
         }
 
