@@ -89,7 +89,7 @@ def test_upscaling_a_rendering_keeps_its_caption():
         assert check_image(img, caption).ok, check_image(img, caption)
         plain = np.asarray(src.resize((128, 128), Image.BILINEAR)).astype(int)
         assert np.abs(np.asarray(img).astype(int) - plain).mean() > 1  # sampled, not resized
-    assert [s.steps for s in out.sampling] == [s.steps for s in pipe.sampling_configs()]
+    assert [s.steps for s in out.sampling] == [s.steps for s in pipe.sampling_configs()[1:]]
 
 
 def test_upscale_starts_at_the_stage_whose_input_size_is_nearest(model_dir, tmp_path, capsys):  # noqa: F811

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
+    from imagen.models.stage import SamplingConfig
     from imagen.pipeline import ImagenPipeline, SamplingOverrides
 
 Command = Callable[[argparse.Namespace], int]
@@ -184,23 +185,19 @@ def sampling_overrides(args: argparse.Namespace) -> SamplingOverrides:
     )
 
 
-def load_pipeline(args: argparse.Namespace) -> ImagenPipeline:
-    """The pipeline of --model on --device (bf16 autocast with --bf16)."""
+def load_pipeline(args: argparse.Namespace, model: Path | None = None) -> ImagenPipeline:
+    """The pipeline of ``model`` (default: --model) on --device (bf16 autocast with --bf16)."""
     import torch
 
     from imagen.pipeline import ImagenPipeline
 
     dtype = torch.bfloat16 if getattr(args, "bf16", False) else None
-    return ImagenPipeline.from_pretrained(args.model, args.device or "cpu", dtype)
+    return ImagenPipeline.from_pretrained(model or args.model, args.device or "cpu", dtype)
 
 
-def checked_configs(pipe: ImagenPipeline, args: argparse.Namespace) -> list:
+def checked_configs(pipe: ImagenPipeline, args: argparse.Namespace) -> list[SamplingConfig]:
     """Each stage's sampling settings with the command line's overrides, or a UsageError."""
     try:
         return pipe.sampling_configs(sampling_overrides(args))
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)

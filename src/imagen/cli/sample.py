@@ -28,7 +28,8 @@ from imagen.cli.output import StagedOutput
 if TYPE_CHECKING:
     from PIL import Image
 
-    from imagen.pipeline import PipelineOutput, Progress
+    from imagen.models.stage import SamplingConfig
+    from imagen.pipeline import ImagenPipeline, PipelineOutput, Progress
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -117,7 +118,9 @@ class ProgressBars:
             b.close()
 
 
-def progress_bars(pipe: Any, configs: list, images: int, start: int = 0) -> ProgressBars:
+def progress_bars(
+    pipe: ImagenPipeline, configs: list[SamplingConfig], images: int, start: int = 0
+) -> ProgressBars:
     stages = pipe.cascade.stages
     return ProgressBars(
         [f"stage {k} ({stages[k].config.resolution}px)" for k in range(start, len(stages))],
@@ -136,7 +139,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model)
     with StagedOutput(args.out) as staged:
-        pipe = load_pipeline(args)
+        pipe = load_pipeline(args, model)
         configs = checked_configs(pipe, args)
         bars = progress_bars(pipe, configs, len(prompts) * args.num_images)
         out = pipe(
@@ -169,7 +172,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model)
     with StagedOutput(args.out) as staged:
-        pipe = load_pipeline(args)
+        pipe = load_pipeline(args, model)
         configs = checked_configs(pipe, args)
         start = pipe.upscale_start(max(images[0].size))
         bars = progress_bars(pipe, configs, len(images), start)
@@ -183,7 +186,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             progress=bars,
         )
         bars.close()
-        write_outputs(staged, out, str(model), sources=args.images, first_stage=start)
+        write_outputs(staged, out, str(model), sources=args.images)
         target = staged.commit()
     print(f"upscaled {len(out.images)} image(s) to {out.images[0].size[0]} px in {target}")
     return 0
@@ -195,12 +198,11 @@ def write_outputs(
     model: str,
     save_stages: bool = False,
     sources: list[str] | None = None,
-    first_stage: int = 0,
 ) -> None:
     """The PNGs and manifest.jsonl of a run (one row per image, with its settings)."""
     from imagen.pipeline import sampling_summary
 
-    settings = sampling_summary(out.sampling[first_stage:])
+    settings = sampling_summary(out.sampling)
     with open(staged.path("manifest.jsonl"), "w", encoding="utf-8") as f:
         for j, (img, prompt, seed) in enumerate(
             zip(out.images, out.prompts, out.seeds, strict=True)

@@ -35,8 +35,8 @@ class Progress:
     """Where sampling stands, reported after every denoiser step (the one progress record from
     the stages through the cascade and the pipeline to the server)."""
 
-    stage: int  # index of the cascade stage running
-    stages: int  # stages that run in this call
+    stage: int  # which of the stages that run is running (0 = the first that runs)
+    stages: int  # how many stages run (all of the cascade's, or its SR stages when upscaling)
     step: int  # denoiser steps done in this stage for this batch (1 ... steps)
     steps: int  # denoiser steps this stage runs
     batch_start: int = 0  # index of the batch's first image among all images of the call

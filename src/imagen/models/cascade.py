@@ -86,7 +86,14 @@ class Cascade(nn.Module):
         for k in run:
             st = self.stages[k]
             s = sampling[k] if sampling is not None else st.config.sampling
-            at = Progress(k - start_stage, len(run), 0, s.steps, 0, b, b)
+            at = Progress(
+                stage=k - start_stage,
+                stages=len(run),
+                step=0,
+                steps=s.steps,
+                batch_size=b,
+                images_total=b,
+            )
             images = st.sample(
                 text, images, s, generator, autocast_dtype, progress, edit, neg, at
             ).clamp(-1, 1)

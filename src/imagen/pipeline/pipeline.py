@@ -42,7 +42,7 @@ class PipelineOutput:
     prompts: list[str]  # the prompt of each image
     seeds: list[int]  # the seed of each image (regenerates it alone with num_images=1)
     stages: list[list[Image.Image]] = field(default_factory=list)  # every stage, on request
-    sampling: list[SamplingConfig] = field(default_factory=list)  # the settings of each stage
+    sampling: list[SamplingConfig] = field(default_factory=list)  # each stage run: its settings
     negative_prompts: list[str] = field(default_factory=list)  # per image; empty if none
 
 
@@ -79,16 +79,16 @@ class ImagenPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        model: str | Path | None = None,
+        path: str | Path | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         compile: bool = False,
     ) -> ImagenPipeline:
         """Load a model: a model directory, a Hugging Face Hub repo id (``ORG/NAME``, from the
-        local cache when offline) or, when ``model`` is None, the bundled Shapes cascade.
+        local cache when offline) or, when ``path`` is None, the bundled Shapes cascade.
         ``dtype`` (for example torch.bfloat16) runs the U-Nets under autocast; ``compile`` uses
         torch.compile where it works."""
-        return cls(load_model(resolve_model(model), device), dtype, compile)
+        return cls(load_model(resolve_model(path), device), dtype, compile)
 
     @property
     def num_stages(self) -> int:
@@ -264,7 +264,7 @@ class ImagenPipeline:
             work.prompts,
             work.seeds,
             per_stage if return_all_stages else [],
-            sampling,
+            sampling[start_stage:],
             work.negatives or [],
         )
 
