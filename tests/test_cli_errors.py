@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -34,11 +35,11 @@ def paths(tmp_path_factory, model_dir):  # noqa: F811
         ("empty-weights", b""),
     ]:
         m = d / name
-        os.system(f"cp -r '{model_dir}' '{m}'")
+        shutil.copytree(model_dir, m)
         (m / "stage1" / "model.safetensors").write_bytes(content)
         p[name] = str(m)
     m = d / "no-weights"
-    os.system(f"cp -r '{model_dir}' '{m}'")
+    shutil.copytree(model_dir, m)
     (m / "stage2" / "model.safetensors").unlink()
     p["no-weights"] = str(m)
     m = d / "bad-index"
@@ -46,7 +47,7 @@ def paths(tmp_path_factory, model_dir):  # noqa: F811
     (m / "model_index.json").write_text("{not json")
     p["bad-index"] = str(m)
     m = d / "bad-stage-config"
-    os.system(f"cp -r '{model_dir}' '{m}'")
+    shutil.copytree(model_dir, m)
     cfg = json.loads((m / "stage0" / "config.json").read_text())
     cfg["sampling"]["guidance"] = "fast"
     (m / "stage0" / "config.json").write_text(json.dumps(cfg))
