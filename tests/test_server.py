@@ -119,6 +119,9 @@ def test_bodies_over_the_limit_are_413(pipe):
     with client_for(pipe, max_body_bytes=2000) as c:
         r = c.post("/v1/generate", json={"prompt": "x", "init_image": "A" * 3000})
         assert r.status_code == 413, r.text
+        chunked = iter([b'{"prompt": "', b"x" * 1500, b"x" * 1500, b'"}'])  # no Content-Length
+        r = c.post("/v1/generate", content=chunked, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "2000 bytes" in r.json()["detail"]
         assert c.post("/v1/generate", json={"prompt": "x", "steps": 1}).status_code == 200
         schema = c.get("/openapi.json").json()
         assert "413" in schema["paths"]["/v1/generate"]["post"]["responses"]

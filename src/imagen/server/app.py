@@ -12,6 +12,7 @@ get 413; unknown fields, blank prompts and values out of range get 422.
 import asyncio
 import base64
 import io
+import json
 import uuid
 from dataclasses import asdict
 from importlib import resources
@@ -39,6 +40,44 @@ def png_base64(img: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``max_bytes``, whether it announces its
+    length or not (the body is read, up to the limit, before the app sees it)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self.too_large(send)
+        chunks, size, message = [], 0, await receive()
+        while message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self.too_large(send)
+            if not message.get("more_body", False):
+                break
+            message = await receive()
+        if message["type"] == "http.request":
+            message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        pending = [message]
+
+        async def replay() -> dict:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def too_large(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(
     pipe: ImagenPipeline, config: ServerConfig | None = None, model_name: str = ""
 ) -> Any:
@@ -60,8 +99,8 @@ def create_app(
         version="1",
         lifespan=lifespan,
         description="Text-to-image generation with a cascaded diffusion model.",
-        max_body_size=cfg.max_body_bytes,
     )
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     app.state.worker = worker
     add_error_handlers(app)
     add_info_routes(app, pipe, cfg, model_name)
