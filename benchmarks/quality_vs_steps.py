@@ -17,7 +17,7 @@ from common import table, write
 
 from imagen.evaluation.shapes import eval_shapes
 from imagen.models.cascade import Cascade
-from imagen.pipeline import ImagenPipeline
+from imagen.pipeline import ImagenPipeline, SamplingOverrides
 
 
 def main() -> None:
@@ -48,7 +48,8 @@ def main() -> None:
             per_stage_sampler = [sampler] + [
                 s.config.sampling.sampler for s in pipe.cascade.stages[1:]
             ]
-            report = eval_shapes(pipe, args.num, steps=per_stage_steps, sampler=per_stage_sampler)
+            overrides = SamplingOverrides(steps=per_stage_steps, sampler=per_stage_sampler)
+            report = eval_shapes(pipe, args.num, overrides)
             acc = report["accuracy"]
             rows.append(
                 {

@@ -1,11 +1,14 @@
 import base64
+import contextlib
 import io
 import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -18,6 +21,15 @@ from imagen.server.app import ServerConfig, create_app
 @pytest.fixture(scope="module")
 def pipe():
     return ImagenPipeline(make_cascade())
+
+
+def png_b64(img):
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+PNG_1PX = png_b64(Image.new("L", (1, 1), 255))
 
 
 def client_for(pipe, **limits):
@@ -84,6 +96,86 @@ def test_bad_requests_are_4xx_naming_the_field(pipe, body, field):
         assert r.status_code == 422 and r.json()["detail"].startswith(field)
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "x", "num_image": 2}, "num_image"),  # a typo is refused, not ignored
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "\n\t"}, "prompt"),
+        ({"prompt": "x", "guidance": "nan"}, "guidance"),
+        ({"prompt": "x", "init_image": "not base64!"}, "init_image"),
+        ({"prompt": "x", "mask": PNG_1PX}, "mask"),
+        ({"prompt": "x", "strength": 2}, "strength"),
+        ({"prompt": "x", "negative_prompt": "n" * 301}, "negative_prompt"),
+    ],
+)
+def test_unknown_fields_blank_prompts_and_bad_images_are_422(pipe, body, field):
+    with client_for(pipe) as c:
+        r = c.post("/v1/generate", json=body)
+        assert r.status_code == 422 and r.json()["detail"].startswith(field), r.text
+
+
+def test_bodies_over_the_limit_are_413(pipe):
+    with client_for(pipe, max_body_bytes=2000) as c:
+        r = c.post("/v1/generate", json={"prompt": "x", "init_image": "A" * 3000})
+        assert r.status_code == 413, r.text
+        chunked = iter([b'{"prompt": "', b"x" * 1500, b"x" * 1500, b'"}'])  # no Content-Length
+        r = c.post("/v1/generate", content=chunked, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "2000 bytes" in r.json()["detail"]
+        assert c.post("/v1/generate", json={"prompt": "x", "steps": 1}).status_code == 200
+        schema = c.get("/openapi.json").json()
+        assert "413" in schema["paths"]["/v1/generate"]["post"]["responses"]
+
+
+def test_images_larger_than_the_limit_are_422(pipe):
+    buf = io.BytesIO()
+    Image.new("RGB", (70, 20)).save(buf, "PNG")
+    big = base64.b64encode(buf.getvalue()).decode()
+    with client_for(pipe, max_image_side=64) as c:
+        r = c.post("/v1/generate", json={"prompt": "x", "init_image": big})
+        assert r.status_code == 422 and "70 px" in r.json()["detail"]
+
+
+def test_the_queue_limit_counts_waiting_and_running_requests(pipe, monkeypatch):
+    gate, calls = blocked(pipe, monkeypatch)
+    with client_for(pipe, max_queue=16, max_batch_images=8, batch_wait_s=0.2) as c:
+
+        def post(i):
+            return c.post("/v1/generate", json={"prompt": f"p{i}", "steps": 1, "seed": i})
+
+        with ThreadPoolExecutor(32) as ex:
+            futures = [ex.submit(post, i) for i in range(16)]
+            wait_for(lambda: c.app.state.worker.admitted == 16)
+            extra = [ex.submit(post, i) for i in range(16, 24)]
+            wait_for(lambda: all(f.done() for f in extra))
+            assert [f.result().status_code for f in extra] == [429] * 8
+            gate.set()
+            assert [f.result().status_code for f in futures] == [200] * 16
+    assert c.app.state.worker.admitted == 0
+
+
+def test_negative_prompts_and_inpainting_through_the_api(pipe):
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    body = {"prompt": "a red circle", "steps": 2, "seed": 5}
+    with client_for(pipe) as c:
+        plain = c.post("/v1/generate", json=body).json()
+        negative = c.post("/v1/generate", json={**body, "negative_prompt": "red"}).json()
+        assert negative["settings"]["negative_prompt"] == "red"
+        assert plain["images"][0]["png_base64"] != negative["images"][0]["png_base64"]
+        edit = {**body, "init_image": png_b64(init), "mask": png_b64(mask), "strength": 1.0}
+        r = c.post("/v1/generate", json=edit)
+        assert r.status_code == 200, r.text
+        assert r.json()["settings"]["inpainting"] is True
+        assert [s["steps"] for s in r.json()["settings"]["stages"]] == [2, 2, 2]
+    png = r.json()["images"][0]["png_base64"]
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(png)))).astype(int)
+    keep = np.asarray(mask) == 0
+    assert np.abs(got[keep] - np.asarray(init).astype(int)[keep]).max() <= 1
+
+
 def test_malformed_json(pipe):
     with client_for(pipe) as c:
         r = c.post(
@@ -116,7 +208,7 @@ def wait_for(condition, timeout=30.0):
 
 def test_queue_overflow_gets_429_and_accepted_requests_all_finish(pipe, monkeypatch):
     gate, calls = blocked(pipe, monkeypatch)
-    with client_for(pipe, max_queue=2, max_batch_images=1) as c:
+    with client_for(pipe, max_queue=3, max_batch_images=1) as c:
 
         def post(i):
             return c.post("/v1/generate", json={"prompt": f"p{i}", "steps": 1, "seed": i})
@@ -159,13 +251,15 @@ def test_compatible_requests_are_batched(pipe, monkeypatch):
 def test_a_cancelled_request_never_reaches_the_model(pipe, monkeypatch):
     import asyncio
 
+    from imagen.pipeline import SamplingOverrides
     from imagen.server.app import Cancelled, Job, ModelWorker
 
     calls = []
     monkeypatch.setattr(pipe, "generate", lambda *a, **k: calls.append(a))
     worker = ModelWorker(pipe, ServerConfig())
     loop = asyncio.new_event_loop()
-    job = Job("x", 1, 1.0, 1, "dpmpp", 0, "c1", loop, loop.create_future())
+    overrides = SamplingOverrides(guidance=1.0, steps=1, sampler="dpmpp")
+    job = Job("x", 1, overrides, 0, "c1", loop, loop.create_future())
     job.cancelled.set()
     worker.submit(job)
     deadline = time.time() + 5
@@ -214,22 +308,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     shutil.which("chromium") is None, reason="Chromium is not installed (apt-get install chromium)"
 )
-def test_browser_types_a_prompt_and_sees_an_image(pipe):
+
+
+@contextlib.contextmanager
+def browser_page(app):
+    """A headless Chromium page next to a uvicorn server running ``app``."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(pipe, ServerConfig(), "tiny"),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -250,15 +341,84 @@ def test_browser_types_a_prompt_and_sees_an_image(pipe):
             )
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/")
-            page.fill("#prompt", "a red circle on the left")
-            page.fill("#steps", "2")
-            page.click("#generate")
-            page.wait_for_selector("#result img", timeout=30_000)
-            assert page.locator("#gallery img").count() == 1
-            assert "seed" in page.inner_text("#result")
-            src = page.get_attribute("#result img", "src")
-            assert src.startswith("data:image/png;base64,")
+            yield page
             browser.close()
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@needs_chromium
+def test_browser_types_a_prompt_and_sees_an_image(pipe):
+    with browser_page(create_app(pipe, ServerConfig(), "tiny")) as page:
+        page.fill("#prompt", "a red circle on the left")
+        page.fill("#steps", "2")
+        page.click("#generate")
+        page.wait_for_selector("#result img", timeout=30_000)
+        assert page.locator("#gallery img").count() == 1
+        assert "seed" in page.inner_text("#result")
+        src = page.get_attribute("#result img", "src")
+        assert src.startswith("data:image/png;base64,")
+
+
+def decode_data_uri(src):
+    return Image.open(io.BytesIO(base64.b64decode(src.partition(",")[2]))).convert("RGB")
+
+
+@needs_chromium
+def test_browser_inpaints_with_a_negative_prompt_and_reuses_a_seed(pipe, tmp_path, monkeypatch):
+    real = pipe.generate
+
+    def slowed(*args, progress=None, **kwargs):  # slow enough to watch the progress bar
+        def step(p):
+            time.sleep(0.03)
+            return progress(p)
+
+        return real(*args, progress=step if progress else None, **kwargs)
+
+    monkeypatch.setattr(pipe, "generate", slowed)
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    init.save(tmp_path / "init.png")
+    with browser_page(create_app(pipe, ServerConfig(), "tiny")) as page:
+        page.fill("#prompt", "a red circle")
+        page.fill("#negative_prompt", "blue")
+        page.fill("#steps", "6")
+        page.fill("#strength", "1")
+        page.set_input_files("#init_file", str(tmp_path / "init.png"))
+        page.wait_for_selector("#canvas-wrap canvas", state="visible")
+        page.select_option("#mask_tool", "rect")
+        box = page.locator("#mask_canvas").bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.25, box["y"] + box["height"] * 0.25)
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] * 0.75, box["y"] + box["height"] * 0.75, steps=4)
+        page.mouse.up()
+        with page.expect_request("**/v1/generate") as sent:
+            page.click("#generate")
+        body = sent.value.post_data_json
+        assert body["negative_prompt"] == "blue" and body["strength"] == 1
+        assert body["init_image"].startswith("data:image/png") and "mask" in body
+        page.wait_for_function(
+            "() => { const p = document.getElementById('progress');"
+            " return !p.hidden && p.value > 0 && p.value < 1; }",
+            timeout=30_000,
+        )
+        page.wait_for_selector("#result img", timeout=60_000)
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        out = np.asarray(decode_data_uri(page.get_attribute("#result img", "src"))).astype(int)
+        kept, redone = np.ones((64, 64), bool), np.zeros((64, 64), bool)
+        kept[12:52, 12:52], redone[20:44, 20:44] = False, True
+        want = np.asarray(init).astype(int)
+        assert np.abs(out[kept] - want[kept]).max() <= 1  # outside the mask: the upload
+        assert np.abs(out[redone] - want[redone]).mean() > 5  # inside: generated
+        seed = int(page.get_attribute("#result img", "data-seed"))
+        page.fill("#prompt", "something else")
+        page.click("#result img")  # reuse this image's seed and settings
+        assert page.input_value("#seed") == str(seed)
+        assert page.input_value("#prompt") == "a red circle"
+        assert page.input_value("#negative_prompt") == "blue"
+        with page.expect_download() as download:
+            page.click("#result a.download")
+        assert download.value.suggested_filename == f"imagen-seed-{seed}.png"
+        assert Path(download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(tmp_path / "page.png").size[0] > 0

@@ -7,6 +7,7 @@ Shapes from scratch for a time budget, then sampled and scored the same way.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import io
@@ -17,8 +18,10 @@ from typing import Any
 
 from PIL import Image
 
+from imagen.cli.common import command, positive_float, positive_int
+from imagen.cli.output import check_output_dir
 from imagen.data.checker import check_image, score
-from imagen.pipeline import ImagenPipeline
+from imagen.pipeline import ImagenPipeline, sampling_summary
 from imagen.utils.grid import captioned_grid
 
 DEMO_PROMPTS = [
@@ -75,10 +78,7 @@ def sample_section(
         **extra,
         "seconds": round(time.time() - t0, 1),
         "checker_accuracy": report["accuracy"],
-        "settings": [
-            {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance}
-            for s in pipe.sampling_configs()
-        ],
+        "settings": sampling_summary(out.sampling),
     }
     grid = captioned_grid(out.images, DEMO_PROMPTS, columns=6)
     return _section(title, grid, out.images, DEMO_PROMPTS, info), info
@@ -150,3 +150,31 @@ def run_demo(
     path = out / "demo.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``demo`` command."""
+    dm = sub.add_parser(
+        "demo", help="samples from the bundled model (and a model trained here) as HTML"
+    )
+    dm.add_argument("--out", default="demo", help="output directory (default: demo)")
+    dm.add_argument(
+        "--model",
+        help="model directory or Hugging Face Hub repo id (default: the bundled Shapes cascade)",
+    )
+    dm.add_argument(
+        "--train", action="store_true", help="also train a small base model from scratch"
+    )
+    dm.add_argument(
+        "--minutes", type=positive_float, default=10.0, help="training time budget (default 10)"
+    )
+    dm.add_argument("--seed", type=int, default=0)
+    dm.add_argument("--threads", type=positive_int)
+
+
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    check_output_dir(args.out)
+    path = run_demo(args.out, args.model, args.minutes if args.train else None, args.seed)
+    print(f"wrote {path}")
+    return 0

@@ -1,4 +1,5 @@
-"""``imagen sample``: prompts -> PNG files, a manifest.jsonl and a captioned grid.png.
+"""``imagen sample`` (prompts -> PNG files, a manifest.jsonl and a captioned grid.png) and
+``imagen upscale`` (images -> the model's super-resolution stages -> PNGs and a manifest).
 
 The option names are a contract other tools rely on; keep them.
 """
@@ -8,58 +9,60 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from imagen.cli.main import UsageError, command, positive_int
+from imagen.cli.common import (
+    UsageError,
+    add_model_options,
+    add_sampling_options,
+    checked_configs,
+    command,
+    finite_float,
+    load_pipeline,
+    positive_int,
+    sampling_overrides,
+    unit_float,
+)
+from imagen.cli.output import StagedOutput
 
+if TYPE_CHECKING:
+    from PIL import Image
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"step counts must be positive, got {text!r}")
-    return values
+    from imagen.models.stage import SamplingConfig
+    from imagen.pipeline import ImagenPipeline, PipelineOutput, Progress
 
 
-def add_sample_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``sample`` and ``upscale`` commands."""
     s = sub.add_parser("sample", help="generate images from prompts")
     s.add_argument("prompts", nargs="*", metavar="PROMPT", help="text prompt(s)")
     s.add_argument("--prompts-file", help="file with one prompt per line")
-    s.add_argument("--model", help="model directory (default: the bundled Shapes cascade)")
+    s.add_argument("--negative-prompt", default="", help="what guidance steers away from")
     s.add_argument("--out", default="samples", help="output directory (default: samples)")
-    s.add_argument("--steps", type=positive_int, help="sampling steps for every stage")
-    s.add_argument("--steps-per-stage", type=_int_list, help="e.g. 20,20,10 (overrides --steps)")
-    s.add_argument("--guidance", type=float, help="guidance scale for every stage")
-    s.add_argument(
-        "--guidance-per-stage", type=_float_list, help="e.g. 3,3,1 (overrides --guidance)"
-    )
-    s.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], help="sampler for every stage")
-    s.add_argument("--threshold", type=float, help="dynamic-thresholding percentile, e.g. 0.995")
-    s.add_argument("--aug-level", type=float, help="noise-augmentation level of SR stages")
+    add_sampling_options(s, per_stage=True)
     s.add_argument(
         "--seed", type=int, default=0, help="seed of the first image (image j: seed + j)"
     )
     s.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     s.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     s.add_argument("--init-image", help="image-to-image / inpainting input")
-    s.add_argument("--strength", type=float, default=0.7, help="img2img strength in [0, 1]")
+    s.add_argument("--strength", type=unit_float, default=0.7, help="img2img strength in [0, 1]")
     s.add_argument("--mask", help="inpainting mask (white = regenerate)")
     s.add_argument("--save-stages", action="store_true", help="also save every stage's images")
-    s.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    s.add_argument("--bf16", action="store_true", help="run the U-Nets under bf16 autocast")
-    s.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    add_model_options(s)
+
+    u = sub.add_parser("upscale", help="run images through the model's super-resolution stages")
+    u.add_argument("images", nargs="+", metavar="IMAGE", help="image file(s) to upscale")
+    u.add_argument("--prompt", required=True, help="what the images show")
+    u.add_argument("--negative-prompt", default="", help="what guidance steers away from")
+    u.add_argument("--out", default="upscaled", help="output directory (default: upscaled)")
+    u.add_argument("--steps", type=positive_int, help="sampling steps of every SR stage")
+    u.add_argument("--guidance", type=finite_float, help="guidance scale of every SR stage")
+    u.add_argument("--aug-level", type=finite_float, help="noise-augmentation level of the input")
+    u.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    u.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    u.set_defaults(sampler=None, threshold=None)
+    add_model_options(u)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -68,7 +71,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise UsageError(f"prompts file not found: {path}")
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError:
+            raise UsageError(f"prompts file is not UTF-8 text: {path}") from None
         from_file = [ln for ln in lines if ln]
         if not from_file:
             raise UsageError(f"prompts file is empty: {path}")
@@ -78,114 +84,157 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def open_image(path: str | None, flag: str, mode: str = "RGB") -> Image.Image | None:
+    """The image at ``path`` (None if no path), or a UsageError naming ``flag``."""
+    if not path:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise UsageError(f"{flag} file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.convert(mode)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UsageError(f"{flag} {path}: not a readable image ({e})") from None
+
+
+class ProgressBars:
+    """One tqdm bar per stage, counting image-steps."""
+
+    def __init__(self, names: list[str], totals: list[int]) -> None:
+        from tqdm import tqdm
+
+        self.bars = [
+            tqdm(total=t, desc=n, unit="img-step", leave=True)
+            for n, t in zip(names, totals, strict=True)
+        ]
+
+    def __call__(self, p: Progress) -> None:
+        self.bars[p.stage].update(p.batch_size)
+
+    def close(self) -> None:
+        for b in self.bars:
+            b.close()
+
+
+def progress_bars(
+    pipe: ImagenPipeline, configs: list[SamplingConfig], images: int, start: int = 0
+) -> ProgressBars:
+    stages = pipe.cascade.stages
+    return ProgressBars(
+        [f"stage {k} ({stages[k].config.resolution}px)" for k in range(start, len(stages))],
+        [images * c.steps for c in configs[start:]],
+    )
+
+
 @command("sample")
 def cmd_sample(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
-    from PIL import Image
-
-    from imagen.models.model_dir import read_index
-    from imagen.pipeline import BUNDLED_MODEL, ImagenPipeline
-    from imagen.utils.grid import captioned_grid
-
-    model_dir = Path(args.model) if args.model else BUNDLED_MODEL
-    try:
-        read_index(model_dir)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    if not 0.0 <= args.strength <= 1.0:
-        raise UsageError(f"--strength must be in [0, 1], got {args.strength}")
-    for flag in ("init_image", "mask"):
-        value = getattr(args, flag)
-        if value and not Path(value).is_file():
-            raise UsageError(f"--{flag.replace('_', '-')} file not found: {value}")
-    if args.mask and not args.init_image:
+    init = open_image(args.init_image, "--init-image")
+    mask = open_image(args.mask, "--mask", "L")
+    if mask and not init:
         raise UsageError("--mask needs --init-image")
-    import torch
-    from tqdm import tqdm
+    from imagen.pipeline import resolve_model
 
-    pipe = ImagenPipeline.from_pretrained(
-        model_dir, args.device, torch.bfloat16 if args.bf16 else None
-    )
-    steps = args.steps_per_stage or args.steps
-    guidance = args.guidance_per_stage or args.guidance
-    try:  # validate every setting before anything is written
-        configs = pipe.sampling_configs(
-            steps, guidance, args.sampler, args.threshold, args.aug_level
+    model = resolve_model(args.model)
+    with StagedOutput(args.out) as staged:
+        pipe = load_pipeline(args, model)
+        configs = checked_configs(pipe, args)
+        bars = progress_bars(pipe, configs, len(prompts) * args.num_images)
+        out = pipe(
+            prompts,
+            args.num_images,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            return_all_stages=args.save_stages,
+            init_image=init,
+            strength=args.strength,
+            mask=mask,
+            progress=bars,
+            negative_prompt=args.negative_prompt,
+            overrides=sampling_overrides(args),
         )
-        init = Image.open(args.init_image).convert("RGB") if args.init_image else None
-        mask = Image.open(args.mask) if args.mask else None
-    except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from None
+        bars.close()
+        write_outputs(staged, out, str(model), args.save_stages)
+        write_grid(staged, out)
+        target = staged.commit()
+    print(f"wrote {len(out.images)} image(s), manifest.jsonl and grid.png to {target}")
+    return 0
 
-    total = len(prompts) * args.num_images
-    bars = [
-        tqdm(
-            total=total * c.steps,
-            desc=f"stage {k} ({pipe.cascade.stages[k].config.resolution}px)",
-            unit="img-step",
-            leave=True,
+
+@command("upscale")
+def cmd_upscale(args: argparse.Namespace) -> int:
+    images = [open_image(p, "IMAGE") for p in args.images]
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    from imagen.pipeline import resolve_model
+
+    model = resolve_model(args.model)
+    with StagedOutput(args.out) as staged:
+        pipe = load_pipeline(args, model)
+        configs = checked_configs(pipe, args)
+        start = pipe.upscale_start(max(images[0].size))
+        bars = progress_bars(pipe, configs, len(images), start)
+        out = pipe.upscale(
+            images,
+            args.prompt,
+            sampling_overrides(args),
+            seed=args.seed,
+            batch_size=args.batch_size,
+            negative_prompt=args.negative_prompt,
+            progress=bars,
         )
-        for k, c in enumerate(configs)
-    ]
+        bars.close()
+        write_outputs(staged, out, str(model), sources=args.images)
+        target = staged.commit()
+    print(f"upscaled {len(out.images)} image(s) to {out.images[0].size[0]} px in {target}")
+    return 0
 
-    def progress(start: int, k: int, i: int, n: int) -> None:
-        bars[k].update(min(args.batch_size, total - start))
 
-    out = pipe(
-        prompts,
-        args.num_images,
-        steps,
-        guidance,
-        args.sampler,
-        args.threshold,
-        args.aug_level,
-        args.seed,
-        args.batch_size,
-        args.save_stages,
-        init,
-        args.strength,
-        mask,
-        progress,
-    )
-    for b in bars:
-        b.close()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = [
-        {
-            "sampler": c.sampler,
-            "steps": c.steps,
-            "guidance": c.guidance,
-            "threshold": c.threshold.percentile,
-            "aug_level": c.aug_level,
-        }
-        for c in configs
-    ]
-    with open(out_dir / "manifest.jsonl", "w") as f:
+def write_outputs(
+    staged: StagedOutput,
+    out: PipelineOutput,
+    model: str,
+    save_stages: bool = False,
+    sources: list[str] | None = None,
+) -> None:
+    """The PNGs and manifest.jsonl of a run (one row per image, with its settings)."""
+    from imagen.pipeline import sampling_summary
+
+    settings = sampling_summary(out.sampling)
+    with open(staged.path("manifest.jsonl"), "w", encoding="utf-8") as f:
         for j, (img, prompt, seed) in enumerate(
             zip(out.images, out.prompts, out.seeds, strict=True)
         ):
             name = f"{j:04d}.png"
-            img.save(out_dir / name)
-            rec = {
+            img.save(staged.path(name))
+            rec: dict[str, Any] = {
                 "prompt": prompt,
                 "seed": seed,
                 "path": name,
                 "size": list(img.size),
-                "model": str(model_dir),
+                "model": model,
                 "stages": settings,
             }
-            if args.save_stages:
+            if out.negative_prompts:
+                rec["negative_prompt"] = out.negative_prompts[j]
+            if sources is not None:
+                rec["source"] = sources[j]
+            if save_stages:
                 rec["stage_paths"] = []
                 for k, imgs in enumerate(out.stages[:-1]):
                     sname = f"{j:04d}_stage{k}.png"
-                    imgs[j].save(out_dir / sname)
+                    imgs[j].save(staged.path(sname))
                     rec["stage_paths"].append(sname)
             f.write(json.dumps(rec) + "\n")
+
+
+def write_grid(staged: StagedOutput, out: PipelineOutput) -> None:
+    from imagen.utils.grid import captioned_grid
+
     captioned_grid(
         out.images,
         [f"{p} (seed {s})" for p, s in zip(out.prompts, out.seeds, strict=True)],
         columns=min(6, len(out.images)),
-    ).save(out_dir / "grid.png")
-    print(f"wrote {len(out.images)} image(s), manifest.jsonl and grid.png to {out_dir}")
-    return 0
+    ).save(staged.path("grid.png"))

@@ -6,20 +6,70 @@ list of training timesteps (see :func:`imagen.diffusion.schedules.respaced_times
 ``alpha_bar`` the schedule's cumulative products. After the last listed timestep the
 samplers step to the clean image (alpha_bar = 1). Guidance and thresholding live in the
 denoiser, so they apply in every sampler.
+
+:data:`SAMPLERS` registers each sampler with its own options (DDIM's ``eta``, DDPM's
+``variance``); everything that offers a choice of sampler takes the list from there.
+:class:`Progress` and :data:`ProgressCallback` are the one progress-and-cancel interface of
+sampling, from a stage's steps up to the server.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from imagen.diffusion.guidance import Denoiser
+from imagen.diffusion.guidance import Conditioning, Denoiser
 
 Callback = Callable[[int, Tensor], None]
+"""A sampler's per-step callback: ``callback(i, x)`` after step i (0-based) with the new x."""
 Generators = torch.Generator | list[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where sampling stands, reported after every denoiser step (the one progress record from
+    the stages through the cascade and the pipeline to the server)."""
+
+    stage: int  # which of the stages that run is running (0 = the first that runs)
+    stages: int  # how many stages run (all of the cascade's, or its SR stages when upscaling)
+    step: int  # denoiser steps done in this stage for this batch (1 ... steps)
+    steps: int  # denoiser steps this stage runs
+    batch_start: int = 0  # index of the batch's first image among all images of the call
+    batch_size: int = 1  # images in this batch
+    images_total: int = 1  # images in the whole call
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the whole call's work done, in [0, 1] (stages weigh the same)."""
+        in_batch = (self.stage + self.step / max(1, self.steps)) / max(1, self.stages)
+        return (self.batch_start + self.batch_size * in_batch) / max(1, self.images_total)
+
+
+ProgressCallback = Callable[[Progress], bool | None]
+"""Called with a :class:`Progress` after every denoiser step; returning False cancels: sampling
+stops and :class:`Cancelled` is raised (no partial results)."""
+
+
+class Cancelled(Exception):
+    """A progress callback returned False: sampling was stopped."""
+
+
+def step_callback(progress: ProgressCallback | None, at: Progress) -> Callback | None:
+    """The one adapter from a sampler's ``callback(i, x)`` to a :data:`ProgressCallback`:
+    reports ``at`` with ``step = i + 1`` and raises :class:`Cancelled` when it returns False."""
+    if progress is None:
+        return None
+
+    def callback(i: int, _x: Tensor) -> None:
+        if progress(replace(at, step=i + 1)) is False:
+            raise Cancelled(f"cancelled at stage {at.stage}, step {i + 1} of {at.steps}")
+
+    return callback
 
 
 def randn(
@@ -41,6 +91,41 @@ def randn(
 
 def randn_like(x: Tensor, generator: Generators) -> Tensor:
     return randn(tuple(x.shape), generator, x.device, x.dtype)
+
+
+@dataclass
+class NegativeConditioning(Conditioning):
+    """A conditioning whose unconditional counterpart (the other half of classifier-free
+    guidance) is a negative prompt's embedding instead of the null caption, as in DeepFloyd
+    IF and diffusers. Interim: once :func:`imagen.diffusion.guidance.guided_output` takes
+    the unconditional conditioning as an argument, this class goes."""
+
+    negative_text: Tensor | None = None  # (B, L, D), the same L as ``text``
+    negative_mask: Tensor | None = None  # (B, L)
+
+    @classmethod
+    def of(cls, cond: Conditioning, text: Tensor, mask: Tensor) -> NegativeConditioning:
+        """``cond`` with the negative tokens ``text`` and ``mask`` (one row per image) as its
+        unconditional half."""
+        if text.shape != cond.text.shape:
+            raise ValueError(
+                f"negative embeddings {tuple(text.shape)} do not match the prompts' "
+                f"{tuple(cond.text.shape)}"
+            )
+        device = cond.text.device
+        return cls(
+            cond.text,
+            cond.mask,
+            cond.lowres,
+            cond.aug_level,
+            text.to(device, cond.text.dtype),
+            mask.to(device),
+        )
+
+    def null(self) -> Conditioning:
+        """The negative prompt's conditioning (with the same low-res input)."""
+        assert self.negative_text is not None and self.negative_mask is not None
+        return Conditioning(self.negative_text, self.negative_mask, self.lowres, self.aug_level)
 
 
 def _alpha_bars(alpha_bar: Tensor, timesteps: list[int]) -> list[tuple[float, float]]:
@@ -143,16 +228,105 @@ def sample_dpmpp_2m(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "dpmpp": sample_dpmpp_2m,
+@dataclass(frozen=True)
+class SamplerOption:
+    """A keyword argument one sampler takes beyond the common ones, with its default and the
+    :class:`~imagen.models.stage.SamplingConfig` field that holds it."""
+
+    name: str  # the sampler function's keyword argument
+    config_field: str  # the SamplingConfig field it is read from
+    default: float | str
+    help: str
+    choices: tuple[str, ...] = ()  # for text options: the allowed values
+    minimum: float | None = None  # for numeric options: the smallest allowed value
+
+    def check(self, value: Any) -> None:
+        """Raise ValueError unless ``value`` is allowed for this option."""
+        where = f"{self.config_field} ({self.help})"
+        if self.choices:
+            if value not in self.choices:
+                raise ValueError(f"{where} must be one of {', '.join(self.choices)}, got {value!r}")
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(value) or (self.minimum is not None and value < self.minimum):
+            raise ValueError(f"{where} must be a finite number >= {self.minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler: its function, a one-line description and its own options."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    help: str
+    options: tuple[SamplerOption, ...] = ()
+
+    def __call__(
+        self,
+        denoise: Denoiser,
+        x: Tensor,
+        timesteps: list[int],
+        alpha_bar: Tensor,
+        generator: Generators = None,
+        callback: Callback | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """Run the sampler; ``options`` are this sampler's own keyword arguments."""
+        known = {o.name for o in self.options}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"sampler {self.name!r} has no option(s) {', '.join(unknown)}; "
+                f"it takes {', '.join(sorted(known)) or 'none'}"
+            )
+        return self.fn(
+            denoise, x, timesteps, alpha_bar, generator=generator, callback=callback, **options
+        )
+
+
+SAMPLERS: dict[str, Sampler] = {
+    s.name: s
+    for s in (
+        Sampler(
+            "ddpm",
+            sample_ddpm,
+            "ancestral DDPM (stochastic)",
+            (
+                SamplerOption(
+                    "variance",
+                    "ddpm_variance",
+                    "posterior",
+                    "DDPM step variance",
+                    choices=("posterior", "beta"),
+                ),
+            ),
+        ),
+        Sampler(
+            "ddim",
+            sample_ddim,
+            "DDIM (deterministic with eta 0)",
+            (
+                SamplerOption(
+                    "eta", "eta", 0.0, "DDIM noise: 0 deterministic, 1 ancestral", minimum=0.0
+                ),
+            ),
+        ),
+        Sampler("dpmpp", sample_dpmpp_2m, "DPM-Solver++(2M), deterministic, good in 10-20 steps"),
+    )
 }
+"""Every sampler by short name: the one list the configs, the command line, the server and
+the evaluation take their choices from."""
 
 
-def get_sampler(name: str) -> Callable[..., Tensor]:
-    """Look a sampler up by its short name (ddpm, ddim, dpmpp)."""
+def sampler_names() -> tuple[str, ...]:
+    """The registered samplers' short names."""
+    return tuple(SAMPLERS)
+
+
+def get_sampler(name: str) -> Sampler:
+    """Look a sampler up by its short name (see :data:`SAMPLERS`)."""
     try:
         return SAMPLERS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None

@@ -51,7 +51,11 @@ class FeatureNetwork(nn.Module):
         self.name = name
         self.path = network_path(name)
         # TorchScript, not pickle: torch.jit.load runs no arbitrary Python
-        self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
+        try:
+            self.net = torch.jit.load(str(self.path), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{name}: not a TorchScript feature network ({first})") from None
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:

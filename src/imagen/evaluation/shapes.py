@@ -16,7 +16,8 @@ import torch
 
 from imagen.data.checker import score
 from imagen.data.shapes import all_captions
-from imagen.pipeline import ImagenPipeline
+from imagen.evaluation.fid import FeatureNetwork
+from imagen.pipeline import ImagenPipeline, SamplingOverrides, sampling_summary
 from imagen.utils.grid import captioned_grid
 
 GROUPS = ("one", "two", "heldout")
@@ -37,45 +38,28 @@ def shapes_prompts(num_per_group: int, seed: int = 0) -> list[str]:
 def eval_shapes(
     pipe: ImagenPipeline,
     num_per_group: int = 50,
-    guidance: float | None = None,
-    steps: int | None = None,
-    sampler: str | None = None,
+    overrides: SamplingOverrides | None = None,
     seed: int = 0,
     batch_size: int = 32,
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Sample the fixed prompt set and score every stage with the Shapes checker."""
+    """Sample the fixed prompt set (with the stages' settings changed by ``overrides``) and
+    score every stage with the Shapes checker."""
     prompts = shapes_prompts(num_per_group, seed)
     out = pipe(
-        prompts,
-        steps=steps,
-        guidance=guidance,
-        sampler=sampler,
-        seed=seed,
-        batch_size=batch_size,
-        return_all_stages=True,
+        prompts, seed=seed, batch_size=batch_size, return_all_stages=True, overrides=overrides
     )
     per_stage = {}
     for k, images in enumerate(out.stages):
         res = pipe.cascade.stages[k].config.resolution
         per_stage[f"stage{k}_{res}px"] = score(images, prompts)
     final = list(per_stage.values())[-1]
-    settings = pipe.sampling_configs(steps, guidance, sampler)
     report = {
         "accuracy": final["accuracy"],
         "count": final["count"],
         "failures": final["failures"],
         "per_stage": {k: v["accuracy"] for k, v in per_stage.items()},
-        "settings": [
-            {
-                "sampler": s.sampler,
-                "steps": s.steps,
-                "guidance": s.guidance,
-                "threshold": s.threshold.percentile,
-                "aug_level": s.aug_level,
-            }
-            for s in settings
-        ],
+        "settings": sampling_summary(out.sampling),
         "num_per_group": num_per_group,
         "seed": seed,
     }
@@ -100,19 +84,17 @@ def eval_fid(
     pipe: ImagenPipeline,
     data: str | Path,
     num: int = 500,
-    guidance: float | None = None,
-    steps: int | None = None,
-    sampler: str | None = None,
+    overrides: SamplingOverrides | None = None,
     seed: int = 0,
     batch_size: int = 32,
-    feature_network: str = "fid-helper-inception",
+    feature_network: str | FeatureNetwork = "fid-helper-inception",
     cache_dir: str | Path = ".cache/imagen-fid",
 ) -> dict[str, Any]:
     """FID / KID of ``num`` generated images (prompted with captions of the real dataset)
-    against ``num`` real images centre-cropped to the model's resolution."""
+    against ``num`` real images centre-cropped to the model's resolution; ``feature_network``
+    is a name, a TorchScript path or a loaded network."""
     from imagen.data.folders import ImageTextFolder
     from imagen.evaluation.fid import (
-        FeatureNetwork,
         cached_features,
         clip_score_status,
         features,
@@ -120,7 +102,11 @@ def eval_fid(
         to_uint8,
     )
 
-    net = FeatureNetwork(feature_network)
+    net = (
+        feature_network
+        if isinstance(feature_network, FeatureNetwork)
+        else FeatureNetwork(feature_network)
+    )
     size = pipe.cascade.stages[-1].config.resolution
     ds = ImageTextFolder(data, size)
     idx = np.random.default_rng(seed).choice(len(ds), min(num, len(ds)), replace=False)
@@ -131,9 +117,7 @@ def eval_fid(
     key = f"{Path(data).resolve()}|{size}|{seed}|{len(idx)}"
     real = cached_features(net, real_images, key, Path(cache_dir))
     captions = [ds.records[int(i)][1] for i in idx]
-    out = pipe(
-        captions, steps=steps, guidance=guidance, sampler=sampler, seed=seed, batch_size=batch_size
-    )
+    out = pipe(captions, seed=seed, batch_size=batch_size, overrides=overrides)
     fake = features(net, to_uint8(out.images))
     return {
         **fid_kid(real, fake),

@@ -4,13 +4,12 @@ Saved and loaded as a model directory (:mod:`imagen.models.model_dir`)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from imagen.diffusion.samplers import Generators
+from imagen.diffusion.samplers import Generators, Progress, ProgressCallback
 from imagen.models.model_dir import check_text_encoder, load_stage, read_index, save_model_dir
 from imagen.models.stage import Edit, SamplingConfig, Stage, StageConfig
 from imagen.text.encoders import (
@@ -57,26 +56,72 @@ class Cascade(nn.Module):
         generator: Generators = None,
         autocast_dtype: torch.dtype | None = None,
         return_all_stages: bool = False,
-        progress: Callable[[int, int, int], None] | None = None,
+        progress: ProgressCallback | None = None,
         edit: Edit | None = None,
+        negative: list[str] | TextEmbedding | None = None,
+        start_stage: int = 0,
+        lowres: Tensor | None = None,
     ) -> list[Tensor]:
-        """Run the whole cascade for ``prompts`` (or their embeddings), one image each; returns
-        each stage's images in [-1, 1] (only the last unless ``return_all_stages``).
-        ``progress(stage, step, steps)`` is called after every denoiser step; ``edit`` applies
-        image-to-image or inpainting at every stage."""
-        text = prompts if isinstance(prompts, TextEmbedding) else self.text_encoder.encode(prompts)
+        """Run the cascade for ``prompts`` (or their embeddings), one image each; returns each
+        stage's images in [-1, 1] (only the last unless ``return_all_stages``).
+
+        ``sampling`` has one config per stage (the stages' defaults if None). ``progress``
+        gets a :class:`~imagen.diffusion.samplers.Progress` after every denoiser step; if it
+        returns False, :class:`~imagen.diffusion.samplers.Cancelled` is raised. ``edit``
+        applies image-to-image or inpainting at every stage; ``negative`` (one prompt per
+        image) is what guidance pushes away from instead of the null caption. With
+        ``start_stage`` k > 0 the cascade starts at super-resolution stage k from the images
+        ``lowres`` (upscaling)."""
+        if not 0 <= start_stage < len(self.stages):
+            raise ValueError(
+                f"start_stage {start_stage}: the cascade has {len(self.stages)} stages"
+            )
+        if (start_stage > 0) != (lowres is not None):
+            raise ValueError("give low-res images exactly when starting after the base stage")
+        text, neg = self._encode(prompts, negative)
         outs: list[Tensor] = []
-        images: Tensor | None = None
-        for k, st in enumerate(self.stages):
+        images = lowres
+        b = text.tokens.shape[0]
+        run = range(start_stage, len(self.stages))
+        for k in run:
+            st = self.stages[k]
             s = sampling[k] if sampling is not None else st.config.sampling
-
-            def cb(i: int, _x: Tensor, k: int = k, steps: int = s.steps) -> None:
-                if progress is not None:
-                    progress(k, i + 1, steps)
-
-            images = st.sample(text, images, s, generator, autocast_dtype, cb, edit).clamp(-1, 1)
+            at = Progress(
+                stage=k - start_stage,
+                stages=len(run),
+                step=0,
+                steps=s.steps,
+                batch_size=b,
+                images_total=b,
+            )
+            images = st.sample(
+                text, images, s, generator, autocast_dtype, progress, edit, neg, at
+            ).clamp(-1, 1)
             outs.append(images)
         return outs if return_all_stages else outs[-1:]
+
+    def _encode(
+        self, prompts: list[str] | TextEmbedding, negative: list[str] | TextEmbedding | None
+    ) -> tuple[TextEmbedding, TextEmbedding | None]:
+        """The prompts' and the negative prompts' embeddings (encoded together when both are
+        text, so they share one padded length)."""
+        if isinstance(negative, list) and not isinstance(prompts, TextEmbedding):
+            if len(negative) != len(prompts):
+                raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
+            both = self.text_encoder.encode(list(prompts) + negative)
+            n = len(prompts)
+            return (
+                TextEmbedding(both.tokens[:n], both.mask[:n]),
+                TextEmbedding(both.tokens[n:], both.mask[n:]),
+            )
+        text = prompts if isinstance(prompts, TextEmbedding) else self.text_encoder.encode(prompts)
+        if isinstance(negative, list):
+            negative = self.text_encoder.encode(negative)
+        if negative is not None and negative.tokens.shape[0] != text.tokens.shape[0]:
+            raise ValueError(
+                f"{negative.tokens.shape[0]} negative prompts for {text.tokens.shape[0]} prompts"
+            )
+        return text, negative
 
     # ---- model directories -------------------------------------------------------------
     def save(self, directory: str | Path, dtype: torch.dtype | None = torch.float16) -> None:

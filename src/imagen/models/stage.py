@@ -10,8 +10,9 @@ network through :meth:`Stage.forward`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,36 +26,50 @@ from imagen.diffusion.guidance import (
     make_denoiser,
     model_output,
 )
-from imagen.diffusion.samplers import Generators, get_sampler, randn
+from imagen.diffusion.samplers import (
+    SAMPLERS,
+    Generators,
+    NegativeConditioning,
+    Progress,
+    ProgressCallback,
+    get_sampler,
+    randn,
+    step_callback,
+)
 from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule, respaced_timesteps
 from imagen.models.unet import UNet, UNetConfig, config_from_dict
-from imagen.text.encoders import TextEmbedding
+from imagen.text.encoders import TextEmbedding, pad_embeddings, unpad_embeddings
 
 
 @dataclass
 class SamplingConfig:
     """How a stage is sampled by default; every field can be overridden per call."""
 
-    sampler: str = "dpmpp"  # ddpm | ddim | dpmpp
+    sampler: str = "dpmpp"  # a name in imagen.diffusion.samplers.SAMPLERS: ddpm | ddim | dpmpp
     steps: int = 20  # number of denoiser evaluations (respaced timesteps)
     guidance: float = 3.0  # classifier-free guidance scale (1 = no guidance)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     aug_level: float = 0.2  # SR stages: noise-augmentation level of the low-res input, in [0, 1)
-    eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral
-    ddpm_variance: str = "posterior"  # DDPM only: posterior variance or beta_t
+    eta: float = 0.0  # the ddim sampler's eta option: 0 deterministic, 1 ancestral
+    ddpm_variance: str = "posterior"  # the ddpm sampler's variance option: posterior or beta
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, dict):
             self.threshold = ThresholdConfig(**self.threshold)
         get_sampler(self.sampler)  # raises on an unknown name
-        if self.ddpm_variance not in ("posterior", "beta"):
-            raise ValueError(f"ddpm_variance must be posterior or beta, got {self.ddpm_variance!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps}")
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
+        for spec in SAMPLERS.values():  # every sampler's options, whichever runs
+            for option in spec.options:
+                option.check(getattr(self, option.config_field))
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
         if not 0.0 <= self.aug_level < 1.0:
             raise ValueError(f"aug_level must be in [0, 1), got {self.aug_level}")
+
+    def sampler_options(self) -> dict[str, Any]:
+        """The keyword arguments of this config's sampler (its declared options)."""
+        return {o.name: getattr(self, o.config_field) for o in get_sampler(self.sampler).options}
 
 
 @dataclass
@@ -253,11 +268,16 @@ class Stage(nn.Module):
         sampling: SamplingConfig | None = None,
         generator: Generators = None,
         autocast_dtype: torch.dtype | None = None,
-        callback: Callable[[int, Tensor], None] | None = None,
+        progress: ProgressCallback | None = None,
         edit: Edit | None = None,
+        negative: TextEmbedding | None = None,
+        at: Progress | None = None,
     ) -> Tensor:
         """Sample images in [-1, 1] for a batch of encoded captions (and, for SR stages, the
-        low-res images to upsample); ``edit`` turns this into image-to-image or inpainting."""
+        low-res images to upsample); ``edit`` turns this into image-to-image or inpainting;
+        ``negative`` (one embedding per image) replaces the null caption in guidance.
+        ``progress`` gets ``at`` (by default this stage alone) after every step; when it
+        returns False, :class:`~imagen.diffusion.samplers.Cancelled` is raised."""
         s = sampling or self.config.sampling
         device = self.device
         b, n, c = text.tokens.shape[0], self.config.resolution, self.config.unet.in_channels
@@ -265,7 +285,13 @@ class Stage(nn.Module):
         if self.config.is_super_resolution:
             level = torch.full((b,), s.aug_level, device=device)
             aug_noise = randn((b, c, n, n), generator, device)
+        if negative is not None and negative.tokens.shape[1] != text.tokens.shape[1]:
+            both = pad_embeddings(unpad_embeddings(text) + unpad_embeddings(negative))
+            text = TextEmbedding(both.tokens[:b], both.mask[:b])
+            negative = TextEmbedding(both.tokens[b:], both.mask[b:])
         cond = self.condition(text, lowres, level, aug_noise)
+        if negative is not None:
+            cond = NegativeConditioning.of(cond, negative.tokens, negative.mask)
         denoise = self.denoiser(cond, s, autocast_dtype)
         timesteps = respaced_timesteps(self.schedule.num_timesteps, s.steps)
         x = randn((b, c, n, n), generator, device)
@@ -279,12 +305,17 @@ class Stage(nn.Module):
                 x = self.schedule.q_sample(image, torch.full((b,), timesteps[0], device=device), x)
             if edit.mask is not None:
                 denoise = _keep_known(denoise, image, edit.mask.to(device).float(), n)
-        kwargs: dict[str, Any] = {"generator": generator, "callback": callback}
-        if s.sampler == "ddim":
-            kwargs["eta"] = s.eta
-        elif s.sampler == "ddpm":
-            kwargs["variance"] = s.ddpm_variance
-        return get_sampler(s.sampler)(denoise, x, timesteps, self.schedule.alpha_bar, **kwargs)
+        at = at or Progress(stage=0, stages=1, step=0, steps=0, batch_size=b, images_total=b)
+        at = replace(at, steps=len(timesteps))
+        return get_sampler(s.sampler)(
+            denoise,
+            x,
+            timesteps,
+            self.schedule.alpha_bar,
+            generator=generator,
+            callback=step_callback(progress, at),
+            **s.sampler_options(),
+        )
 
 
 @dataclass

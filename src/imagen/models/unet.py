@@ -11,13 +11,15 @@ image and its noise-augmentation level; and the Efficient U-Net options.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from imagen.utils.config import config_from_dict
 
 
 @dataclass
@@ -68,15 +70,6 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
         return config_from_dict(cls, data)
-
-
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build dataclass ``cls`` from a dict, refusing unknown keys (no silent typos)."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
-    return cls(**data)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

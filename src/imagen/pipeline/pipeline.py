@@ -9,23 +9,23 @@ out.images[0].save("circle.png")
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
+from torch import Tensor
 
 from imagen.data.shapes import pil_to_tensor, tensor_to_pil
+from imagen.diffusion.samplers import ProgressCallback
 from imagen.models.cascade import Cascade, load_cascade
-from imagen.models.stage import Edit, SamplingConfig
+from imagen.models.stage import Edit, SamplingConfig, resize
+from imagen.pipeline.hub import resolve_model
+from imagen.pipeline.settings import PerStage, SamplingOverrides
 from imagen.text.encoders import TextEmbedding
 from imagen.utils.compile import CompileFallback
 
-BUNDLED_MODEL = Path(__file__).parents[1] / "weights" / "shapes-cascade"
-
-PerStage = Any  # a value for every stage, or a list with one value per stage
 log = logging.getLogger(__name__)
 
 
@@ -42,14 +42,27 @@ class PipelineOutput:
     prompts: list[str]  # the prompt of each image
     seeds: list[int]  # the seed of each image (regenerates it alone with num_images=1)
     stages: list[list[Image.Image]] = field(default_factory=list)  # every stage, on request
+    sampling: list[SamplingConfig] = field(default_factory=list)  # each stage run: its settings
+    negative_prompts: list[str] = field(default_factory=list)  # per image; empty if none
 
 
-def _per_stage(value: PerStage, n: int, name: str) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} values but the cascade has {n} stages")
-        return list(value)
-    return [value] * n
+@dataclass
+class _Batches:
+    """What one sampling call runs, image by image, before it is cut into batches."""
+
+    prompts: list[str]
+    seeds: list[int]
+    negatives: list[str] | None  # None: the null caption for every image
+    lowres: Tensor | None = None  # (N, C, H, W) upscaling inputs, one per image
+
+
+def _one_per_image(value: str | Sequence[str] | None, n: int, name: str) -> list[str] | None:
+    if value is None or isinstance(value, str):
+        return None if not (value or "").strip() else [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{len(values)} {name}s for {n} images")
+    return values if any(v.strip() for v in values) else None
 
 
 class ImagenPipeline:
@@ -71,75 +84,75 @@ class ImagenPipeline:
         dtype: torch.dtype | None = None,
         compile: bool = False,
     ) -> ImagenPipeline:
-        """Load a model directory (the bundled Shapes cascade when ``path`` is None); ``dtype``
-        (for example torch.bfloat16) runs the U-Nets under autocast; ``compile`` uses
+        """Load a model: a model directory, a Hugging Face Hub repo id (``ORG/NAME``, from the
+        local cache when offline) or, when ``path`` is None, the bundled Shapes cascade.
+        ``dtype`` (for example torch.bfloat16) runs the U-Nets under autocast; ``compile`` uses
         torch.compile where it works."""
-        return cls(load_cascade(path or BUNDLED_MODEL, device), dtype, compile)
+        return cls(load_model(resolve_model(path), device), dtype, compile)
 
     @property
     def num_stages(self) -> int:
         return len(self.cascade.stages)
 
-    def sampling_configs(
-        self,
-        steps: PerStage = None,
-        guidance: PerStage = None,
-        sampler: PerStage = None,
-        threshold_percentile: PerStage = None,
-        aug_level: PerStage = None,
-    ) -> list[SamplingConfig]:
-        """Each stage's default sampling settings with the given overrides (None keeps it)."""
-        n = self.num_stages
-        out = []
-        for k, st in enumerate(self.cascade.stages):
-            s = st.config.sampling
-            changes: dict[str, Any] = {}
-            for name, value in (
-                ("steps", steps),
-                ("guidance", guidance),
-                ("sampler", sampler),
-                ("aug_level", aug_level),
-            ):
-                v = _per_stage(value, n, name)[k]
-                if v is not None:
-                    changes[name] = v
-            p = _per_stage(threshold_percentile, n, "threshold_percentile")[k]
-            if p is not None:
-                changes["threshold"] = replace(s.threshold, percentile=p)
-            out.append(replace(s, **changes))  # __post_init__ validates
-        return out
+    def sampling_configs(self, overrides: SamplingOverrides | None = None) -> list[SamplingConfig]:
+        """Each stage's default sampling settings with ``overrides`` applied and validated."""
+        defaults = [st.config.sampling for st in self.cascade.stages]
+        return (overrides or SamplingOverrides()).apply(defaults)
 
     @torch.no_grad()
     def __call__(
         self,
         prompts: str | Sequence[str],
         num_images_per_prompt: int = 1,
-        steps: PerStage = None,
-        guidance: PerStage = None,
-        sampler: PerStage = None,
-        threshold_percentile: PerStage = None,
-        aug_level: PerStage = None,
+        steps: PerStage[int] = None,
+        guidance: PerStage[float] = None,
+        sampler: PerStage[str] = None,
+        threshold_percentile: PerStage[float] = None,
+        aug_level: PerStage[float] = None,
         seed: int = 0,
         batch_size: int = 16,
         return_all_stages: bool = False,
         init_image: Image.Image | None = None,
         strength: float = 1.0,
         mask: Image.Image | None = None,
-        progress: Callable[[int, int, int, int], None] | None = None,
+        progress: ProgressCallback | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        overrides: SamplingOverrides | None = None,
     ) -> PipelineOutput:
         """Generate ``num_images_per_prompt`` images for each prompt. Image j (counting over all
-        prompts) uses seed ``seed + j``, so it is reproducible alone. ``init_image`` with
-        ``strength`` < 1 is image-to-image; with ``mask`` (white = regenerate) inpainting.
-        ``progress(batch_start, stage, step, steps)`` reports every denoiser step."""
+        prompts) uses seed ``seed + j``, so it is reproducible alone.
+
+        ``steps`` ... ``aug_level`` change the stages' sampling settings (each one value or one
+        per stage; they win over the same fields of ``overrides``). ``negative_prompt`` (one
+        for all prompts or one per prompt) is what guidance steers away from. ``init_image``
+        with ``strength`` < 1 is image-to-image; with ``mask`` (white = regenerate)
+        inpainting. ``progress`` gets a :class:`~imagen.diffusion.samplers.Progress` after
+        every denoiser step; returning False from it stops sampling with
+        :class:`~imagen.diffusion.samplers.Cancelled`."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if num_images_per_prompt < 1:
             raise ValueError("num_images_per_prompt must be >= 1")
-        all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        seeds = [seed + j for j in range(len(all_prompts))]
-        sampling = self.sampling_configs(steps, guidance, sampler, threshold_percentile, aug_level)
-        edit = self._edit(init_image, strength, mask)
+        negatives = _one_per_image(negative_prompt, len(prompts), "negative prompt")
+        n = num_images_per_prompt
+        given = dict(
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            threshold=threshold_percentile,
+            aug_level=aug_level,
+        )
+        overrides = replace(
+            overrides or SamplingOverrides(), **{k: v for k, v in given.items() if v is not None}
+        )
         return self.generate(
-            all_prompts, seeds, sampling, batch_size, return_all_stages, edit, progress
+            [p for p in prompts for _ in range(n)],
+            [seed + j for j in range(len(prompts) * n)],
+            self.sampling_configs(overrides),
+            batch_size,
+            return_all_stages,
+            self.make_edit(init_image, strength, mask),
+            progress,
+            None if negatives is None else [p for p in negatives for _ in range(n)],
         )
 
     @torch.no_grad()
@@ -151,42 +164,117 @@ class ImagenPipeline:
         batch_size: int = 16,
         return_all_stages: bool = False,
         edit: Edit | None = None,
-        progress: Callable[[int, int, int, int], None] | None = None,
+        progress: ProgressCallback | None = None,
+        negative_prompts: list[str] | None = None,
     ) -> PipelineOutput:
-        """One image per (prompt, seed) pair, ``batch_size`` at a time; each distinct prompt is
-        encoded once. The lower-level entry point of :meth:`__call__` and the server."""
+        """One image per (prompt, seed) pair (and negative prompt, if given), ``batch_size`` at a
+        time; each distinct text is encoded once. The lower-level entry point of
+        :meth:`__call__` and the server."""
         if not prompts:
             raise ValueError("no prompts given")
         if len(seeds) != len(prompts) or batch_size < 1:
             raise ValueError("give one seed per prompt and a batch_size >= 1")
+        negatives = _one_per_image(negative_prompts, len(prompts), "negative prompt")
+        work = _Batches(list(prompts), list(seeds), negatives)
         sampling = sampling or self.sampling_configs()
-        unique = list(dict.fromkeys(prompts))
-        text = self.cascade.text_encoder.encode(unique)
-        row = {p: i for i, p in enumerate(unique)}
+        return self._run(work, sampling, batch_size, return_all_stages, edit, progress)
+
+    @torch.no_grad()
+    def upscale(
+        self,
+        images: Image.Image | Sequence[Image.Image],
+        prompts: str | Sequence[str],
+        overrides: SamplingOverrides | None = None,
+        seed: int = 0,
+        batch_size: int = 16,
+        negative_prompt: str | Sequence[str] | None = None,
+        progress: ProgressCallback | None = None,
+        return_all_stages: bool = False,
+    ) -> PipelineOutput:
+        """Run images through the super-resolution stages: from the SR stage whose input size
+        is nearest the images' size (each image is resized to it, square), to the last.
+        ``prompts`` describes the images (one for all, or one per image); image j uses seed
+        ``seed + j``."""
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        if not images:
+            raise ValueError("no images to upscale")
+        n = len(images)
+        texts = [prompts] * n if isinstance(prompts, str) else list(prompts)
+        if len(texts) != n:
+            raise ValueError(f"{len(texts)} prompts for {n} images")
+        start = self.upscale_start(max(images[0].size))
+        size = self.cascade.stages[start].config.lowres_size
+        assert size is not None
+        lowres = torch.stack(
+            [resize(pil_to_tensor(im)[None], size)[0] for im in (i.convert("RGB") for i in images)]
+        )
+        work = _Batches(
+            texts,
+            [seed + j for j in range(n)],
+            _one_per_image(negative_prompt, n, "negative prompt"),
+            lowres,
+        )
+        sampling = self.sampling_configs(overrides)
+        return self._run(work, sampling, batch_size, return_all_stages, None, progress, start)
+
+    def upscale_start(self, size: int) -> int:
+        """The SR stage an image of ``size`` px enters: the one whose input size is nearest."""
+        candidates = [
+            (abs(st.config.lowres_size - size), k)
+            for k, st in enumerate(self.cascade.stages)
+            if st.config.lowres_size is not None
+        ]
+        if not candidates:
+            raise ValueError("this model has no super-resolution stage to upscale with")
+        return min(candidates)[1]
+
+    def _run(
+        self,
+        work: _Batches,
+        sampling: list[SamplingConfig],
+        batch_size: int,
+        return_all_stages: bool,
+        edit: Edit | None,
+        progress: ProgressCallback | None,
+        start_stage: int = 0,
+    ) -> PipelineOutput:
+        """Sample ``work`` in batches, each image with its own generator."""
+        text, rows = self._encode(work.prompts + (work.negatives or []))
         device = self.cascade.stages[0].device
-        per_stage: list[list[Image.Image]] = [[] for _ in range(self.num_stages)]
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            idx = torch.tensor([row[p] for p in chunk], device=text.mask.device)
-            emb = TextEmbedding(text.tokens[idx], text.mask[idx])
-            gens = [
-                torch.Generator(device=device).manual_seed(s)
-                for s in seeds[start : start + len(chunk)]
-            ]
-
-            def cb(k: int, i: int, n: int, start: int = start) -> None:
-                if progress is not None:
-                    progress(start, k, i, n)
-
-            outs = self.cascade.sample(emb, sampling, gens, self.autocast_dtype, True, cb, edit)
+        total = len(work.prompts)
+        per_stage: list[list[Image.Image]] = [[] for _ in range(self.num_stages - start_stage)]
+        for start in range(0, total, batch_size):
+            chunk = slice(start, min(start + batch_size, total))
+            outs = self.cascade.sample(
+                _rows(text, rows, work.prompts[chunk]),
+                sampling,
+                [torch.Generator(device=device).manual_seed(s) for s in work.seeds[chunk]],
+                self.autocast_dtype,
+                True,
+                _in_call(progress, start, total),
+                edit,
+                None if work.negatives is None else _rows(text, rows, work.negatives[chunk]),
+                start_stage,
+                None if work.lowres is None else work.lowres[chunk],
+            )
             for k, imgs in enumerate(outs):
                 per_stage[k].extend(tensor_to_pil(x) for x in imgs.cpu())
         return PipelineOutput(
-            per_stage[-1], list(prompts), list(seeds), per_stage if return_all_stages else []
+            per_stage[-1],
+            work.prompts,
+            work.seeds,
+            per_stage if return_all_stages else [],
+            sampling[start_stage:],
+            work.negatives or [],
         )
 
+    def _encode(self, texts: list[str]) -> tuple[TextEmbedding, dict[str, int]]:
+        """Every distinct text encoded once (one padded length), and each text's row."""
+        unique = list(dict.fromkeys(texts))
+        return self.cascade.text_encoder.encode(unique), {p: i for i, p in enumerate(unique)}
+
     @staticmethod
-    def _edit(
+    def make_edit(
         init_image: Image.Image | None, strength: float, mask: Image.Image | None
     ) -> Edit | None:
         if init_image is None:
@@ -198,3 +286,39 @@ class ImagenPipeline:
         if mask is not None:
             m = (pil_to_tensor(mask.convert("L").convert("RGB"))[:1][None] + 1) / 2
         return Edit(image, strength, m)
+
+
+def _rows(text: TextEmbedding, rows: dict[str, int], texts: list[str]) -> TextEmbedding:
+    idx = torch.tensor([rows[p] for p in texts], device=text.mask.device)
+    return TextEmbedding(text.tokens[idx], text.mask[idx])
+
+
+def _in_call(progress: ProgressCallback | None, start: int, total: int) -> ProgressCallback | None:
+    """``progress`` for the batch starting at image ``start`` of ``total``."""
+    if progress is None:
+        return None
+    return lambda p: progress(replace(p, batch_start=start, images_total=total))
+
+
+def load_model(directory: Path, device: str | torch.device = "cpu") -> Cascade:
+    """Load a model directory; a damaged weights file is a ValueError naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_cascade(directory, device)
+    except SafetensorError as e:
+        raise ValueError(f"{damaged_weights(directory) or directory}: damaged weights ({e})") from e
+
+
+def damaged_weights(directory: Path) -> Path | None:
+    """The first weights file of a model directory that safetensors cannot read."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(directory).glob("*/model.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    f.get_slice(key)
+        except SafetensorError:
+            return path
+    return None

@@ -1,183 +1,37 @@
 """``imagen serve``: an HTTP API and a web page over the pipeline (FastAPI + uvicorn).
 
-Requests go through a bounded queue to one model worker thread. The worker batches queued
-requests with the same settings (guidance, steps, sampler) into one forward pass, up to
-``max_batch_images``. A full queue answers 429 with Retry-After; an accepted request is always
-answered; a request whose client has gone is dropped before it reaches the model, and a
-running batch whose clients have all gone is abandoned at the next denoiser step.
+Requests go through a bounded queue to one model worker thread (:mod:`imagen.server.worker`).
+The worker batches queued requests with the same settings into one forward pass, up to
+``max_batch_images``. At most ``max_queue`` requests wait or run; more get 429 with
+Retry-After; an accepted request is always answered; a request whose client has gone is
+dropped before it reaches the model, and a running batch whose clients have all gone stops at
+the next denoiser step (its progress callback returns False). Bodies over ``max_body_bytes``
+get 413; unknown fields, blank prompts and values out of range get 422.
 """
 
 import asyncio
 import base64
 import io
-import queue
-import threading
-import time
+import json
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
-from imagen.pipeline import ImagenPipeline
+from imagen.diffusion.samplers import SAMPLERS, Cancelled
+from imagen.pipeline import ImagenPipeline, SamplingOverrides, sampling_summary
+from imagen.server.schema import (
+    GenerateResponse,
+    ImageOut,
+    ServerConfig,
+    decode_image,
+    request_model,
+)
+from imagen.server.worker import Job, ModelWorker
 
+__all__ = ["Cancelled", "Job", "ModelWorker", "ServerConfig", "create_app", "serve"]
 
-@dataclass
-class ServerConfig:
-    """Limits and queueing of the server; every limit is enforced and published in the
-    OpenAPI schema."""
-
-    host: str = "127.0.0.1"  # listen on loopback unless told otherwise
-    port: int = 8000
-    max_queue: int = 16  # requests waiting or running; more get 429
-    max_batch_images: int = 8  # images in one batched forward pass
-    batch_wait_s: float = 0.02  # how long the worker waits to fill a batch
-    max_prompt_chars: int = 300
-    max_images: int = 4  # per request
-    max_steps: int = 100
-    max_guidance: float = 20.0
-    retry_after_s: int = 2
-
-
-class Cancelled(Exception):
-    """Every client of a running batch has gone away."""
-
-
-@dataclass
-class Job:
-    prompt: str
-    num_images: int
-    guidance: float
-    steps: int
-    sampler: str
-    seed: int
-    client_id: str
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    progress: dict[str, Any] = field(default_factory=lambda: {"state": "queued"})
-
-    @property
-    def key(self) -> tuple[float, int, str]:
-        return (self.guidance, self.steps, self.sampler)
-
-    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        def set_result() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
-
-        self.loop.call_soon_threadsafe(set_result)
-
-
-class ModelWorker:
-    """The one thread that runs the model, taking jobs from a bounded queue in batches."""
-
-    def __init__(self, pipe: ImagenPipeline, config: ServerConfig) -> None:
-        self.pipe, self.config = pipe, config
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=config.max_queue)
-        self.progress: dict[str, dict[str, Any]] = {}
-        self.batches_run = 0
-        self._deferred: list[Job] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="imagen-model", daemon=True)
-
-    def start(self) -> None:
-        """Start the worker thread (idempotent)."""
-        with self._lock:
-            if not self.thread.is_alive() and not self._stop.is_set():
-                self.thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def submit(self, job: Job) -> bool:
-        """Queue a job; False when the queue is full."""
-        self.start()
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            return False
-        self.progress[job.client_id] = job.progress
-        while len(self.progress) > 1000:  # keep the newest entries only
-            self.progress.pop(next(iter(self.progress)))
-        return True
-
-    def pending(self) -> int:
-        return self.jobs.qsize() + len(self._deferred)
-
-    def _next(self, timeout: float) -> Job | None:
-        if self._deferred:
-            return self._deferred.pop(0)
-        try:
-            return self.jobs.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def _gather(self, first: Job) -> list[Job]:
-        batch, images = [first], first.num_images
-        deadline = time.monotonic() + self.config.batch_wait_s
-        while images < self.config.max_batch_images:
-            job = self._next(max(0.0, deadline - time.monotonic()))
-            if job is None:
-                break
-            if job.key == first.key and images + job.num_images <= self.config.max_batch_images:
-                batch.append(job)
-                images += job.num_images
-            else:
-                self._deferred.append(job)
-                break
-        return batch
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            first = self._next(0.1)
-            if first is None:
-                continue
-            batch = []
-            for job in self._gather(first):
-                if job.cancelled.is_set():  # its client left while it waited: never run it
-                    job.finish(error=Cancelled())
-                else:
-                    batch.append(job)
-            if batch:
-                self._run_batch(batch)
-
-    def _run_batch(self, batch: list[Job]) -> None:
-        prompts, seeds, owner = [], [], []
-        for j in batch:
-            j.progress.update(state="running", stage=0, step=0)
-            for i in range(j.num_images):
-                prompts.append(j.prompt)
-                seeds.append(j.seed + i)
-                owner.append(j)
-        g, steps, sampler = batch[0].key
-        stages = self.pipe.num_stages
-
-        def progress(_start: int, stage: int, step: int, total: int) -> None:
-            if all(j.cancelled.is_set() for j in batch):
-                raise Cancelled()
-            for j in batch:
-                j.progress.update(stage=stage, step=step, steps=total, stages=stages)
-
-        started = time.time()
-        try:
-            sampling = self.pipe.sampling_configs(steps, g, sampler)
-            out = self.pipe.generate(prompts, seeds, sampling, len(prompts), progress=progress)
-        except BaseException as e:  # every accepted request gets an answer, even on failure
-            for j in batch:
-                j.progress.update(state="failed")
-                j.finish(error=e)
-            return
-        self.batches_run += 1
-        elapsed = time.time() - started
-        for j in batch:
-            images = [img for img, o in zip(out.images, owner, strict=True) if o is j]
-            j.progress.update(state="done")
-            j.finish({"images": images, "batch_size": len(prompts), "seconds": elapsed})
+DISCONNECTED = 499  # nginx's "client closed request"
 
 
 def png_base64(img: Any) -> str:
@@ -186,56 +40,54 @@ def png_base64(img: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``max_bytes``, whether it announces its
+    length or not (the body is read, up to the limit, before the app sees it)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self.too_large(send)
+        chunks, size, message = [], 0, await receive()
+        while message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self.too_large(send)
+            if not message.get("more_body", False):
+                break
+            message = await receive()
+        if message["type"] == "http.request":
+            message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        pending = [message]
+
+        async def replay() -> dict:
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def too_large(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(
     pipe: ImagenPipeline, config: ServerConfig | None = None, model_name: str = ""
 ) -> Any:
-    """The FastAPI application (the worker thread starts with the app)."""
+    """The FastAPI application (the worker thread starts with the first request)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from pydantic import BaseModel, Field, create_model
+    from fastapi import FastAPI
 
     cfg = config or ServerConfig()
     worker = ModelWorker(pipe, cfg)
-    defaults = pipe.cascade.stages[0].config.sampling
-
-    GenerateRequest = create_model(  # noqa: N806 - a class, built from the configured limits
-        "GenerateRequest",
-        prompt=(
-            str,
-            Field(min_length=1, max_length=cfg.max_prompt_chars, description="text prompt"),
-        ),
-        num_images=(int, Field(1, ge=1, le=cfg.max_images)),
-        guidance=(
-            float,
-            Field(defaults.guidance, ge=0.0, le=cfg.max_guidance, allow_inf_nan=False),
-        ),
-        steps=(int, Field(defaults.steps, ge=1, le=cfg.max_steps)),
-        sampler=(Literal["ddpm", "ddim", "dpmpp"], defaults.sampler),
-        seed=(
-            int | None,
-            Field(None, ge=0, le=2**62, description="seed of the first image; random if absent"),
-        ),
-        client_id=(
-            str | None,
-            Field(None, max_length=64, description="key for GET /v1/progress/{client_id}"),
-        ),
-    )
-
-    class ImageOut(BaseModel):
-        png_base64: str
-        seed: int
-        width: int
-        height: int
-
-    class GenerateResponse(BaseModel):
-        prompt: str
-        images: list[ImageOut]
-        settings: dict[str, Any]
-        batch_size: int
-        seconds: float
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):  # type: ignore[no-untyped-def]
@@ -248,7 +100,19 @@ def create_app(
         lifespan=lifespan,
         description="Text-to-image generation with a cascaded diffusion model.",
     )
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     app.state.worker = worker
+    add_error_handlers(app)
+    add_info_routes(app, pipe, cfg, model_name)
+    add_generate_route(app, pipe, cfg)
+    return app
+
+
+def add_error_handlers(app: Any) -> None:
+    """422 answers that name the fields: ``{"detail": "steps: ...; prompt: ..."}``."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -256,7 +120,8 @@ def create_app(
         names = []
         for e in errors:
             loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-            names.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+            msg = str(e.get("msg", "")).removeprefix("Value error, ")
+            names.append(f"{'.'.join(loc) or 'body'}: {msg}")
         return JSONResponse(
             status_code=422,
             content={
@@ -265,9 +130,22 @@ def create_app(
             },
         )
 
+
+def add_info_routes(app: Any, pipe: ImagenPipeline, cfg: ServerConfig, model_name: str) -> None:
+    """``/v1/health``, ``/v1/model``, ``/v1/progress/{client_id}`` and the page at ``/``."""
+    from fastapi import HTTPException
+    from fastapi.responses import HTMLResponse
+
+    worker: ModelWorker = app.state.worker
+
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
-        return {"status": "ok", "queued": worker.pending(), "max_queue": cfg.max_queue}
+        return {
+            "status": "ok",
+            "queued": worker.pending(),
+            "admitted": worker.admitted,
+            "max_queue": cfg.max_queue,
+        }
 
     @app.get("/v1/model")
     def model() -> dict[str, Any]:
@@ -288,6 +166,7 @@ def create_app(
             "name": model_name,
             "text_encoder": pipe.cascade.text_encoder.config(),
             "stages": stages,
+            "samplers": {name: s.help for name, s in SAMPLERS.items()},
             "limits": asdict(cfg),
         }
 
@@ -298,27 +177,79 @@ def create_app(
             raise HTTPException(404, f"no request with client_id {client_id!r}")
         return dict(p)
 
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return (
+            resources.files("imagen").joinpath("server/web/index.html").read_text(encoding="utf-8")
+        )
+
+
+def make_job(req: Any, pipe: ImagenPipeline, loop: asyncio.AbstractEventLoop) -> Job:
+    """The worker's job for a validated request."""
+    seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
+    edit = None
+    if req.init_image is not None:
+        init = decode_image(req.init_image)
+        mask = decode_image(req.mask, "L") if req.mask is not None else None
+        edit = pipe.make_edit(init, req.strength, mask)
+    return Job(
+        req.prompt,
+        req.num_images,
+        SamplingOverrides(steps=req.steps, guidance=req.guidance, sampler=req.sampler),
+        seed,
+        req.client_id or uuid.uuid4().hex,
+        loop,
+        loop.create_future(),
+        req.negative_prompt,
+        edit,
+    )
+
+
+def response_for(req: Any, job: Job, result: dict[str, Any]) -> GenerateResponse:
+    """The answer to a finished request: its PNGs and the settings they were made with."""
+    images = [
+        ImageOut(png_base64=png_base64(img), seed=job.seed + i, width=img.width, height=img.height)
+        for i, img in enumerate(result["images"])
+    ]
+    settings = {
+        "guidance": req.guidance,
+        "steps": req.steps,
+        "sampler": req.sampler,
+        "seed": job.seed,
+        "num_images": req.num_images,
+        "negative_prompt": req.negative_prompt,
+        "stages": sampling_summary(result["sampling"]),
+    }
+    if req.init_image is not None:
+        settings.update(strength=req.strength, inpainting=req.mask is not None)
+    return GenerateResponse(
+        prompt=req.prompt,
+        images=images,
+        batch_size=result["batch_size"],
+        seconds=round(result["seconds"], 3),
+        settings=settings,
+    )
+
+
+def add_generate_route(app: Any, pipe: ImagenPipeline, cfg: ServerConfig) -> None:
+    """``POST /v1/generate``: queue, wait (watching for a disconnect), answer."""
+    from fastapi import HTTPException, Request
+    from fastapi.responses import JSONResponse
+
+    worker: ModelWorker = app.state.worker
+    GenerateRequest = request_model(cfg, pipe.cascade.stages[0].config.sampling)  # noqa: N806
+    gone = {"status_code": DISCONNECTED, "content": {"detail": "client disconnected"}}
+
     @app.post(
         "/v1/generate",
         response_model=GenerateResponse,
-        responses={429: {"description": "queue full; retry after Retry-After seconds"}},
+        responses={
+            413: {"description": f"request body over {cfg.max_body_bytes} bytes"},
+            429: {"description": "queue full; retry after Retry-After seconds"},
+        },
     )
     async def generate(req: GenerateRequest, request: Request) -> Any:  # type: ignore[valid-type]
-        seed = (
-            req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-        )
-        loop = asyncio.get_running_loop()
-        job = Job(
-            req.prompt,
-            req.num_images,
-            req.guidance,
-            req.steps,
-            req.sampler,
-            seed,
-            req.client_id or uuid.uuid4().hex,
-            loop,
-            loop.create_future(),
-        )
+        job = make_job(req, pipe, asyncio.get_running_loop())
         if not worker.submit(job):
             raise HTTPException(
                 429,
@@ -328,43 +259,20 @@ def create_app(
         while not job.future.done():
             await asyncio.wait({job.future}, timeout=0.25)
             if not job.future.done() and await request.is_disconnected():
-                job.cancelled.set()  # the worker drops it, or abandons its batch
-                return JSONResponse(status_code=499, content={"detail": "client disconnected"})
+                job.cancelled.set()  # the worker drops it, or stops its batch
+                return JSONResponse(**gone)
         try:
             result = job.future.result()
         except Cancelled:
-            return JSONResponse(status_code=499, content={"detail": "client disconnected"})
+            return JSONResponse(**gone)
         except Exception as e:  # noqa: BLE001 - reported to the client, not swallowed
             raise HTTPException(500, f"generation failed: {type(e).__name__}: {e}") from e
-        images = [
-            ImageOut(png_base64=png_base64(img), seed=seed + i, width=img.width, height=img.height)
-            for i, img in enumerate(result["images"])
-        ]
-        return GenerateResponse(
-            prompt=req.prompt,
-            images=images,
-            batch_size=result["batch_size"],
-            seconds=round(result["seconds"], 3),
-            settings={
-                "guidance": req.guidance,
-                "steps": req.steps,
-                "sampler": req.sampler,
-                "seed": seed,
-                "num_images": req.num_images,
-            },
-        )
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> str:
-        return (
-            resources.files("imagen").joinpath("server/web/index.html").read_text(encoding="utf-8")
-        )
-
-    return app
+        return response_for(req, job, result)
 
 
 def serve(model: str | None, config: ServerConfig, device: str = "cpu") -> None:
-    """Load the model and run the server until interrupted."""
+    """Load the model (a directory, a Hub repo id, or the bundled one) and serve it until
+    interrupted."""
     import uvicorn
 
     pipe = ImagenPipeline.from_pretrained(model, device)

@@ -131,21 +131,37 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML, TOML or JSON file into a dict."""
+    """Parse a YAML, TOML or JSON file into a dict; a syntax error is a one-line ValueError
+    naming the file and the line."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    text = p.read_text()
+    if p.suffix not in (".json", ".toml", ".yaml", ".yml"):
+        raise ValueError(f"config must be .yaml, .yml, .toml or .json, got {p.name}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{p}: not UTF-8 text") from None
     if p.suffix == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: line {e.lineno}: invalid JSON: {e.msg}") from None
     elif p.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif p.suffix in (".yaml", ".yml"):
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{p}: invalid TOML: {e}") from None
+    else:
         import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        raise ValueError(f"config must be .yaml, .yml, .toml or .json, got {p.name}")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"{p}: {where}invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p} must hold a mapping at the top level")
     return data

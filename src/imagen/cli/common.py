@@ -1,0 +1,203 @@
+"""What every ``imagen`` command shares: the command registry, :class:`UsageError`, the parser
+class, argument types and the sampling options."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from imagen.models.stage import SamplingConfig
+    from imagen.pipeline import ImagenPipeline, SamplingOverrides
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, Command] = {}
+"""Every command's function by its name; each command module registers its own."""
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    """Register ``fn`` as the function of command ``name``."""
+
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- argument types ----------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number (no nan, no inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """A number in [0, 1]."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number up to 65535, got {value}")
+    return value
+
+
+def float_list(text: str) -> list[float]:
+    """Comma-separated finite numbers."""
+    try:
+        return [finite_float(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated finite numbers, got {text!r}"
+        ) from None
+
+
+def int_list(text: str) -> list[int]:
+    """Comma-separated positive integers."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"step counts must be positive, got {text!r}")
+    return values
+
+
+def device(text: str) -> str:
+    """A torch device that exists here: cpu, cuda, cuda:N, mps."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r} (cpu, cuda, cuda:1, mps ...)"
+        ) from None
+    if dev.type == "cpu":
+        return text
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None)}.get(dev.type)
+    if backend is None:
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r} (cpu, cuda, cuda:1, mps)")
+    if not backend.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no {dev.type} device is available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
+    return text
+
+
+# ---- options shared by several commands --------------------------------------------------
+def add_model_options(p: argparse.ArgumentParser, default_device: str | None = "cpu") -> None:
+    """--model, --device, --bf16 and --threads."""
+    p.add_argument(
+        "--model",
+        help="model directory or Hugging Face Hub repo id (default: the bundled Shapes cascade)",
+    )
+    p.add_argument(
+        "--device",
+        type=device,
+        default=default_device,
+        help=f"cpu, cuda, cuda:1, mps ... (default: {default_device or 'cuda if available'})",
+    )
+    p.add_argument("--bf16", action="store_true", help="run the U-Nets under bf16 autocast")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+
+
+def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) -> None:
+    """The sampling overrides: --steps, --guidance, --sampler, --threshold, --aug-level (and,
+    with ``per_stage``, --steps-per-stage and --guidance-per-stage)."""
+    from imagen.diffusion.samplers import SAMPLERS
+
+    p.add_argument("--steps", type=positive_int, help="sampling steps for every stage")
+    if per_stage:
+        p.add_argument("--steps-per-stage", type=int_list, help="e.g. 20,20,10 (overrides --steps)")
+    p.add_argument("--guidance", type=finite_float, help="guidance scale for every stage")
+    if per_stage:
+        p.add_argument(
+            "--guidance-per-stage", type=float_list, help="e.g. 3,3,1 (overrides --guidance)"
+        )
+    p.add_argument(
+        "--sampler",
+        choices=list(SAMPLERS),
+        help="sampler for every stage: " + "; ".join(f"{k}: {s.help}" for k, s in SAMPLERS.items()),
+    )
+    p.add_argument(
+        "--threshold", type=finite_float, help="dynamic-thresholding percentile, e.g. 0.995"
+    )
+    p.add_argument("--aug-level", type=finite_float, help="noise-augmentation level of SR stages")
+
+
+def sampling_overrides(args: argparse.Namespace) -> SamplingOverrides:
+    """The sampling overrides given on the command line (per-stage lists win)."""
+    from imagen.pipeline import SamplingOverrides
+
+    steps = getattr(args, "steps_per_stage", None)
+    guidance = getattr(args, "guidance_per_stage", None)
+    return SamplingOverrides(
+        steps=steps if steps is not None else args.steps,
+        guidance=guidance if guidance is not None else args.guidance,
+        sampler=args.sampler,
+        threshold=args.threshold,
+        aug_level=args.aug_level,
+    )
+
+
+def load_pipeline(args: argparse.Namespace, model: Path | None = None) -> ImagenPipeline:
+    """The pipeline of ``model`` (default: --model) on --device (bf16 autocast with --bf16)."""
+    import torch
+
+    from imagen.pipeline import ImagenPipeline
+
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) else None
+    return ImagenPipeline.from_pretrained(model or args.model, args.device or "cpu", dtype)
+
+
+def checked_configs(pipe: ImagenPipeline, args: argparse.Namespace) -> list[SamplingConfig]:
+    """Each stage's sampling settings with the command line's overrides, or a UsageError."""
+    try:
+        return pipe.sampling_configs(sampling_overrides(args))
+    except ValueError as e:
+        raise UsageError(str(e)) from None

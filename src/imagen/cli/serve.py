@@ -1,0 +1,64 @@
+"""``imagen serve``: the HTTP API and the web page."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+from imagen.cli.common import UsageError, command, device, port, positive_int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``serve`` command."""
+    sv = sub.add_parser("serve", help="HTTP API and web page (binds 127.0.0.1 by default)")
+    sv.add_argument(
+        "--model",
+        help="model directory or Hugging Face Hub repo id (default: the bundled Shapes cascade)",
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    sv.add_argument("--port", type=port, default=8000)
+    sv.add_argument(
+        "--max-queue", type=positive_int, default=16, help="requests waiting or running"
+    )
+    sv.add_argument(
+        "--max-batch-images", type=positive_int, default=8, help="images per forward pass"
+    )
+    sv.add_argument(
+        "--max-body-mb", type=positive_int, default=8, help="largest request body, in MB"
+    )
+    sv.add_argument("--device", type=device, default="cpu")
+    sv.add_argument("--threads", type=positive_int)
+
+
+def check_port(host: str, number: int) -> None:
+    """A UsageError unless ``host:number`` can be listened on."""
+    try:
+        infos = socket.getaddrinfo(host, number, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{number}: {e.strerror}") from None
+
+
+@command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    from imagen.server.app import ServerConfig, serve
+
+    check_port(args.host, args.port)
+    serve(
+        args.model,
+        ServerConfig(
+            host=args.host,
+            port=args.port,
+            max_queue=args.max_queue,
+            max_batch_images=args.max_batch_images,
+            max_body_bytes=args.max_body_mb * 1_000_000,
+        ),
+        args.device,
+    )
+    return 0

@@ -1,0 +1,134 @@
+"""``imagen train`` (one stage of a cascade), ``imagen export`` (trained stages -> a model
+directory) and ``imagen embed`` (a text-embedding cache of a dataset's captions)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+
+from imagen.cli.common import UsageError, command, device, positive_float, positive_int
+from imagen.cli.output import check_output_dir
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """The ``train``, ``export`` and ``embed`` commands."""
+    t = sub.add_parser("train", help="train one stage of a cascade")
+    t.add_argument("config", help="cascade config (.yaml, .toml or .json)")
+    t.add_argument(
+        "--stage", type=int, required=True, help="index of the stage to train (0 = base)"
+    )
+    t.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
+    t.add_argument("--max-steps", type=positive_int, help="override train.max_steps")
+    t.add_argument(
+        "--batch-size", type=positive_int, help="override train.batch_size (per process)"
+    )
+    t.add_argument("--lr", type=positive_float, help="override train.lr")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+    t.add_argument("--embeddings", help="text-embedding cache directory made by `imagen embed`")
+    t.add_argument(
+        "--device", type=device, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
+    t.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+
+    e = sub.add_parser("export", help="assemble trained stages into a model directory")
+    e.add_argument("runs", nargs="+", help="training run directories, base stage first")
+    e.add_argument("--out", required=True, help="model directory to write")
+    e.add_argument("--weights", choices=["ema", "model"], default="ema")
+    e.add_argument(
+        "--dtype",
+        choices=["fp16", "fp32", "bf16", "int8"],
+        default="fp16",
+        help="weight storage; int8: weight-only, one scale per output channel",
+    )
+
+    m = sub.add_parser("embed", help="precompute the text embeddings of a dataset's captions")
+    m.add_argument("config", help="cascade config: its text_encoder and data are used")
+    m.add_argument("--out", required=True, help="cache directory")
+    m.add_argument("--batch-size", type=positive_int, default=256)
+    m.add_argument("--device", type=device, help="cpu, cuda ... (default: cuda if available)")
+
+
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    from imagen.training.config import load_cascade_config
+
+    check_output_dir(args.out)
+    cfg = load_cascade_config(args.config)
+    if not 0 <= args.stage < len(cfg.stages):
+        raise UsageError(f"--stage {args.stage}: the config has {len(cfg.stages)} stage(s)")
+    changes = {"batch_size": args.batch_size, "lr": args.lr}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if changes:  # a new config: the loaded one is never changed in place
+        run = cfg.stages[args.stage]
+        stages = list(cfg.stages)
+        stages[args.stage] = replace(run, train=replace(run.train, **changes))
+        cfg = replace(cfg, stages=stages)
+    cache = None
+    if args.embeddings:
+        from imagen.text.cache import EmbeddingCache
+
+        cache = EmbeddingCache.open(args.embeddings)
+    from imagen.training.trainer import train_stage
+
+    summary = train_stage(
+        cfg,
+        args.stage,
+        args.out,
+        args.max_steps,
+        args.resume,
+        embedding_cache=cache,
+        device=args.device,
+    )
+    print(f"trained stage {args.stage} to step {summary['step']} in {summary['run_dir']}")
+    return 0
+
+
+@command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from imagen.training.export import export_model
+
+    check_output_dir(args.out)
+    for run in args.runs:
+        if not os.path.isdir(run):
+            raise UsageError(f"training run directory not found: {run}")
+    dtype = {
+        "fp16": torch.float16,
+        "fp32": torch.float32,
+        "bf16": torch.bfloat16,
+        "int8": torch.int8,
+    }[args.dtype]
+    root = export_model(args.runs, args.out, args.weights, dtype)
+    print(f"wrote model directory {root}")
+    return 0
+
+
+@command("embed")
+def cmd_embed(args: argparse.Namespace) -> int:
+    import torch
+
+    from imagen.text.cache import build_cache
+    from imagen.text.encoders import load_text_encoder
+    from imagen.training.config import load_cascade_config
+    from imagen.training.data import dataset_captions
+
+    check_output_dir(args.out)
+    cfg = load_cascade_config(args.config)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dev = args.device or (
+        f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    )
+    encoder = load_text_encoder(cfg.text_encoder, dev)
+    stats = build_cache(
+        dataset_captions(cfg.data), encoder, args.out, args.batch_size, rank=rank, world=world
+    )
+    print(
+        f"rank {rank}/{world}: {stats['captions']} captions, {stats['bytes'] / 1e6:.2f} MB, "
+        f"{stats['bytes_per_caption']:.0f} bytes/caption, {stats['captions_per_s']:.1f} captions/s "
+        f"-> {args.out}"
+    )
+    return 0

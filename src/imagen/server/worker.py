@@ -1,0 +1,186 @@
+"""The one model thread of the server: a bounded admission count, a queue, and batches of
+compatible requests (same settings, no image input) run through the pipeline together."""
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from imagen.diffusion.samplers import Cancelled, Progress
+from imagen.models.stage import Edit
+from imagen.pipeline import ImagenPipeline, SamplingOverrides
+from imagen.server.schema import ServerConfig
+
+
+@dataclass
+class Job:
+    """One accepted request: what to make, and how its answer gets back to the event loop."""
+
+    prompt: str
+    num_images: int
+    overrides: SamplingOverrides
+    seed: int
+    client_id: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    negative_prompt: str = ""
+    edit: Edit | None = None  # image-to-image or inpainting input: never batched with others
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    progress: dict[str, Any] = field(default_factory=lambda: {"state": "queued"})
+
+    @property
+    def key(self) -> tuple[SamplingOverrides, int]:
+        """Jobs with equal keys can share a forward pass."""
+        return (self.overrides, 0 if self.edit is None else id(self))
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        def set_result() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(set_result)
+
+
+class ModelWorker:
+    """The one thread that runs the model, taking jobs from the queue in batches. At most
+    ``max_queue`` jobs are admitted (waiting or running) at a time."""
+
+    def __init__(self, pipe: ImagenPipeline, config: ServerConfig) -> None:
+        self.pipe, self.config = pipe, config
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.progress: dict[str, dict[str, Any]] = {}
+        self.batches_run = 0
+        self.admitted = 0  # jobs waiting or running
+        self._deferred: list[Job] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="imagen-model", daemon=True)
+
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        with self._lock:
+            if not self.thread.is_alive() and not self._stop.is_set():
+                self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when ``max_queue`` jobs are waiting or running already."""
+        self.start()
+        with self._lock:
+            if self.admitted >= self.config.max_queue:
+                return False
+            self.admitted += 1
+        self.jobs.put_nowait(job)
+        self.progress[job.client_id] = job.progress
+        while len(self.progress) > 1000:  # keep the newest entries only
+            self.progress.pop(next(iter(self.progress)))
+        return True
+
+    def pending(self) -> int:
+        """Jobs waiting (not running)."""
+        return self.jobs.qsize() + len(self._deferred)
+
+    def _finish(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            self.admitted -= 1
+        job.finish(result, error)
+
+    def _next(self, timeout: float) -> Job | None:
+        if self._deferred:
+            return self._deferred.pop(0)
+        try:
+            return self.jobs.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _gather(self, first: Job) -> list[Job]:
+        batch, images = [first], first.num_images
+        deadline = time.monotonic() + self.config.batch_wait_s
+        while images < self.config.max_batch_images:
+            job = self._next(max(0.0, deadline - time.monotonic()))
+            if job is None:
+                break
+            if job.key == first.key and images + job.num_images <= self.config.max_batch_images:
+                batch.append(job)
+                images += job.num_images
+            else:
+                self._deferred.append(job)
+                break
+        return batch
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            first = self._next(0.1)
+            if first is None:
+                continue
+            batch = []
+            for job in self._gather(first):
+                if job.cancelled.is_set():  # its client left while it waited: never run it
+                    self._finish(job, error=Cancelled("the client went away"))
+                else:
+                    batch.append(job)
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[Job]) -> None:
+        prompts, negatives, seeds, owner = [], [], [], []
+        for j in batch:
+            j.progress.update(state="running", stage=0, step=0)
+            for i in range(j.num_images):
+                prompts.append(j.prompt)
+                negatives.append(j.negative_prompt)
+                seeds.append(j.seed + i)
+                owner.append(j)
+
+        def progress(p: Progress) -> bool:
+            if all(j.cancelled.is_set() for j in batch):
+                return False  # every client has gone: stop at this step
+            for j in batch:
+                j.progress.update(
+                    stage=p.stage,
+                    step=p.step,
+                    steps=p.steps,
+                    stages=p.stages,
+                    fraction=round(p.fraction, 4),
+                )
+            return True
+
+        started = time.time()
+        try:
+            sampling = self.pipe.sampling_configs(batch[0].overrides)
+            out = self.pipe.generate(
+                prompts,
+                seeds,
+                sampling,
+                len(prompts),
+                edit=batch[0].edit,
+                progress=progress,
+                negative_prompts=negatives,
+            )
+        except BaseException as e:  # every accepted request gets an answer, even on failure
+            for j in batch:
+                j.progress.update(state="cancelled" if isinstance(e, Cancelled) else "failed")
+                self._finish(j, error=e)
+            return
+        self.batches_run += 1
+        elapsed = time.time() - started
+        for j in batch:
+            images = [img for img, o in zip(out.images, owner, strict=True) if o is j]
+            j.progress.update(state="done", fraction=1.0)
+            self._finish(
+                j,
+                {
+                    "images": images,
+                    "batch_size": len(prompts),
+                    "seconds": elapsed,
+                    "sampling": out.sampling,
+                },
+            )
