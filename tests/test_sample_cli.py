@@ -196,3 +196,25 @@ def test_compile_falls_back_to_eager_when_compiling_fails(model_dir, monkeypatch
     assert np.array_equal(np.asarray(out.images[0]), np.asarray(eager.images[0]))
     assert "torch.compile failed" in caplog.text
     assert all(st.compiled.compiled is None for st in compiled.cascade.stages)
+
+
+def test_eval_shapes_records_its_report_in_the_model(model_dir, tmp_path, capsys):
+    import shutil
+
+    from imagen.evaluation.shapes import eval_shapes
+    from imagen.pipeline import ImagenPipeline
+
+    m = tmp_path / "m"
+    shutil.copytree(model_dir, m)
+    code, out = run(["eval", "shapes", "--num", "1", "--model", str(m), "--record"], capsys)
+    assert code == 0, out.err
+    index = json.loads((m / "model_index.json").read_text())
+    assert index["evaluation"]["command"] == "imagen eval shapes --num 1 --seed 0"
+    assert index["evaluation"]["accuracy"] == json.loads(out.out)["accuracy"]
+    check = index["evaluation_check"]
+    again = eval_shapes(ImagenPipeline.from_pretrained(m), check["num_per_group"], seed=0)
+    assert again["accuracy"] == check["accuracy"]
+    code, out = run(
+        ["eval", "shapes", "--num", "1", "--model", "org/not-local", "--record"], capsys
+    )
+    assert code == 2 and "local model directory" in out.err

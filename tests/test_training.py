@@ -484,3 +484,20 @@ def test_caption_table_equals_the_memoised_encoder(hash_encoder):
     for batch in (caps, caps[:1], [caps[1], caps[0], caps[1]], ["an unseen caption"]):
         a, b = table(batch), memo(batch)
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
+
+
+def test_a_run_draws_its_loss_and_lr_curves(tmp_path):
+    from PIL import Image
+
+    train_stage(config(steps=6, checkpoint_every=3), 0, tmp_path / "r", progress=False)
+    png = tmp_path / "r" / "curves.png"
+    img = Image.open(png).convert("RGB")
+    assert img.size == (720, 400)
+    # the loss line (blue) is drawn in the top panel, the learning rate in the bottom one
+    blue = [
+        (x, y)
+        for x in range(img.width)
+        for y in range(img.height)
+        if img.getpixel((x, y)) == (0, 0, 255)
+    ]
+    assert any(y < 200 for _, y in blue) and any(y >= 200 for _, y in blue)

@@ -137,6 +137,11 @@ def run_demo(
             {"training": index["training"]},
         )
         sections.append(html_part)
+        curves = Image.open(out / "train-run" / "curves.png")
+        sections.append(
+            f"<h3>Its training curves</h3><img src='{_png_data_uri(curves)}' "
+            "style='image-rendering:auto' alt='training loss and learning rate by step'>"
+        )
         print(f"trained base model: checker accuracy {info['checker_accuracy']}")
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>imagen demo</title><style>"

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagen.cli.common import (
+    UsageError,
     add_model_options,
     add_sampling_options,
     checked_configs,
@@ -18,6 +22,9 @@ from imagen.cli.common import (
 )
 from imagen.cli.output import StagedOutput, check_output_dir
 
+if TYPE_CHECKING:
+    from imagen.pipeline import ImagenPipeline
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """The ``eval`` command and its kinds."""
@@ -26,6 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     vs = vsub.add_parser("shapes", help="Shapes checker accuracy per group and per stage")
     vs.add_argument("--num", type=positive_int, default=50, help="prompts per group")
     vs.add_argument("--out", help="write the images, a grid and report.json here")
+    vs.add_argument(
+        "--record",
+        action="store_true",
+        help="record the report (and a small check a test can rerun) in the model's "
+        "model_index.json",
+    )
     vf = vsub.add_parser("fid", help="FID and KID against an image-text folder")
     vf.add_argument(
         "--data", required=True, help="image-text folder of real images (e.g. from imagen prepare)"
@@ -54,6 +67,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def eval_shapes_command(args: argparse.Namespace) -> dict:
     from imagen.evaluation.shapes import eval_shapes
 
+    if args.record:
+        args.model_dir = recordable_model_dir(args.model)
     with StagedOutput(args.out) if args.out else nullcontext() as staged:
         pipe = load_pipeline(args)
         checked_configs(pipe, args)
@@ -67,7 +82,34 @@ def eval_shapes_command(args: argparse.Namespace) -> dict:
         )
         if staged:
             staged.commit(last=("report.json",))
+    if args.record:
+        record(pipe, args, report)
     return report
+
+
+def record(pipe: ImagenPipeline, args: argparse.Namespace, report: dict) -> None:
+    """Store the report in the model directory, with the small check at default settings."""
+    import sys
+
+    from imagen.evaluation.shapes import CHECK, eval_shapes, record_evaluation
+
+    check = eval_shapes(pipe, CHECK["num_per_group"], seed=CHECK["seed"])
+    command = f"imagen eval shapes --num {args.num} --seed {args.seed}"
+    record_evaluation(args.model_dir, report, check, command)
+    print(f"recorded in {args.model_dir}", file=sys.stderr)
+
+
+def recordable_model_dir(model: str | None) -> Path:
+    """The local model directory --record writes into (the bundled model by default)."""
+    from imagen.models.model_dir import INDEX_FILE
+    from imagen.pipeline import BUNDLED_MODEL
+
+    path = Path(model) if model else BUNDLED_MODEL
+    if not (path / INDEX_FILE).is_file():
+        raise UsageError(f"--record needs a local model directory; {model!r} is not one")
+    if not os.access(path / INDEX_FILE, os.W_OK):
+        raise UsageError(f"--record: {path / INDEX_FILE} is not writable")
+    return path
 
 
 def eval_fid_command(args: argparse.Namespace) -> dict:

@@ -75,6 +75,10 @@ class Conditioning:
             self.aug_level,
         )
 
+    def with_text(self, text: Tensor, mask: Tensor) -> Conditioning:
+        """The same image conditioning with other text (a negative prompt's)."""
+        return Conditioning(text, mask, self.lowres, self.aug_level)
+
     def dropped(self, drop: Tensor) -> Conditioning:
         """The null caption where ``drop`` (B,) is True (conditioning dropout in training)."""
         keep = ~drop
@@ -109,16 +113,17 @@ def guided_output(
     t: Tensor,
     cond: Conditioning,
     guidance_scale: float,
+    uncond: Conditioning | None = None,
 ) -> Tensor:
-    """Classifier-free guidance (Ho & Salimans 2022): out = out(x, null) + s (out(x, c) -
-    out(x, null)), with the conditional and unconditional halves in ONE forward pass. Guidance
+    """Classifier-free guidance (Ho & Salimans 2022): out = out(x, u) + s (out(x, c) -
+    out(x, u)), with the conditional and unconditional halves in ONE forward pass; u is the
+    null caption, or ``uncond`` (a negative prompt, as in DeepFloyd IF and diffusers). Guidance
     is linear in the model output, so it holds for any target (eps, v or x0). s = 1 is the
     conditional prediction and costs a single pass."""
     if guidance_scale == 1.0:
         return model_output(model, x, t, cond)
-    both = model_output(
-        model, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat(cond, cond.null())
-    )
+    uncond = uncond if uncond is not None else cond.null()
+    both = model_output(model, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat(cond, uncond))
     cond_out, uncond_out = both.chunk(2)
     return uncond_out + guidance_scale * (cond_out - uncond_out)
 
@@ -130,6 +135,7 @@ def make_denoiser(
     guidance_scale: float = 1.0,
     threshold: ThresholdConfig | None = None,
     autocast_dtype: torch.dtype | None = None,
+    uncond: Conditioning | None = None,
 ) -> Denoiser:
     """Wrap a U-Net (or a compiled version of it) and its schedule as a denoiser
     ``(x_t, t) -> thresholded x0_hat``.
@@ -147,7 +153,7 @@ def make_denoiser(
             dtype=autocast_dtype or torch.float32,
             enabled=autocast_dtype is not None,
         ):
-            out = guided_output(model, x, tt.float(), cond, guidance_scale)
+            out = guided_output(model, x, tt.float(), cond, guidance_scale, uncond)
         x0 = schedule.to_x0(out.float(), x, tt)
         return apply_threshold(x0, threshold)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imagen.diffusion.guidance import Conditioning, Denoiser
+from imagen.diffusion.guidance import Denoiser
 
 Callback = Callable[[int, Tensor], None]
 """A sampler's per-step callback: ``callback(i, x)`` after step i (0-based) with the new x."""
@@ -91,41 +91,6 @@ def randn(
 
 def randn_like(x: Tensor, generator: Generators) -> Tensor:
     return randn(tuple(x.shape), generator, x.device, x.dtype)
-
-
-@dataclass
-class NegativeConditioning(Conditioning):
-    """A conditioning whose unconditional counterpart (the other half of classifier-free
-    guidance) is a negative prompt's embedding instead of the null caption, as in DeepFloyd
-    IF and diffusers. Interim: once :func:`imagen.diffusion.guidance.guided_output` takes
-    the unconditional conditioning as an argument, this class goes."""
-
-    negative_text: Tensor | None = None  # (B, L, D), the same L as ``text``
-    negative_mask: Tensor | None = None  # (B, L)
-
-    @classmethod
-    def of(cls, cond: Conditioning, text: Tensor, mask: Tensor) -> NegativeConditioning:
-        """``cond`` with the negative tokens ``text`` and ``mask`` (one row per image) as its
-        unconditional half."""
-        if text.shape != cond.text.shape:
-            raise ValueError(
-                f"negative embeddings {tuple(text.shape)} do not match the prompts' "
-                f"{tuple(cond.text.shape)}"
-            )
-        device = cond.text.device
-        return cls(
-            cond.text,
-            cond.mask,
-            cond.lowres,
-            cond.aug_level,
-            text.to(device, cond.text.dtype),
-            mask.to(device),
-        )
-
-    def null(self) -> Conditioning:
-        """The negative prompt's conditioning (with the same low-res input)."""
-        assert self.negative_text is not None and self.negative_mask is not None
-        return Conditioning(self.negative_text, self.negative_mask, self.lowres, self.aug_level)
 
 
 def _alpha_bars(alpha_bar: Tensor, timesteps: list[int]) -> list[tuple[float, float]]:

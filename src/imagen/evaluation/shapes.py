@@ -127,3 +127,23 @@ def eval_fid(
         "feature_network": f"{net.name} ({net.path.name})",
         "clip_score": clip_score_status(),
     }
+
+
+CHECK = {"num_per_group": 2, "seed": 0}  # the small evaluation a model's tests can afford
+
+
+def record_evaluation(
+    model_dir: str | Path, report: dict[str, Any], check: dict[str, Any], command: str
+) -> None:
+    """Write an evaluation into the model's model_index.json (``evaluation``: the report and
+    the command that reproduces it; ``evaluation_check``: a small evaluation at default
+    settings that a test reruns exactly). The index is replaced atomically."""
+    from imagen.models.model_dir import INDEX_FILE
+
+    path = Path(model_dir) / INDEX_FILE
+    index = json.loads(path.read_text())
+    index["evaluation"] = {"command": command, **report}
+    index["evaluation_check"] = {**CHECK, "accuracy": check["accuracy"]}
+    tmp = path.with_name(f".{INDEX_FILE}.tmp")
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    tmp.replace(path)

@@ -29,7 +29,6 @@ from imagen.diffusion.guidance import (
 from imagen.diffusion.samplers import (
     SAMPLERS,
     Generators,
-    NegativeConditioning,
     Progress,
     ProgressCallback,
     get_sampler,
@@ -253,12 +252,13 @@ class Stage(nn.Module):
         cond: Conditioning,
         sampling: SamplingConfig,
         autocast: torch.dtype | None = None,
+        uncond: Conditioning | None = None,
     ) -> Denoiser:
-        """This stage as a denoiser ``(x_t, t) -> x0_hat`` with guidance and thresholding."""
+        """This stage as a denoiser ``(x_t, t) -> x0_hat`` with guidance (away from the null
+        caption, or from ``uncond``) and thresholding."""
         net = self.compiled or self.unet
-        return make_denoiser(
-            net, self.schedule, cond, sampling.guidance, sampling.threshold, autocast
-        )
+        s = sampling
+        return make_denoiser(net, self.schedule, cond, s.guidance, s.threshold, autocast, uncond)
 
     @torch.no_grad()
     def sample(
@@ -290,9 +290,10 @@ class Stage(nn.Module):
             text = TextEmbedding(both.tokens[:b], both.mask[:b])
             negative = TextEmbedding(both.tokens[b:], both.mask[b:])
         cond = self.condition(text, lowres, level, aug_noise)
+        uncond = None
         if negative is not None:
-            cond = NegativeConditioning.of(cond, negative.tokens, negative.mask)
-        denoise = self.denoiser(cond, s, autocast_dtype)
+            uncond = cond.with_text(negative.tokens.to(device), negative.mask.to(device))
+        denoise = self.denoiser(cond, s, autocast_dtype, uncond)
         timesteps = respaced_timesteps(self.schedule.num_timesteps, s.steps)
         x = randn((b, c, n, n), generator, device)
         if edit is not None:

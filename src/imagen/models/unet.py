@@ -30,11 +30,8 @@ class UNetConfig:
     in_channels: int = 3  # image channels (the low-res image adds as many again for SR)
     channels: int = 64  # width of the first level
     channel_mults: tuple[int, ...] = (1, 2, 4)  # width multiplier per level
-    num_res_blocks: tuple[int, ...] = (
-        2,
-        2,
-        2,
-    )  # residual blocks per level (Efficient U-Net: more at low res)
+    # residual blocks per level, or one count for every level (Efficient U-Net: more at low res)
+    num_res_blocks: tuple[int, ...] | int = (2, 2, 2)
     attn_resolutions: tuple[int, ...] = (16, 8)  # self-attention with text tokens in keys/values
     cross_attn_resolutions: tuple[int, ...] = ()  # text cross-attention without self-attention
     attn_head_dim: int = 32  # channels per attention head

@@ -202,14 +202,14 @@ def _check_record(path: Path, record: Any) -> None:
         raise CheckpointError(f"{path}: {STATE_FILE} has no valid optimizer record")
 
 
-def _check_files(path: Path, checksums: Any) -> None:
-    """Raise unless every weights file is there and matches its checksum (old checkpoints:
-    is a complete safetensors file)."""
+def _check_files(path: Path, checksums: Any, files: tuple[str, ...] = WEIGHT_FILES) -> None:
+    """Raise unless each of ``files`` is there and matches its checksum (old checkpoints: is a
+    complete safetensors file)."""
     if checksums is not None and not (
         isinstance(checksums, dict) and set(checksums) == set(WEIGHT_FILES)
     ):
         raise CheckpointError(f"{path}: {STATE_FILE} has an invalid {CHECKSUMS} record")
-    for name in WEIGHT_FILES:
+    for name in files:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
@@ -224,17 +224,18 @@ def _check_files(path: Path, checksums: Any) -> None:
             raise CheckpointError(f"{path}: {name} is not a complete safetensors file: {e}") from e
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
+def verify_checkpoint(path: Path, files: tuple[str, ...] = WEIGHT_FILES) -> dict[str, Any]:
     """Check a checkpoint without loading its tensors: state.json valid and consistent with
-    the directory name, weights files matching their checksums; returns state.json's record.
-    Raises :class:`CheckpointError` (one line) when it is damaged."""
+    the directory name, the weights ``files`` (all by default; export needs only the one it
+    reads) matching their checksums; returns state.json's record. Raises
+    :class:`CheckpointError` (one line) when it is damaged."""
     path = Path(path)
     try:
         record = json.loads((path / STATE_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: {STATE_FILE} is unreadable: {e}") from e
     _check_record(path, record)
-    _check_files(path, record.get(CHECKSUMS))
+    _check_files(path, record.get(CHECKSUMS), files)
     if CHECKSUMS not in record and str(path) not in _WARNED:
         _WARNED.add(str(path))
         log.warning("%s has no checksums (written by an older version): accepted unverified", path)
@@ -256,8 +257,9 @@ def _finite(path: Path, name: str, tensors: dict[str, Tensor]) -> dict[str, Tens
 
 
 def read_weights(path: Path, name: str) -> dict[str, Tensor]:
-    """The ``model`` or ``ema`` weights of a verified checkpoint (finite)."""
-    verify_checkpoint(path)
+    """The ``model`` or ``ema`` weights of a checkpoint, verified (finite); the other files of
+    the checkpoint need not be there (a run copied without its optimiser state exports)."""
+    verify_checkpoint(path, (f"{name}.safetensors",))
     return _finite(path, name, _load(path, f"{name}.safetensors"))
 
 

@@ -24,8 +24,8 @@ import tomllib
 from imagen.data.config import DataConfig
 from imagen.models.presets import get_preset
 from imagen.models.stage import StageConfig
-from imagen.models.unet import config_from_dict
 from imagen.text.encoders import TextEncoderConfig
+from imagen.utils.config import config_from_dict
 
 
 @dataclass
@@ -173,9 +173,9 @@ def parse_cascade_config(data: dict[str, Any]) -> CascadeRunConfig:
     unknown = set(data) - {"text_encoder", "data", "stages"}
     if unknown:
         raise ValueError(f"unknown top-level config key(s): {', '.join(sorted(unknown))}")
-    te = config_from_dict(TextEncoderConfig, data.get("text_encoder", {}))
+    te = config_from_dict(TextEncoderConfig, data.get("text_encoder", {}), "text_encoder")
     data_dict = data.get("data", {})
-    dc = config_from_dict(DataConfig, data_dict)
+    dc = config_from_dict(DataConfig, data_dict, "data")
     stages = []
     for i, entry in enumerate(data.get("stages", [])):
         extra = set(entry) - {"preset", "stage", "train", "data"}
@@ -184,10 +184,11 @@ def parse_cascade_config(data: dict[str, Any]) -> CascadeRunConfig:
         base = get_preset(entry["preset"]).to_dict() if "preset" in entry else {}
         stage_dict = deep_merge(base, entry.get("stage", {}))
         try:
-            stage = StageConfig.from_dict(stage_dict)
-            train = config_from_dict(TrainConfig, entry.get("train", {}))
+            stage = config_from_dict(StageConfig, stage_dict, "stage")
+            train = config_from_dict(TrainConfig, entry.get("train", {}), "train")
             own = entry.get("data")
-            stage_data = config_from_dict(DataConfig, deep_merge(data_dict, own)) if own else None
+            merged = deep_merge(data_dict, own) if own else None
+            stage_data = config_from_dict(DataConfig, merged, "data") if merged else None
         except (TypeError, ValueError) as e:
             raise ValueError(f"stage {i}: {e}") from e
         stages.append(StageRun(stage, train, stage_data))

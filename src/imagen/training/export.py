@@ -46,7 +46,7 @@ class StageSource:
 
 def _from_run(rd: RunDirectory, weights: str) -> StageSource:
     """The newest usable checkpoint of a run (a damaged newer one is skipped with a warning)."""
-    ckpt = rd.latest_checkpoint()
+    ckpt = rd.latest_checkpoint((f"{weights}.safetensors",))
     state = read_weights(ckpt, weights)
     return StageSource(
         rd.path, rd.stage_config(), rd.text_encoder(), state, rd.training_record(ckpt)

@@ -15,6 +15,7 @@ from imagen.models.stage import Stage, resize
 from imagen.text.encoders import TextEncoder
 from imagen.training.data import collate
 from imagen.utils.grid import captioned_grid
+from imagen.utils.plot import curves_image
 
 
 def tensorboard_writer(out: Path) -> Any:
@@ -64,3 +65,16 @@ def write_samples(
         columns=len(captions),
         tile=max(64, cfg.resolution),
     ).save(path)
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> None:
+    """Training loss (log scale) and learning rate over steps, from the run's log records, as
+    a PNG (written beside the log and updated as the run goes)."""
+    steps = [float(r["step"]) for r in records]
+    panels = [
+        ("training loss (log scale) by step", (steps, [float(r["loss"]) for r in records]), True),
+        ("learning rate by step", (steps, [float(r["lr"]) for r in records]), False),
+    ]
+    tmp = path.with_suffix(".tmp.png")
+    curves_image(panels).save(tmp)
+    tmp.replace(path)

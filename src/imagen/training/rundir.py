@@ -129,13 +129,14 @@ class RunDirectory:
         names = (OPTIONS_FILE, LOG_FILE, CHECKPOINTS)
         return [n for n in names if (self.path / n).exists()]
 
-    def latest_checkpoint(self) -> Path:
-        """The newest checkpoint that verifies (checksums, state.json); a damaged newer one is
-        reported and skipped, never deleted. Raises when none is usable."""
+    def latest_checkpoint(self, files: tuple[str, ...] | None = None) -> Path:
+        """The newest checkpoint that verifies (checksums of ``files``, all by default, and
+        state.json); a damaged newer one is reported and skipped, never deleted. Raises when
+        none is usable."""
         problems = []
         for ckpt in reversed(self.checkpoints()):
             try:
-                verify_checkpoint(ckpt)
+                verify_checkpoint(ckpt, *([files] if files else []))
             except CheckpointError as e:
                 log.warning("skipping a damaged checkpoint: %s", e)
                 problems.append(f"{ckpt.name}: {str(e).split(': ', 1)[-1]}")
@@ -226,11 +227,15 @@ class RunDirectory:
         self.materialize()
         return self.path / f"samples_{step:08d}.png"
 
+    def curves_path(self) -> Path:
+        """The picture of the run's loss and learning rate over steps."""
+        return self.path / "curves.png"
+
     def training_record(self, ckpt: Path) -> dict[str, Any]:
         """Steps, images seen, wall time and hardware of the run up to ``ckpt``, from its log
         (for the model index that ``imagen export`` writes)."""
         rec: dict[str, Any] = {"run_dir": self.path.name, "checkpoint": ckpt.name}
-        state = verify_checkpoint(ckpt)
+        state = verify_checkpoint(ckpt, ())  # its record only: the weights are read elsewhere
         rec["steps"] = state["step"]
         rec["samples_seen"] = state["samples_seen"]
         rows = [r for r in self.read_log() if r["step"] <= state["step"]]

@@ -31,7 +31,12 @@ from imagen.text.encoders import TextEncoder, load_text_encoder
 from imagen.training.captions import CaptionEmbeddings, CaptionTable
 from imagen.training.config import CascadeRunConfig, TrainConfig
 from imagen.training.data import DrawSpec, draw_noise, training_batches
-from imagen.training.monitor import tensorboard_writer, validation_batch, write_samples
+from imagen.training.monitor import (
+    plot_curves,
+    tensorboard_writer,
+    validation_batch,
+    write_samples,
+)
 from imagen.training.optim import (
     clip_gradients,
     ema_decay,
@@ -355,6 +360,7 @@ class Trainer:
         if self.d.main:
             extra = {"samples_seen": self.samples_seen, "bad_steps": int(self.bad_total)}
             self.run_dir.save_checkpoint(self.step, *states, extra, self.cfg.keep_checkpoints)
+            self._plot()
         if self.d.world > 1:
             dist.barrier()
 
@@ -380,7 +386,16 @@ class Trainer:
             log.warning("data records skipped or converted: %s", dict(self.notes))
         if self.d.main:
             self.run_dir.write_summary(summary)
+            self._plot()
         return summary
+
+    def _plot(self) -> None:
+        """Redraw the run's loss and learning-rate curves (RUN_DIR/curves.png)."""
+        if self.logf is not None:
+            self.logf.flush()
+        records = self.run_dir.read_log()
+        if records:
+            plot_curves(records, self.run_dir.curves_path())
 
 
 def train_stage(

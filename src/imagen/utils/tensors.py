@@ -61,8 +61,19 @@ def save_tensors(tensors: dict[str, Tensor], path: Path, dtype: torch.dtype | No
             v = v.to(dtype)
         out[k] = v.contiguous()
     save_file(out, str(path))
+    os.chmod(path, _FILE_MODE)  # safetensors creates owner-only files; models are for sharing
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _file_mode() -> int:
+    """The mode a new file gets from this process's umask (0o644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
 
 
 def load_tensors(path: Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
