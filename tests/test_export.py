@@ -163,3 +163,25 @@ def test_model_directories_record_checksums(runs, tmp_path):
     ]
     for name, digest in index["checksums"].items():
         assert model_dir.file_sha256(root / name) == digest
+
+
+def test_export_sets_the_stages_default_sampling(runs, tmp_path, capsys):
+    from imagen.cli.main import main
+
+    model = tmp_path / "m"
+    assert main(["export", str(runs / "base"), str(runs / "sr"), "--out", str(model)]) == 0
+    args = ["--steps-per-stage", "7,3", "--guidance-per-stage", "2.5,1", "--precision", "bf16"]
+    out = tmp_path / "tuned"
+    assert (
+        main(["export", str(model / "stage0"), str(model / "stage1"), "--out", str(out), *args])
+        == 0
+    )
+    for k, (steps, guidance) in enumerate([(7, 2.5), (3, 1.0)]):
+        cfg = json.loads((out / f"stage{k}" / "config.json").read_text())["sampling"]
+        assert (cfg["steps"], cfg["guidance"], cfg["precision"]) == (steps, guidance, "bf16")
+        same = (out / f"stage{k}" / "model.safetensors").read_bytes()
+        assert same == (model / f"stage{k}" / "model.safetensors").read_bytes()
+    assert (
+        main(["export", str(model / "stage0"), "--out", str(out), "--steps-per-stage", "1,2"]) == 2
+    )
+    assert "2 values for 1 stages" in capsys.readouterr().err

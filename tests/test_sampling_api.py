@@ -121,6 +121,7 @@ def test_overrides_apply_per_stage_and_are_summarised_once():
         "guidance": 2.0,
         "threshold": 0.9,
         "aug_level": cfgs[0].aug_level,
+        "precision": "fp32",
         "eta": 0.0,
     }
     with pytest.raises(ValueError, match="3 stages"):
@@ -129,3 +130,22 @@ def test_overrides_apply_per_stage_and_are_summarised_once():
         pipe.sampling_configs(SamplingOverrides(guidance=math.nan))
     out = pipe("a", steps=1, guidance=[2.0, 1.0, 1.0], overrides=o)  # explicit settings win
     assert [c.steps for c in out.sampling] == [1, 1, 1] and out.sampling[0].sampler == "ddim"
+
+
+def test_each_stage_runs_at_its_stored_precision_unless_forced(tmp_path):
+    from dataclasses import replace
+
+    from imagen.utils.system import bf16_supported
+
+    cascade = make_cascade()
+    fp32 = ImagenPipeline(cascade)("a red circle", steps=2, seed=3).images[0]
+    base = cascade.stages[0].config
+    cascade.stages[0].config = replace(base, sampling=replace(base.sampling, precision="bf16"))
+    stored = ImagenPipeline(cascade)("a red circle", steps=2, seed=3)
+    forced = ImagenPipeline(cascade, torch.float32)("a red circle", steps=2, seed=3)
+    assert stored.sampling[0].precision == "bf16" and forced.sampling[0].precision == "fp32"
+    assert forced.images[0].tobytes() == fp32.tobytes()
+    if bf16_supported(torch.device("cpu")):  # bf16 changes the images where it runs
+        assert stored.images[0].tobytes() != fp32.tobytes()
+    with pytest.raises(ValueError, match="precision"):
+        SamplingConfig(precision="fp8")

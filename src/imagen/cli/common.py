@@ -131,7 +131,7 @@ def device(text: str) -> str:
 
 # ---- options shared by several commands --------------------------------------------------
 def add_model_options(p: argparse.ArgumentParser, default_device: str | None = "cpu") -> None:
-    """--model, --device, --bf16 and --threads."""
+    """--model, --device, --bf16 / --fp32 and --threads."""
     p.add_argument(
         "--model",
         help="model directory or Hugging Face Hub repo id (default: the bundled Shapes cascade)",
@@ -142,7 +142,16 @@ def add_model_options(p: argparse.ArgumentParser, default_device: str | None = "
         default=default_device,
         help=f"cpu, cuda, cuda:1, mps ... (default: {default_device or 'cuda if available'})",
     )
-    p.add_argument("--bf16", action="store_true", help="run the U-Nets under bf16 autocast")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--bf16", action="store_true", help="run every U-Net under bf16 autocast"
+    )
+    precision.add_argument(
+        "--fp32",
+        action="store_true",
+        help="run every U-Net in float32 (default: each stage's stored precision; bf16 runs "
+        "only where the CPU or GPU supports it)",
+    )
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
 
 
@@ -186,12 +195,17 @@ def sampling_overrides(args: argparse.Namespace) -> SamplingOverrides:
 
 
 def load_pipeline(args: argparse.Namespace, model: Path | None = None) -> ImagenPipeline:
-    """The pipeline of ``model`` (default: --model) on --device (bf16 autocast with --bf16)."""
+    """The pipeline of ``model`` (default: --model) on --device (every stage in bf16 with
+    --bf16, in float32 with --fp32, else at each stage's stored precision)."""
     import torch
 
     from imagen.pipeline import ImagenPipeline
 
-    dtype = torch.bfloat16 if getattr(args, "bf16", False) else None
+    dtype = None
+    if getattr(args, "bf16", False):
+        dtype = torch.bfloat16
+    elif getattr(args, "fp32", False):
+        dtype = torch.float32
     return ImagenPipeline.from_pretrained(model or args.model, args.device or "cpu", dtype)
 
 

@@ -7,7 +7,15 @@ import argparse
 import os
 from dataclasses import replace
 
-from imagen.cli.common import UsageError, command, device, positive_float, positive_int
+from imagen.cli.common import (
+    UsageError,
+    command,
+    device,
+    float_list,
+    int_list,
+    positive_float,
+    positive_int,
+)
 from imagen.cli.output import check_output_dir
 
 
@@ -34,7 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=positive_int, help="CPU threads for torch")
 
     e = sub.add_parser("export", help="assemble trained stages into a model directory")
-    e.add_argument("runs", nargs="+", help="training run directories, base stage first")
+    e.add_argument(
+        "runs",
+        nargs="+",
+        help="training run directories or stages of a model (MODEL_DIR/stageK), base first",
+    )
     e.add_argument("--out", required=True, help="model directory to write")
     e.add_argument("--weights", choices=["ema", "model"], default="ema")
     e.add_argument(
@@ -42,6 +54,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["fp16", "fp32", "bf16", "int8"],
         default="fp16",
         help="weight storage; int8: weight-only, one scale per output channel",
+    )
+    e.add_argument("--steps-per-stage", type=int_list, help="default sampling steps, e.g. 10,8,8")
+    e.add_argument(
+        "--guidance-per-stage", type=float_list, help="default guidance scales, e.g. 3,1,1"
+    )
+    e.add_argument(
+        "--precision", choices=["fp32", "bf16"], help="default sampling precision of every stage"
     )
 
     m = sub.add_parser("embed", help="precompute the text embeddings of a dataset's captions")
@@ -102,9 +121,26 @@ def cmd_export(args: argparse.Namespace) -> int:
         "bf16": torch.bfloat16,
         "int8": torch.int8,
     }[args.dtype]
-    root = export_model(args.runs, args.out, args.weights, dtype)
+    root = export_model(args.runs, args.out, args.weights, dtype, sampling=sampling_changes(args))
     print(f"wrote model directory {root}")
     return 0
+
+
+def sampling_changes(args: argparse.Namespace) -> list[dict] | None:
+    """Per-stage changes to the exported stages' default sampling settings, if any."""
+    n = len(args.runs)
+    changes: list[dict] = [{} for _ in range(n)]
+    for name, values in (("steps", args.steps_per_stage), ("guidance", args.guidance_per_stage)):
+        if values is None:
+            continue
+        if len(values) != n:
+            raise UsageError(f"--{name}-per-stage has {len(values)} values for {n} stages")
+        for c, v in zip(changes, values, strict=True):
+            c[name] = v
+    if args.precision:
+        for c in changes:
+            c["precision"] = args.precision
+    return changes if any(changes) else None
 
 
 @command("embed")

@@ -38,6 +38,9 @@ from imagen.diffusion.samplers import (
 from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule, respaced_timesteps
 from imagen.models.unet import UNet, UNetConfig, config_from_dict
 from imagen.text.encoders import TextEmbedding, pad_embeddings, unpad_embeddings
+from imagen.utils.system import bf16_supported
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -49,6 +52,7 @@ class SamplingConfig:
     guidance: float = 3.0  # classifier-free guidance scale (1 = no guidance)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     aug_level: float = 0.2  # SR stages: noise-augmentation level of the low-res input, in [0, 1)
+    precision: str = "fp32"  # fp32, or bf16 (autocast, where the device supports it)
     eta: float = 0.0  # the ddim sampler's eta option: 0 deterministic, 1 ancestral
     ddpm_variance: str = "posterior"  # the ddpm sampler's variance option: posterior or beta
 
@@ -65,6 +69,15 @@ class SamplingConfig:
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
         if not 0.0 <= self.aug_level < 1.0:
             raise ValueError(f"aug_level must be in [0, 1), got {self.aug_level}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype this config asks for on ``device``: bf16 only where it is fast
+        there (it falls back to float32 elsewhere), None for float32."""
+        if self.precision == "bf16" and bf16_supported(device):
+            return torch.bfloat16
+        return None
 
     def sampler_options(self) -> dict[str, Any]:
         """The keyword arguments of this config's sampler (its declared options)."""
@@ -277,9 +290,11 @@ class Stage(nn.Module):
         low-res images to upsample); ``edit`` turns this into image-to-image or inpainting;
         ``negative`` (one embedding per image) replaces the null caption in guidance.
         ``progress`` gets ``at`` (by default this stage alone) after every step; when it
-        returns False, :class:`~imagen.diffusion.samplers.Cancelled` is raised."""
+        returns False, :class:`~imagen.diffusion.samplers.Cancelled` is raised.
+        ``autocast_dtype`` overrides the config's precision."""
         s = sampling or self.config.sampling
         device = self.device
+        autocast_dtype = autocast_dtype or s.autocast_dtype(device)
         b, n, c = text.tokens.shape[0], self.config.resolution, self.config.unet.in_channels
         level = aug_noise = None
         if self.config.is_super_resolution:

@@ -95,9 +95,14 @@ class ImagenPipeline:
         return len(self.cascade.stages)
 
     def sampling_configs(self, overrides: SamplingOverrides | None = None) -> list[SamplingConfig]:
-        """Each stage's default sampling settings with ``overrides`` applied and validated."""
+        """Each stage's default sampling settings with ``overrides`` applied and validated (the
+        pipeline's ``dtype``, when given, sets every stage's precision)."""
         defaults = [st.config.sampling for st in self.cascade.stages]
-        return (overrides or SamplingOverrides()).apply(defaults)
+        overrides = overrides or SamplingOverrides()
+        if self.autocast_dtype is not None and overrides.precision is None:
+            forced = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+            overrides = replace(overrides, precision=forced)
+        return overrides.apply(defaults)
 
     @torch.no_grad()
     def __call__(
@@ -249,7 +254,7 @@ class ImagenPipeline:
                 _rows(text, rows, work.prompts[chunk]),
                 sampling,
                 [torch.Generator(device=device).manual_seed(s) for s in work.seeds[chunk]],
-                self.autocast_dtype,
+                None,  # each stage runs at the precision its sampling config asks for
                 True,
                 _in_call(progress, start, total),
                 edit,

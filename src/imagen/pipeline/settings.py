@@ -27,6 +27,7 @@ class SamplingOverrides:
     sampler: PerStage[str] = None  # a name in imagen.diffusion.samplers.SAMPLERS
     threshold: PerStage[float] = None  # dynamic-thresholding percentile, in (0, 1]
     aug_level: PerStage[float] = None  # SR stages: noise-augmentation level, in [0, 1)
+    precision: PerStage[str] = None  # fp32 or bf16 (autocast where the device supports it)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # lists become tuples: hashable, so requests can be grouped
@@ -65,6 +66,7 @@ def sampling_summary(configs: Sequence[SamplingConfig]) -> list[dict[str, Any]]:
             "guidance": c.guidance,
             "threshold": c.threshold.percentile,
             "aug_level": c.aug_level,
+            "precision": c.precision,
             **c.sampler_options(),
         }
         for c in configs

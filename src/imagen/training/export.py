@@ -10,7 +10,7 @@ there untouched.
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,7 @@ def export_model(
     weights: str = "ema",
     dtype: torch.dtype = torch.float16,
     notes: dict[str, Any] | None = None,
+    sampling: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Build a model directory from its stages, base stage first. Each item is a training run
     directory (the newest checkpoint that verifies; EMA weights by default) or a stage
@@ -118,12 +119,18 @@ def export_model(
     stays int8, whatever ``dtype``) with the training record that model kept, so one stage
     can be replaced without the runs of the others; ``out_dir`` may be that same model. The
     text encoder must be the same for every stage. A model at ``out_dir`` is replaced only by
-    a complete, loadable one."""
+    a complete, loadable one. ``sampling`` (one dict per stage, e.g. ``{"steps": 10}``)
+    changes the stages' default sampling settings."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     if not run_dirs:
         raise ValueError("nothing to export: name at least one run or stage directory")
     sources = [stage_source(item, weights) for item in run_dirs]
+    if sampling is not None:
+        if len(sampling) != len(sources):
+            raise ValueError(f"{len(sampling)} sampling changes for {len(sources)} stages")
+        for src, changes in zip(sources, sampling, strict=True):
+            src.config = replace(src.config, sampling=replace(src.config.sampling, **changes))
     check_sources(sources)
     extra = {
         "training": [s.training for s in sources],
