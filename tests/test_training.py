@@ -93,8 +93,7 @@ def test_existing_run_needs_resume_and_same_model(tmp_path):
 def test_checkpoint_with_wrong_shapes_is_a_clear_error(tmp_path):
     from imagen.models.unet import UNet
     from imagen.training.optim import make_optimizer
-    from imagen.training.parallel import Dist, Parallel
-    from imagen.training.trainer import restore_checkpoint
+    from imagen.training.parallel import Dist, Parallel, restore_checkpoint
 
     train_stage(config(steps=3), 0, tmp_path / "r", progress=False)
     cfg = tiny_base(16, 32).unet

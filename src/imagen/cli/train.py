@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from imagen.cli.common import (
     UsageError,
@@ -18,23 +19,50 @@ from imagen.cli.common import (
 )
 from imagen.cli.output import check_output_dir
 
+if TYPE_CHECKING:
+    from imagen.training.config import CascadeRunConfig
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """What names a training run: the config, the stage, the run directory and the overrides of
+    its training settings (shared by ``train`` and ``distill``)."""
+    p.add_argument("config", help="cascade config (.yaml, .toml or .json)")
+    p.add_argument(
+        "--stage", type=int, required=True, help="index of the stage to train (0 = base)"
+    )
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
+    p.add_argument("--max-steps", type=positive_int, help="override train.max_steps")
+    p.add_argument(
+        "--batch-size", type=positive_int, help="override train.batch_size (per process)"
+    )
+    p.add_argument("--lr", type=positive_float, help="override train.lr")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
+    )
+
+
+def run_config(args: argparse.Namespace) -> CascadeRunConfig:
+    """The config of ``args.config`` with the command line's overrides of stage
+    ``args.stage``'s training settings (a new config: the loaded one is never changed)."""
+    from imagen.training.config import load_cascade_config
+
+    cfg = load_cascade_config(args.config)
+    if not 0 <= args.stage < len(cfg.stages):
+        raise UsageError(f"--stage {args.stage}: the config has {len(cfg.stages)} stage(s)")
+    changes = {"batch_size": args.batch_size, "lr": args.lr}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if changes:
+        run = cfg.stages[args.stage]
+        stages = list(cfg.stages)
+        stages[args.stage] = replace(run, train=replace(run.train, **changes))
+        cfg = replace(cfg, stages=stages)
+    return cfg
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """The ``train``, ``export`` and ``embed`` commands."""
     t = sub.add_parser("train", help="train one stage of a cascade")
-    t.add_argument("config", help="cascade config (.yaml, .toml or .json)")
-    t.add_argument(
-        "--stage", type=int, required=True, help="index of the stage to train (0 = base)"
-    )
-    t.add_argument("--out", required=True, help="run directory (checkpoints, logs, samples)")
-    t.add_argument("--max-steps", type=positive_int, help="override train.max_steps")
-    t.add_argument(
-        "--batch-size", type=positive_int, help="override train.batch_size (per process)"
-    )
-    t.add_argument("--lr", type=positive_float, help="override train.lr")
-    t.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in --out"
-    )
+    add_run_options(t)
     t.add_argument("--embeddings", help="text-embedding cache directory made by `imagen embed`")
     t.add_argument(
         "--device", type=device, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -72,19 +100,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
-    from imagen.training.config import load_cascade_config
-
     check_output_dir(args.out)
-    cfg = load_cascade_config(args.config)
-    if not 0 <= args.stage < len(cfg.stages):
-        raise UsageError(f"--stage {args.stage}: the config has {len(cfg.stages)} stage(s)")
-    changes = {"batch_size": args.batch_size, "lr": args.lr}
-    changes = {k: v for k, v in changes.items() if v is not None}
-    if changes:  # a new config: the loaded one is never changed in place
-        run = cfg.stages[args.stage]
-        stages = list(cfg.stages)
-        stages[args.stage] = replace(run, train=replace(run.train, **changes))
-        cfg = replace(cfg, stages=stages)
+    cfg = run_config(args)
     cache = None
     if args.embeddings:
         from imagen.text.cache import EmbeddingCache

@@ -65,28 +65,22 @@ class Conditioning:
     mask: Tensor  # (B, L) bool, True for real tokens
     lowres: Tensor | None = None  # (B, C, H, W) upsampled, noise-augmented low-res image (SR)
     aug_level: Tensor | None = None  # (B,) augmentation timestep of ``lowres`` (SR)
-
-    def null(self) -> Conditioning:
-        """The unconditional counterpart: zeroed text with an empty mask (Ho & Salimans 2022)."""
-        return Conditioning(
-            torch.zeros_like(self.text),
-            torch.zeros_like(self.mask),
-            self.lowres,
-            self.aug_level,
-        )
+    guidance: Tensor | None = None  # (B,) guidance weight, for guidance-distilled U-Nets
 
     def with_text(self, text: Tensor, mask: Tensor) -> Conditioning:
         """The same image conditioning with other text (a negative prompt's)."""
-        return Conditioning(text, mask, self.lowres, self.aug_level)
+        return Conditioning(text, mask, self.lowres, self.aug_level, self.guidance)
+
+    def null(self) -> Conditioning:
+        """The unconditional counterpart: zeroed text with an empty mask (Ho & Salimans 2022)."""
+        return self.with_text(torch.zeros_like(self.text), torch.zeros_like(self.mask))
 
     def dropped(self, drop: Tensor) -> Conditioning:
         """The null caption where ``drop`` (B,) is True (conditioning dropout in training)."""
         keep = ~drop
-        return Conditioning(
+        return self.with_text(
             torch.where(keep[:, None, None], self.text, torch.zeros_like(self.text)),
             self.mask & keep[:, None],
-            self.lowres,
-            self.aug_level,
         )
 
     @staticmethod
@@ -99,12 +93,15 @@ class Conditioning:
             torch.cat([a.mask, b.mask]),
             both(a.lowres, b.lowres),
             both(a.aug_level, b.aug_level),
+            both(a.guidance, b.guidance),
         )
 
 
 def model_output(model: Callable[..., Tensor], x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
     """One U-Net evaluation under ``cond``."""
-    return model(x, t, cond.text, cond.mask, cond.lowres, cond.aug_level)
+    if cond.guidance is None:
+        return model(x, t, cond.text, cond.mask, cond.lowres, cond.aug_level)
+    return model(x, t, cond.text, cond.mask, cond.lowres, cond.aug_level, cond.guidance)
 
 
 def guided_output(
@@ -112,19 +109,21 @@ def guided_output(
     x: Tensor,
     t: Tensor,
     cond: Conditioning,
-    guidance_scale: float,
+    guidance_scale: float | Tensor,
     uncond: Conditioning | None = None,
 ) -> Tensor:
     """Classifier-free guidance (Ho & Salimans 2022): out = out(x, u) + s (out(x, c) -
     out(x, u)), with the conditional and unconditional halves in ONE forward pass; u is the
     null caption, or ``uncond`` (a negative prompt, as in DeepFloyd IF and diffusers). Guidance
     is linear in the model output, so it holds for any target (eps, v or x0). s = 1 is the
-    conditional prediction and costs a single pass."""
-    if guidance_scale == 1.0:
+    conditional prediction and costs a single pass; a tensor ``s`` (B,) sets it per sample."""
+    if not isinstance(guidance_scale, Tensor) and guidance_scale == 1.0:
         return model_output(model, x, t, cond)
     uncond = uncond if uncond is not None else cond.null()
     both = model_output(model, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat(cond, uncond))
     cond_out, uncond_out = both.chunk(2)
+    if isinstance(guidance_scale, Tensor):
+        guidance_scale = guidance_scale.view(-1, *([1] * (x.ndim - 1))).to(cond_out.dtype)
     return uncond_out + guidance_scale * (cond_out - uncond_out)
 
 

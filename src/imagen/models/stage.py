@@ -158,24 +158,18 @@ class TrainingDraws:
     drop: Tensor  # (B,) bool: replace the caption by the null condition
     aug_level: Tensor | None = None  # (B,) SR augmentation level in [0, aug_max); None for base
     aug_noise: Tensor | None = None  # (B, C, H, W); None for base stages
+    u: Tensor | None = None  # (B, K) uniform draws in [0, 1) that distillation objectives use
+
+    def _fields(self) -> tuple[Tensor | None, ...]:
+        return (self.t, self.noise, self.drop, self.aug_level, self.aug_noise, self.u)
 
     def pin_memory(self) -> TrainingDraws:
         """Page-locked copies (``DataLoader(pin_memory=True)`` calls this)."""
         return TrainingDraws(*(None if x is None else x.pin_memory() for x in self._fields()))
 
-    def _fields(self) -> tuple[Tensor | None, ...]:
-        return (self.t, self.noise, self.drop, self.aug_level, self.aug_noise)
-
     def to(self, device: torch.device) -> TrainingDraws:
-        def move(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x.to(device, non_blocking=True)
-
         return TrainingDraws(
-            move(self.t),
-            move(self.noise),
-            move(self.drop),
-            move(self.aug_level),
-            move(self.aug_noise),
+            *(None if x is None else x.to(device, non_blocking=True) for x in self._fields())
         )
 
 
@@ -268,10 +262,18 @@ class Stage(nn.Module):
         uncond: Conditioning | None = None,
     ) -> Denoiser:
         """This stage as a denoiser ``(x_t, t) -> x0_hat`` with guidance (away from the null
-        caption, or from ``uncond``) and thresholding."""
-        net = self.compiled or self.unet
-        s = sampling
-        return make_denoiser(net, self.schedule, cond, s.guidance, s.threshold, autocast, uncond)
+        caption, or from ``uncond``) and thresholding. A guidance-distilled U-Net takes the
+        guidance weight as an input and runs one pass per step."""
+        net, s = self.compiled or self.unet, sampling
+        if not self.config.unet.guidance_cond:
+            return make_denoiser(
+                net, self.schedule, cond, s.guidance, s.threshold, autocast, uncond
+            )
+        if uncond is not None:
+            raise ValueError("a guidance-distilled stage cannot steer away from a negative prompt")
+        weight = torch.full((cond.text.shape[0],), float(s.guidance), device=cond.text.device)
+        cond = replace(cond, guidance=weight)
+        return make_denoiser(net, self.schedule, cond, 1.0, s.threshold, autocast)
 
     @torch.no_grad()
     def sample(

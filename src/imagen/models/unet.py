@@ -37,6 +37,7 @@ class UNetConfig:
     attn_head_dim: int = 32  # channels per attention head
     text_dim: int = 384  # width of the text encoder's token embeddings
     lowres_cond: bool = False  # super-resolution stage: concatenate the upsampled low-res image
+    guidance_cond: bool = False  # take the guidance weight as an input (guidance distillation)
     dropout: float = 0.0  # dropout inside residual blocks
     norm_groups: int = 32  # GroupNorm groups (the largest divisor of the width up to this)
     downsample_first: bool = False  # Efficient U-Net: downsample before the blocks of each level
@@ -67,6 +68,9 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
         return config_from_dict(cls, data)
+
+
+GUIDANCE_SCALE = 100.0  # guidance weights (about 1 to 10) spread over the embedding's periods
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -223,6 +227,13 @@ class UNet(nn.Module):
             if cfg.lowres_cond
             else None
         )
+        # the guidance weight's embedding starts at zero: a student initialised from its teacher
+        # begins as the teacher's conditional prediction (Meng et al. 2023)
+        self.guidance_mlp = (
+            nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), zero_init(nn.Linear(emb_dim, emb_dim)))
+            if cfg.guidance_cond
+            else None
+        )
         cin = cfg.in_channels * (2 if cfg.lowres_cond else 1)
         self.conv_in = nn.Conv2d(cin, ch, 3, padding=1)
         self.skip_scale = 2**-0.5 if cfg.scale_skip else 1.0
@@ -293,10 +304,12 @@ class UNet(nn.Module):
         text_mask: Tensor,
         lowres: Tensor | None = None,
         aug_level: Tensor | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
         """x: (B, C, H, W) noisy image; t: (B,) timesteps; text: (B, L, D) token embeddings;
         text_mask: (B, L) bool, True for real tokens; lowres: (B, C, H, W) low-res image already
-        upsampled to H x W (SR only); aug_level: (B,) its augmentation timestep (SR only)."""
+        upsampled to H x W (SR only); aug_level: (B,) its augmentation timestep (SR only);
+        guidance: (B,) the guidance weight (guidance-distilled U-Nets only)."""
         cfg = self.config
         if x.shape[-1] != cfg.image_size or x.shape[-2] != cfg.image_size:
             raise ValueError(
@@ -314,6 +327,12 @@ class UNet(nn.Module):
                 raise ValueError("a super-resolution U-Net needs `lowres` and `aug_level`")
             emb = emb + self.aug_mlp(timestep_embedding(aug_level, cfg.channels))
             x = torch.cat([x, lowres.to(x.dtype)], dim=1)
+        if self.guidance_mlp is not None:
+            if guidance is None:
+                raise ValueError("a guidance-distilled U-Net needs the guidance weight")
+            emb = emb + self.guidance_mlp(
+                timestep_embedding(guidance * GUIDANCE_SCALE, cfg.channels)
+            )
         text = self.text_norm(text)
 
         h = self.conv_in(x)

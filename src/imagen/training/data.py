@@ -36,42 +36,58 @@ def sample_generator(seed: int, index: int) -> torch.Generator:
 @dataclass(frozen=True)
 class DrawSpec:
     """What to draw for each sample: the image shape, the number of timesteps, the caption
-    dropout rate and, for super-resolution stages, the augmentation range."""
+    dropout rate, for super-resolution stages the augmentation range, and the number of extra
+    uniform draws a distillation objective needs."""
 
     seed: int
     shape: tuple[int, ...]
     timesteps: int
     cond_drop: float
     aug_max: float | None  # None for base stages (no augmentation draws)
+    uniforms: int = 0
 
     @classmethod
-    def of(cls, stage: StageConfig, cfg: TrainConfig, timesteps: int) -> DrawSpec:
+    def of(
+        cls, stage: StageConfig, cfg: TrainConfig, timesteps: int, uniforms: int = 0
+    ) -> DrawSpec:
         shape = (stage.unet.in_channels, stage.resolution, stage.resolution)
         aug = cfg.aug_max if stage.is_super_resolution else None
-        return cls(cfg.seed, shape, timesteps, cfg.cond_drop, aug)
+        return cls(cfg.seed, shape, timesteps, cfg.cond_drop, aug, uniforms)
 
 
-def draw_sample(spec: DrawSpec, index: int) -> tuple[Tensor, ...]:
-    """Every random draw of global sample ``index``: timestep, noise, caption drop and (SR only,
-    made last) augmentation level and noise."""
+Draws = tuple[Tensor | None, ...]  # one sample's draws, in TrainingDraws' field order
+
+
+def draw_sample(spec: DrawSpec, index: int) -> Draws:
+    """Every random draw of global sample ``index``: timestep, noise, caption drop, then (SR
+    only) augmentation level and noise, then (distillation only) uniforms. Later draws never
+    change earlier ones."""
     g = sample_generator(spec.seed, index)
-    out = [
-        torch.randint(0, spec.timesteps, (1,), generator=g),
-        torch.randn(spec.shape, generator=g),
-        torch.rand(1, generator=g) < spec.cond_drop,
-    ]
+    t = torch.randint(0, spec.timesteps, (1,), generator=g)
+    noise = torch.randn(spec.shape, generator=g)
+    drop = torch.rand(1, generator=g) < spec.cond_drop
+    level = aug_noise = u = None
     if spec.aug_max is not None:
-        out.append(torch.rand(1, generator=g) * spec.aug_max)
-        out.append(torch.randn(spec.shape, generator=g))
-    return tuple(out)
+        level = torch.rand(1, generator=g) * spec.aug_max
+        aug_noise = torch.randn(spec.shape, generator=g)
+    if spec.uniforms:
+        u = torch.rand(1, spec.uniforms, generator=g)
+    return t, noise, drop, level, aug_noise, u
 
 
-def stack_draws(rows: list[tuple[Tensor, ...]]) -> TrainingDraws:
-    cols = list(zip(*rows, strict=True))
-    t, noise, drop = torch.cat(cols[0]), torch.stack(cols[1]), torch.cat(cols[2])
-    if len(cols) == 3:
-        return TrainingDraws(t, noise, drop)
-    return TrainingDraws(t, noise, drop, torch.cat(cols[3]), torch.stack(cols[4]))
+# per field of TrainingDraws: per-sample rows to concatenate (True) or images to stack
+_CONCATENATED = (True, False, True, True, False, True)
+
+
+def stack_draws(rows: list[Draws]) -> TrainingDraws:
+    """The draws of a batch from the draws of its samples."""
+    cols = zip(*rows, strict=True)
+    return TrainingDraws(
+        *(
+            None if col[0] is None else (torch.cat(col) if cat else torch.stack(col))
+            for col, cat in zip(cols, _CONCATENATED, strict=True)
+        )
+    )
 
 
 def draw_noise(spec: DrawSpec, indices: list[int]) -> TrainingDraws:

@@ -12,11 +12,14 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from imagen.training.checkpoint import read_checkpoint
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -139,3 +142,15 @@ class Parallel:
     def local(tensors: list[Tensor]) -> list[Tensor]:
         """The local shards of (possibly sharded) tensors, for element-wise updates like EMA."""
         return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
+def restore_checkpoint(
+    path: Path, model: nn.Module, ema: nn.Module, optimizer: Any, par: Parallel
+) -> tuple[int, int, int]:
+    """Load a checkpoint into model, EMA and optimiser (strictly); returns (step, samples seen,
+    skipped steps)."""
+    model_state, ema_state, opt_state, state = read_checkpoint(path)
+    par.load_model_state(model, model_state, str(path / "model.safetensors"))
+    par.load_model_state(ema, ema_state, str(path / "ema.safetensors"))
+    par.load_optimizer_state(model, optimizer, opt_state)
+    return state["step"], state["samples_seen"], state.get("bad_steps", 0)

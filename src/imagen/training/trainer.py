@@ -26,11 +26,19 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
+from imagen.models.model_dir import load_stage
 from imagen.models.stage import Stage, StageConfig
-from imagen.text.encoders import TextEncoder, load_text_encoder
+from imagen.text.encoders import TextEncoder, check_encoder_matches, load_text_encoder
 from imagen.training.captions import CaptionEmbeddings, CaptionTable
 from imagen.training.config import CascadeRunConfig, TrainConfig
 from imagen.training.data import DrawSpec, draw_noise, training_batches
+from imagen.training.distill import (
+    UNIFORMS,
+    DistillConfig,
+    Distiller,
+    init_from_teacher,
+    student_config,
+)
 from imagen.training.monitor import (
     plot_curves,
     tensorboard_writer,
@@ -45,7 +53,7 @@ from imagen.training.optim import (
     skips_on_device,
     update_ema,
 )
-from imagen.training.parallel import Parallel, init_distributed
+from imagen.training.parallel import Parallel, init_distributed, restore_checkpoint
 from imagen.training.rundir import RunDirectory
 from imagen.utils.compile import CompileFallback
 from imagen.utils.system import hardware_description
@@ -55,18 +63,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def restore_checkpoint(
-    path: Path, model: torch.nn.Module, ema: torch.nn.Module, optimizer: Any, par: Parallel
-) -> tuple[int, int, int]:
-    """Load a checkpoint into model, EMA and optimiser (strictly); returns (step, samples seen,
-    skipped steps)."""
-    model_state, ema_state, opt_state, state = RunDirectory.read_checkpoint(path)
-    par.load_model_state(model, model_state, str(path / "model.safetensors"))
-    par.load_model_state(ema, ema_state, str(path / "ema.safetensors"))
-    par.load_optimizer_state(model, optimizer, opt_state)
-    return state["step"], state["samples_seen"], state.get("bad_steps", 0)
 
 
 class Trainer:
@@ -86,6 +82,7 @@ class Trainer:
         embedding_cache: Any | None = None,
         device: str | None = None,
         progress: bool = True,
+        distill: DistillConfig | None = None,
     ) -> None:
         if not 0 <= stage_index < len(config.stages):
             raise ValueError(
@@ -98,7 +95,9 @@ class Trainer:
             device or (f"cuda:{self.d.local_rank}" if torch.cuda.is_available() else "cpu")
         )
         self.encoder = text_encoder or load_text_encoder(config.text_encoder, self.dev)
-        self.scfg: StageConfig = replace(run.stage, text_encoder=self.encoder.config())
+        self.distill, self.teacher = distill, self._teacher(distill)
+        stage = student_config(self.teacher.config, distill) if self.teacher else run.stage
+        self.scfg: StageConfig = replace(stage, text_encoder=self.encoder.config())
         if self.scfg.unet.text_dim != self.encoder.dim:
             raise ValueError(
                 f"stage {stage_index}: unet.text_dim is {self.scfg.unet.text_dim} but text "
@@ -112,7 +111,10 @@ class Trainer:
         self._build_models()
         self.embedding_cache = embedding_cache
         self.global_batch = self.cfg.batch_size * self.cfg.grad_accum * self.d.world
-        self.spec = DrawSpec.of(self.scfg, self.cfg, self.stage.schedule.num_timesteps)
+        timesteps = self.stage.schedule.num_timesteps
+        self.spec = DrawSpec.of(self.scfg, self.cfg, timesteps, UNIFORMS if distill else 0)
+        # what owns the loss: the stage, or a distillation objective around it
+        self.objective = Distiller(self.stage, self.teacher, distill) if distill else self.stage
 
     # ---- set-up --------------------------------------------------------------------------
     def _options(self) -> dict[str, Any]:
@@ -120,7 +122,19 @@ class Trainer:
         (with this stage's encoder record and step count)."""
         cfg = self.config.to_dict()
         cfg["stages"][self.stage_index].update(stage=asdict(self.scfg), train=asdict(self.cfg))
-        return {"stage_index": self.stage_index, "world_size": self.d.world, "config": cfg}
+        options = {"stage_index": self.stage_index, "world_size": self.d.world, "config": cfg}
+        if self.distill is not None:
+            options["distill"] = asdict(self.distill)
+        return options
+
+    def _teacher(self, distill: DistillConfig | None) -> Stage | None:
+        """The frozen teacher stage of a distillation run (None for ordinary training)."""
+        if distill is None:
+            return None
+        teacher = load_stage(distill.teacher, self.dev)
+        if teacher.config.text_encoder:
+            check_encoder_matches(teacher.config.text_encoder, self.encoder)
+        return teacher
 
     def _prepare_run_dir(self, resume: bool) -> Path | None:
         ckpt = self.run_dir.resume_checkpoint(resume)
@@ -143,6 +157,8 @@ class Trainer:
             self.stage = Stage(self.scfg)
             self.ema_stage = Stage(self.scfg)
         self.model = self.stage.unet
+        if self.teacher is not None:
+            init_from_teacher(self.stage, self.teacher)
         self.ema_stage.unet.load_state_dict(self.model.state_dict())
         self.ema_stage.requires_grad_(False).eval()
         channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
@@ -203,7 +219,8 @@ class Trainer:
             last_micro = m == cfg.grad_accum - 1 or d.world == 1
             # gradients are all-reduced on the last micro-batch of a step only
             with self.par.accumulating(self.wrapped, last_micro):
-                loss = self.stage.loss(images, self.embed(captions), draws, self.autocast, self.net)
+                text = self.embed(captions)
+                loss = self.objective.loss(images, text, draws, self.autocast, self.net)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
         if d.world > 1:
@@ -408,9 +425,10 @@ def train_stage(
     embedding_cache: Any | None = None,
     device: str | None = None,
     progress: bool = True,
+    distill: DistillConfig | None = None,
 ) -> dict[str, Any]:
-    """Train stage ``stage_index`` of ``config`` into ``out_dir``; returns a summary (see
-    :class:`Trainer`)."""
+    """Train stage ``stage_index`` of ``config`` into ``out_dir`` (with ``distill``, a
+    student of a trained stage); returns a summary (see :class:`Trainer`)."""
     trainer = Trainer(
         config,
         stage_index,
@@ -421,5 +439,6 @@ def train_stage(
         embedding_cache,
         device,
         progress,
+        distill,
     )
     return trainer.run()
