@@ -15,23 +15,16 @@ cascade per stage, eager and compiled. Writes benchmarks/results/gpu-cuda-DATE.j
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from typing import Any
 
 import torch
 from common import matmul_peak, sync, table, timed, write
 from sampling import time_stage
-from train_throughput import make_step, step_flops
+from train_throughput import make_step, step_flops, trainer_rate
 
-from imagen.models.presets import get_preset
 from imagen.models.stage import SamplingConfig
 from imagen.pipeline import ImagenPipeline, compile_unets
-from imagen.text.encoders import TextEncoderConfig
-from imagen.training.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig
-from imagen.training.rundir import RunDirectory
-from imagen.training.trainer import train_stage
 
 # preset, batches to try (largest first; a batch that runs out of memory falls back), trainer
 # steps (0: no trainer run), compile (bare step and trainer); in order of importance
@@ -72,37 +65,6 @@ def largest_batch(name: str, batches: tuple[int, ...], device: torch.device) -> 
 def empty(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def trainer_rate(
-    name: str, batch: int, steps: int, device: torch.device, compile: bool = False
-) -> float:
-    """samples/s of the real trainer on ``name`` (Shapes data, a weightless text encoder of the
-    preset's width), over the logged intervals after the first."""
-    stage = get_preset(name)
-    log_every = max(1, steps // 6)
-    train = TrainConfig(
-        batch_size=batch,
-        max_steps=steps,
-        lr=1e-4,
-        warmup_steps=10,
-        log_every=log_every,
-        checkpoint_every=10**9,
-        sample_every=0,
-        compile=compile,
-    )
-    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    cfg = CascadeRunConfig(
-        TextEncoderConfig(f"hash-{stage.unet.text_dim}", 16),
-        DataConfig(num_workers=workers),
-        [StageRun(stage, train)],
-    )
-    with tempfile.TemporaryDirectory() as run:
-        train_stage(cfg, 0, run, device=str(device), progress=False)
-        rows = RunDirectory(run).read_log()
-    timed_rows = rows[1:] or rows
-    seconds = sum(r["log_interval_s"] for r in timed_rows)
-    return sum(r["steps_per_s"] * r["log_interval_s"] for r in timed_rows) * batch / seconds
 
 
 def train_section(plan: list, device: torch.device, peak: float, clock: Clock) -> list[dict]:

@@ -11,6 +11,8 @@ before/after ratios of bf16 autocast and channels-last.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 
 import torch
 from common import matmul_peak, table, timed, write
@@ -20,6 +22,10 @@ from imagen.diffusion.guidance import Conditioning
 from imagen.diffusion.schedules import NoiseSchedule
 from imagen.models.presets import count_preset_parameters, get_preset
 from imagen.models.unet import UNet
+from imagen.text.encoders import TextEncoderConfig
+from imagen.training.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig
+from imagen.training.rundir import RunDirectory
+from imagen.training.trainer import train_stage
 
 
 def make_step(
@@ -80,6 +86,37 @@ def step_flops(name: str, batch: int, device: torch.device | None = None) -> int
     with counter:
         step()
     return counter.get_total_flops()
+
+
+def trainer_rate(
+    name: str, batch: int, steps: int, device: torch.device, compile: bool = False
+) -> float:
+    """samples/s of the real trainer on ``name`` (Shapes data, a weightless text encoder of the
+    preset's width), over the logged intervals after the first."""
+    stage = get_preset(name)
+    log_every = max(1, steps // 6)
+    train = TrainConfig(
+        batch_size=batch,
+        max_steps=steps,
+        lr=1e-4,
+        warmup_steps=10,
+        log_every=log_every,
+        checkpoint_every=10**9,
+        sample_every=0,
+        compile=compile,
+    )
+    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    cfg = CascadeRunConfig(
+        TextEncoderConfig(f"hash-{stage.unet.text_dim}", 16),
+        DataConfig(num_workers=workers),
+        [StageRun(stage, train)],
+    )
+    with tempfile.TemporaryDirectory() as run:
+        train_stage(cfg, 0, run, device=str(device), progress=False)
+        rows = RunDirectory(run).read_log()
+    timed_rows = rows[1:] or rows
+    seconds = sum(r["log_interval_s"] for r in timed_rows)
+    return sum(r["steps_per_s"] * r["log_interval_s"] for r in timed_rows) * batch / seconds
 
 
 def main() -> None:

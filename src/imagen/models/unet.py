@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from imagen.text.encoders import masked_mean
 from imagen.utils.config import config_from_dict
 
 
@@ -84,12 +85,6 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
-
-
-def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    """Mean of the unmasked token embeddings; zeros where the mask is empty (the null text)."""
-    m = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
@@ -364,4 +359,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["UNet", "UNetConfig", "config_from_dict", "count_parameters", "masked_mean"]
+__all__ = ["UNet", "UNetConfig", "config_from_dict", "count_parameters"]

@@ -18,11 +18,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from imagen.models.unet import masked_mean
-
 log = logging.getLogger(__name__)
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    """Mean of the unmasked token embeddings; zeros where the mask is empty (the null text)."""
+    m = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * m).sum(1) / m.sum(1).clamp(min=1)
 
 
 @dataclass
