@@ -185,3 +185,17 @@ def test_export_sets_the_stages_default_sampling(runs, tmp_path, capsys):
         main(["export", str(model / "stage0"), "--out", str(out), "--steps-per-stage", "1,2"]) == 2
     )
     assert "2 values for 1 stages" in capsys.readouterr().err
+
+
+def test_export_records_notes(runs, tmp_path, capsys):
+    from imagen.cli.main import main
+
+    notes = tmp_path / "notes.json"
+    notes.write_text(json.dumps({"notes": {"stage0": "why it was trained"}}))
+    out = tmp_path / "m"
+    assert main(["export", str(runs / "base"), "--out", str(out), "--notes", str(notes)]) == 0
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["notes"] == {"stage0": "why it was trained"}
+    notes.write_text("[1, 2]")
+    assert main(["export", str(runs / "base"), "--out", str(out), "--notes", str(notes)]) == 2
+    assert "expected a JSON object" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imagen.cli.common import (
@@ -90,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--precision", choices=["fp32", "bf16"], help="default sampling precision of every stage"
     )
+    e.add_argument("--notes", help="a JSON file whose object is recorded in model_index.json")
 
     m = sub.add_parser("embed", help="precompute the text embeddings of a dataset's captions")
     m.add_argument("config", help="cascade config: its text_encoder and data are used")
@@ -138,9 +140,25 @@ def cmd_export(args: argparse.Namespace) -> int:
         "bf16": torch.bfloat16,
         "int8": torch.int8,
     }[args.dtype]
-    root = export_model(args.runs, args.out, args.weights, dtype, sampling=sampling_changes(args))
+    notes = read_notes(args.notes) if args.notes else None
+    root = export_model(
+        args.runs, args.out, args.weights, dtype, notes, sampling=sampling_changes(args)
+    )
     print(f"wrote model directory {root}")
     return 0
+
+
+def read_notes(path: str) -> dict:
+    """The JSON object of ``--notes`` (recorded in the model's index)."""
+    import json
+
+    try:
+        notes = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--notes {path}: {e}") from None
+    if not isinstance(notes, dict):
+        raise UsageError(f"--notes {path}: expected a JSON object")
+    return notes
 
 
 def sampling_changes(args: argparse.Namespace) -> list[dict] | None:
