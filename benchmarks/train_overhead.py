@@ -10,9 +10,10 @@ Writes benchmarks/results/train_overhead-DEVICE-DATE.json.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
-from common import table, timed, write
+from common import sync, table, write
 from train_throughput import make_step, trainer_rate
 
 
@@ -25,16 +26,30 @@ def main() -> None:
     ap.add_argument(
         "--steps", type=int, default=60, help="trainer steps (the first sixth warms up)"
     )
-    ap.add_argument("--repeat", type=int, default=2, help="alternate bare step and trainer runs")
+    ap.add_argument("--repeat", type=int, default=3, help="trainer runs (median reported)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cl = device.type == "cuda"  # the trainer's default memory format on each device
     rows = []
-    for _ in range(args.repeat):  # alternated, so a drift in machine speed hits both
-        step = make_step(args.preset, args.batch, device, True, cl)
-        bare = args.batch / timed(step, device, warmup=2, repeat=10)
+    step = make_step(args.preset, args.batch, device, True, cl)
+    n = args.steps * 5 // 6  # the trainer's timed steps (its first sixth warms up)
+
+    def bare_rate() -> float:
+        """Mean samples/s over n steps (a mean, as the trainer's rate is)."""
+        for _ in range(2):
+            step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync(device)
+        return args.batch * n / (time.perf_counter() - t0)
+
+    for _ in range(args.repeat):  # the bare step right before and after each trainer run, so
+        before = bare_rate()  # a drift in the machine's speed hits both sides alike
         trainer = trainer_rate(args.preset, args.batch, args.steps, device)
+        bare = (before + bare_rate()) / 2
         rows.append(
             {
                 "preset": args.preset,
@@ -46,8 +61,12 @@ def main() -> None:
             }
         )
         print(table(rows[-1:], list(rows[-1])), flush=True)
-    path = write(f"train_overhead-{device.type}", {"rows": rows})
-    print(f"wrote {path}")
+    ratios = sorted(r["trainer_over_step"] for r in rows)
+    median = ratios[len(ratios) // 2]
+    path = write(
+        f"train_overhead-{device.type}", {"rows": rows, "median_trainer_over_step": median}
+    )
+    print(f"median trainer_over_step {median:.3f}; wrote {path}")
 
 
 if __name__ == "__main__":
