@@ -72,6 +72,8 @@ def test_bad_values_name_their_field(cls, data, message):
 def test_cascade_config_errors_name_the_stage():
     with pytest.raises(ValueError, match=r"stage 0: .*lr: expected a number, got 'fast'"):
         parse_cascade_config({"stages": [{"preset": "tiny-base", "train": {"lr": "fast"}}]})
+    with pytest.raises(ValueError, match=r"stage 0: .*compile_mode must be one of default, "):
+        parse_cascade_config({"stages": [{"preset": "tiny-base", "train": {"compile_mode": "x"}}]})
     with pytest.raises(ValueError, match=r"stage 0: .*guidance: expected a finite number"):
         parse_cascade_config(
             {"stages": [{"preset": "tiny-base", "stage": {"sampling": {"guidance": math.inf}}}]}

@@ -500,3 +500,21 @@ def test_a_run_draws_its_loss_and_lr_curves(tmp_path):
         if img.getpixel((x, y)) == (0, 0, 255)
     ]
     assert any(y < 200 for _, y in blue) and any(y >= 200 for _, y in blue)
+
+
+def test_ema_update_with_an_on_device_skip(monkeypatch):
+    """The gated EMA (weight on the device) equals lerp where the step is good and leaves the
+    EMA untouched where it is not, also when the parameters span several groups."""
+    import imagen.training.optim as optim
+
+    monkeypatch.setattr(optim, "EMA_GROUP_ELEMENTS", 100)
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(30, 20), torch.nn.Linear(30, 20)
+    before = [p.clone() for p in ema.parameters()]
+    optim.update_ema(ema, model, 0.9, torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.parameters(), strict=True))
+    optim.update_ema(ema, model, 0.9, torch.tensor(True))
+    for e, b, m in zip(ema.parameters(), before, model.parameters(), strict=True):
+        torch.testing.assert_close(e, torch.lerp(b, m, 0.1))
+    assert optim._groups([torch.zeros(60), torch.zeros(60), torch.zeros(300)]) == [[0], [1], [2]]
+    assert optim._groups([torch.zeros(40), torch.zeros(60), torch.zeros(1)]) == [[0, 1], [2]]

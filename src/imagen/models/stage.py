@@ -163,10 +163,6 @@ class TrainingDraws:
     def _fields(self) -> tuple[Tensor | None, ...]:
         return (self.t, self.noise, self.drop, self.aug_level, self.aug_noise, self.u)
 
-    def pin_memory(self) -> TrainingDraws:
-        """Page-locked copies (``DataLoader(pin_memory=True)`` calls this)."""
-        return TrainingDraws(*(None if x is None else x.pin_memory() for x in self._fields()))
-
     def to(self, device: torch.device) -> TrainingDraws:
         return TrainingDraws(
             *(None if x is None else x.to(device, non_blocking=True) for x in self._fields())

@@ -27,6 +27,8 @@ from imagen.models.stage import StageConfig
 from imagen.text.encoders import TextEncoderConfig
 from imagen.utils.config import config_from_dict
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclass
 class TrainConfig:
@@ -53,6 +55,8 @@ class TrainConfig:
     channels_last: bool | None = None  # NHWC memory format; None: on for CUDA (measured
     # faster there), off on CPU (measured slower)
     compile: bool = False  # torch.compile the U-Net for training (eager if it cannot compile)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs
+    # of the forward and backward passes: for small, launch-bound models on GPUs) | max-autotune
     activation_checkpointing: bool = False  # recompute U-Net blocks in the backward pass
     # (less memory, so larger batches of large stages; about a third more compute)
     seed: int = 0
@@ -76,6 +80,10 @@ class TrainConfig:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ValueError(f"distributed must be ddp or fsdp, got {self.distributed!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
         for name in (

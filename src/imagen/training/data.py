@@ -2,20 +2,22 @@
 sample, as a pure function of (seed, global sample index).
 
 Data come from the registered sources of :mod:`imagen.data.sources`. Map-style data (Shapes,
-folders) are indexed by global sample number, and their random draws are made in the
-DataLoader workers with the images, so the training process only moves finished batches to
-the device. A run is therefore exactly resumable, and 2 processes with
-batch B compute the same update as 1 process with batch 2B.
+folders) are indexed by global sample number, so a resumed run sees exactly the samples it
+would have seen. The random draws (timestep, noise, caption drop, augmentation) are made on the
+training device by a counter-based generator (:mod:`imagen.utils.rng`): a few vectorised
+kernels per batch, nothing for the DataLoader workers to make or copy. A run is therefore
+exactly resumable, and 2 processes with batch B compute the same update as 1 process with
+batch 2B.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -25,14 +27,10 @@ from imagen.data.sources import Split, get_source
 from imagen.models.stage import StageConfig, TrainingDraws
 from imagen.training.config import TrainConfig
 from imagen.training.parallel import Dist
+from imagen.utils import rng
 
 
 # ---- per-sample randomness ---------------------------------------------------------------
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-
-
 @dataclass(frozen=True)
 class DrawSpec:
     """What to draw for each sample: the image shape, the number of timesteps, the caption
@@ -55,44 +53,27 @@ class DrawSpec:
         return cls(cfg.seed, shape, timesteps, cfg.cond_drop, aug, uniforms)
 
 
-Draws = tuple[Tensor | None, ...]  # one sample's draws, in TrainingDraws' field order
+# the random streams of a sample (each a separate counter range of its generator)
+_T, _NOISE, _DROP, _LEVEL, _AUG_NOISE, _UNIFORMS = range(6)
 
 
-def draw_sample(spec: DrawSpec, index: int) -> Draws:
-    """Every random draw of global sample ``index``: timestep, noise, caption drop, then (SR
-    only) augmentation level and noise, then (distillation only) uniforms. Later draws never
-    change earlier ones."""
-    g = sample_generator(spec.seed, index)
-    t = torch.randint(0, spec.timesteps, (1,), generator=g)
-    noise = torch.randn(spec.shape, generator=g)
-    drop = torch.rand(1, generator=g) < spec.cond_drop
+def draw_batch(spec: DrawSpec, first: int, count: int, device: torch.device) -> TrainingDraws:
+    """Every random draw of global samples ``first .. first + count - 1``, made on ``device``:
+    timestep, noise, caption drop, then (SR only) augmentation level and noise, then
+    (distillation only) uniforms. Each is a pure function of (seed, sample index): the same
+    whatever the batching, the process split or the device."""
+    states = rng.sample_states(spec.seed, torch.arange(first, first + count, device=device))
+    size = math.prod(spec.shape)
+    t = rng.integers(states, _T, spec.timesteps)
+    noise = rng.normal(states, _NOISE, size).view(count, *spec.shape)
+    drop = rng.uniform(states, _DROP, 1)[:, 0] < spec.cond_drop
     level = aug_noise = u = None
     if spec.aug_max is not None:
-        level = torch.rand(1, generator=g) * spec.aug_max
-        aug_noise = torch.randn(spec.shape, generator=g)
+        level = rng.uniform(states, _LEVEL, 1)[:, 0] * spec.aug_max
+        aug_noise = rng.normal(states, _AUG_NOISE, size).view(count, *spec.shape)
     if spec.uniforms:
-        u = torch.rand(1, spec.uniforms, generator=g)
-    return t, noise, drop, level, aug_noise, u
-
-
-# per field of TrainingDraws: per-sample rows to concatenate (True) or images to stack
-_CONCATENATED = (True, False, True, True, False, True)
-
-
-def stack_draws(rows: list[Draws]) -> TrainingDraws:
-    """The draws of a batch from the draws of its samples."""
-    cols = zip(*rows, strict=True)
-    return TrainingDraws(
-        *(
-            None if col[0] is None else (torch.cat(col) if cat else torch.stack(col))
-            for col, cat in zip(cols, _CONCATENATED, strict=True)
-        )
-    )
-
-
-def draw_noise(spec: DrawSpec, indices: list[int]) -> TrainingDraws:
-    """The draws of the given global sample indices (independent of batching)."""
-    return stack_draws([draw_sample(spec, i) for i in indices])
+        u = rng.uniform(states, _UNIFORMS, spec.uniforms)
+    return TrainingDraws(t, noise, drop, level, aug_noise, u)
 
 
 # ---- datasets ----------------------------------------------------------------------------
@@ -110,33 +91,24 @@ def dataset_captions(data: DataConfig) -> list[str]:
     return get_source(data.kind).captions(data)
 
 
-class WithDraws(Dataset):
-    """Item i (a global sample index) is item ``i % length`` of ``dataset`` (i itself for an
-    unbounded dataset) with the random draws of sample i appended."""
-
-    def __init__(self, dataset: Dataset, spec: DrawSpec, length: int | None) -> None:
-        self.dataset, self.spec, self.length = dataset, spec, length
-
-    def __len__(self) -> int:
-        return self.length or len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, ...]:
-        item = self.dataset[index % self.length if self.length else index]
-        return (*item, draw_sample(self.spec, index))
-
-
 # ---- batches -----------------------------------------------------------------------------
 class StepBatchSampler(Sampler[list[int]]):
     """Yields this process's global sample indices for each (step, micro-batch) from
     ``start_step`` on: global step s covers indices [s G, (s + 1) G), G = batch x accum x
     world, interleaved so that the split across processes does not change which samples a step
-    sees."""
+    sees. With a dataset ``length``, index i reads item i mod length (the epochs repeat)."""
 
     def __init__(
-        self, batch: int, accum: int, dist_info: Dist, start_step: int, max_steps: int
+        self,
+        batch: int,
+        accum: int,
+        dist_info: Dist,
+        start_step: int,
+        max_steps: int,
+        length: int | None = None,
     ) -> None:
         self.batch, self.accum, self.d = batch, accum, dist_info
-        self.start, self.stop = start_step, max_steps
+        self.start, self.stop, self.length = start_step, max_steps, length
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.accum
@@ -146,10 +118,11 @@ class StepBatchSampler(Sampler[list[int]]):
         for step in range(self.start, self.stop):
             for m in range(self.accum):
                 base = step * g + (m * self.d.world + self.d.rank) * self.batch
-                yield list(range(base, base + self.batch))
+                indices = range(base, base + self.batch)
+                yield [i % self.length for i in indices] if self.length else list(indices)
 
 
-Batch = tuple[Tensor, list[str], Counter[str], TrainingDraws | None]
+Batch = tuple[Tensor, list[str], Counter[str]]
 
 
 def collate(batch: list[tuple[Any, ...]]) -> tuple[Tensor, list[str], Counter[str]]:
@@ -160,13 +133,6 @@ def collate(batch: list[tuple[Any, ...]]) -> tuple[Tensor, list[str], Counter[st
     if not kept:
         return torch.empty(0), [], notes
     return torch.stack([item[0] for item in kept]), [item[1] for item in kept], notes
-
-
-def collate_with_draws(batch: list[tuple[Any, ...]]) -> Batch:
-    """:func:`collate` for items that carry their random draws (from :class:`WithDraws`)."""
-    images, captions, notes = collate(batch)
-    kept = [item[3] for item in batch if item[0].numel()]
-    return images, captions, notes, stack_draws(kept) if kept else None
 
 
 def _loader(dataset: Dataset, data: DataConfig, pin: bool, **kwargs: Any) -> DataLoader:
@@ -181,11 +147,10 @@ def training_batches(
     cfg: TrainConfig,
     d: Dist,
     start_step: int,
-    spec: DrawSpec,
     pin_memory: bool = False,
 ) -> tuple[Iterator[Batch], Dataset]:
-    """This process's micro-batches from ``start_step`` on (with their random draws), and the
-    dataset behind them.
+    """This process's micro-batches from ``start_step`` on, and the dataset behind them (the
+    trainer makes each batch's random draws with :func:`draw_batch`).
 
     Map-style data are indexed by global sample number, so a resumed run sees exactly the
     samples it would have seen. Streams (WebDataset shards) are read in passes: a resumed run
@@ -195,14 +160,10 @@ def training_batches(
     if not kind.stream:
         dataset = kind.open(data, prep, Split(d.rank, d.world))
         length = len(dataset) if kind.bounded else None  # type: ignore[arg-type]
-        sampler = StepBatchSampler(cfg.batch_size, cfg.grad_accum, d, start_step, cfg.max_steps)
-        loader = _loader(
-            WithDraws(dataset, spec, length),
-            data,
-            pin_memory,
-            batch_sampler=sampler,
-            collate_fn=collate_with_draws,
+        sampler = StepBatchSampler(
+            cfg.batch_size, cfg.grad_accum, d, start_step, cfg.max_steps, length
         )
+        loader = _loader(dataset, data, pin_memory, batch_sampler=sampler, collate_fn=collate)
         return iter(loader), dataset
 
     def one_pass(epoch: int) -> Dataset:
@@ -214,7 +175,7 @@ def training_batches(
 def _stream(
     source: Callable[[int], Dataset], data: DataConfig, cfg: TrainConfig, start: int, pin: bool
 ) -> Iterator[Batch]:
-    """Full batches from passes over a WebDataset source (draws are made by the trainer)."""
+    """Full batches from passes over a WebDataset source."""
     epoch, carry = start, Counter()
     while True:
         produced = False
@@ -225,7 +186,7 @@ def _stream(
             if len(captions) < cfg.batch_size:  # a short last batch: only its counts are kept
                 continue
             produced = True
-            yield images, captions, carry, None
+            yield images, captions, carry
             carry = Counter()
         if not produced:
             raise ValueError(

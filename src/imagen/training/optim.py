@@ -37,19 +37,41 @@ def ema_decay(cfg: TrainConfig, step: int, global_batch: int) -> float:
     return min(cfg.ema_decay, (1 + step) / (10 + step))
 
 
+EMA_GROUP_ELEMENTS = 1 << 24  # parameters per foreach group: bounds the update's temporary
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor | None = None) -> None:
     """ema <- decay * ema + (1 - decay) * model, on local shards when the models are sharded;
-    where ``ok`` (a 0-d bool tensor) is False the EMA is left as it is."""
+    where ``ok`` (a 0-d bool tensor) is False the EMA is left as it is. Both forms run a few
+    multi-tensor kernels per group of parameters, never one kernel per parameter."""
     Parallel.reshard(ema)
     ema_p = Parallel.local(list(ema.parameters()))
     model_p = Parallel.local(list(model.parameters()))
     model_p = [p.to(e.dtype) for p, e in zip(model_p, ema_p, strict=True)]
     if ok is None:
         torch._foreach_lerp_(ema_p, model_p, 1 - decay)
-    else:
-        w = ok.to(ema_p[0].dtype) * (1 - decay)
-        torch._foreach_lerp_(ema_p, model_p, [w] * len(ema_p))
+        return
+    # the weight stays on the device (no host sync): ema += w * (model - ema)
+    w = ok.to(ema_p[0].dtype) * (1 - decay)
+    for group in _groups(ema_p):
+        diff = torch._foreach_sub([model_p[i] for i in group], [ema_p[i] for i in group])
+        torch._foreach_mul_(diff, w)
+        torch._foreach_add_([ema_p[i] for i in group], diff)
+
+
+def _groups(params: list[Tensor]) -> list[list[int]]:
+    """Consecutive indices of ``params`` in groups of at most EMA_GROUP_ELEMENTS elements (a
+    larger parameter forms a group of its own)."""
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, p in enumerate(params):
+        if groups[-1] and size + p.numel() > EMA_GROUP_ELEMENTS:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += p.numel()
+    return groups
 
 
 def make_optimizer(

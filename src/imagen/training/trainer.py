@@ -31,7 +31,7 @@ from imagen.models.stage import Stage, StageConfig
 from imagen.text.encoders import TextEncoder, check_encoder_matches, load_text_encoder
 from imagen.training.captions import CaptionEmbeddings, CaptionTable
 from imagen.training.config import CascadeRunConfig, TrainConfig
-from imagen.training.data import DrawSpec, draw_noise, training_batches
+from imagen.training.data import DrawSpec, draw_batch, training_batches
 from imagen.training.distill import (
     UNIFORMS,
     DistillConfig,
@@ -178,7 +178,11 @@ class Trainer:
             for g in self.optimizer.param_groups:  # this run's choice, not the checkpoint's
                 g["fused"] = self.optimizer.defaults.get("fused")
         wrapped = self.par.wrap(self.model)
-        self.net = CompileFallback(wrapped, dynamic=False) if cfg.compile else wrapped
+        self.net = (
+            CompileFallback(wrapped, dynamic=False, mode=cfg.compile_mode)
+            if cfg.compile
+            else wrapped
+        )
         self.wrapped = wrapped
         self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
         zero = torch.zeros((), device=dev)
@@ -207,15 +211,16 @@ class Trainer:
             g["lr"] = lr_at(cfg, self.step)
         total = torch.zeros((), device=self.dev)
         for m in range(cfg.grad_accum):
-            images, captions, batch_notes, draws = next(batches)
+            images, captions, batch_notes = next(batches)
             notes.update(batch_notes)
             first = self.step * self.global_batch + (m * d.world + d.rank) * cfg.batch_size
-            if draws is None:  # streamed data: the draws are made here
-                draws = draw_noise(self.spec, list(range(first, first + cfg.batch_size)))
+            draws = draw_batch(self.spec, first, len(captions), self.dev)
             images = images.to(self.dev, non_blocking=True).contiguous(
                 memory_format=self.memory_format
             )
             torch.manual_seed(cfg.seed * 1_000_003 + first)  # dropout, if any
+            if cfg.compile:  # a new iteration: CUDA-graph outputs of the last may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             last_micro = m == cfg.grad_accum - 1 or d.world == 1
             # gradients are all-reduced on the last micro-batch of a step only
             with self.par.accumulating(self.wrapped, last_micro):
@@ -266,7 +271,6 @@ class Trainer:
             cfg,
             d,
             self.step,
-            self.spec,
             pin_memory=self.dev.type == "cuda",
         )
         self.embed = self._caption_embeddings(dataset)
