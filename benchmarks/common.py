@@ -39,17 +39,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Any, device: torch.device, warmup: int = 2, repeat: int = 5) -> float:
-    """Median seconds per call of ``fn`` after ``warmup`` calls."""
+def timed(fn: Any, device: torch.device, warmup: int = 2, repeat: int = 5, calls: int = 1) -> float:
+    """Median seconds per call of ``fn`` after ``warmup`` calls, over ``repeat`` timings of
+    ``calls`` calls each (several calls between device syncs let a GPU run ahead of the host,
+    as in a training loop)."""
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append((time.perf_counter() - t0) / calls)
     return sorted(times)[len(times) // 2]
 
 

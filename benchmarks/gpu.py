@@ -21,16 +21,22 @@ from typing import Any
 import torch
 from common import matmul_peak, sync, table, timed, write
 from sampling import time_stage
-from train_throughput import make_step, step_flops, trainer_rate
+from train_throughput import loader_rate, make_step, step_flops, trainer_rate
 
 from imagen.models.stage import SamplingConfig
 from imagen.pipeline import ImagenPipeline, compile_unets
 
 # preset, batches to try (largest first; a batch that runs out of memory falls back), trainer
-# steps (0: no trainer run), compile (bare step and trainer); in order of importance
-FIRST = [("shapes-base32", (256,), 300, True), ("paper-base64", (64, 32, 16), 12, False)]
-LAST = [("paper-sr256", (16, 8), 12, False), ("paper-sr1024", (4, 2), 8, False)]
-QUICK = [("tiny-base", (8,), 12, True)]
+# steps (0: no trainer run), torch.compile modes to measure (the bare step, and the trainer when
+# it has steps); in order of importance. reduce-overhead captures the forward and backward
+# passes in CUDA graphs, for small launch-bound models.
+FIRST = [
+    ("shapes-base32", (256,), 300, ("reduce-overhead",)),
+    ("paper-base64", (64, 32, 16), 0, ("default",)),
+]
+LAST = [("paper-sr256", (16, 8), 0, ()), ("paper-sr1024", (4, 2), 0, ())]
+QUICK = [("tiny-base", (8,), 12, ("default",))]
+PREFIX = {"default": "compiled", "reduce-overhead": "cudagraphs", "max-autotune": "autotuned"}
 
 
 class Clock:
@@ -44,10 +50,12 @@ class Clock:
 
 
 def bare_step(name: str, batch: int, device: torch.device, compile_mode: str | None) -> float:
-    """Seconds per bare step (bf16, channels-last on CUDA), after warm-up."""
+    """Seconds per bare step (bf16, channels-last on CUDA), after warm-up; fast steps are timed
+    in runs of up to 10 between syncs (as the trainer runs them)."""
     cl = device.type == "cuda"
     step = make_step(name, batch, device, True, cl, compile_mode)
-    sec = timed(step, device, warmup=3 if compile_mode else 2, repeat=5)
+    once = timed(step, device, warmup=3 if compile_mode else 2, repeat=1)
+    sec = timed(step, device, warmup=0, repeat=5, calls=max(1, min(10, int(0.3 / once))))
     del step
     return sec
 
@@ -67,39 +75,74 @@ def empty(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def train_section(plan: list, device: torch.device, peak: float, clock: Clock) -> list[dict]:
+def train_section(
+    plan: list, device: torch.device, peak: float, clock: Clock, save: Any
+) -> list[dict]:
+    """One row per preset: the eager measurements of every preset first (they are quick), then
+    the compiled ones while the time budget allows; ``save(rows)`` after each, so a run cut
+    short keeps what it measured."""
     rows: list[dict[str, Any]] = []
-    for name, batches, steps, try_compile in plan:
-        if clock.left() < 60:
-            rows.append({"preset": name, "skipped": "time budget"})
-            continue
-        try:
-            batch, sec = largest_batch(name, batches, device)
-            flops = step_flops(name, 1, device) * batch
-            row: dict[str, Any] = {
-                "preset": name,
-                "batch": batch,
-                "step_samples_per_s": batch / sec,
-                "mfu_bf16": flops / sec / peak,
-            }
-            if steps and clock.left() > 60:
-                rate = trainer_rate(name, batch, steps, device)
-                row["trainer_samples_per_s"] = rate
-                row["trainer_over_step"] = rate / row["step_samples_per_s"]
-            if try_compile and clock.left() > 150:
-                csec = bare_step(name, batch, device, "default")
-                row["compiled_step_samples_per_s"] = batch / csec
-                row["compiled_mfu_bf16"] = flops / csec / peak
-                rate = trainer_rate(name, batch, steps, device, compile=True)
-                row["compiled_trainer_samples_per_s"] = rate
-                row["compiled_trainer_over_step"] = rate / row["compiled_step_samples_per_s"]
-        except torch.OutOfMemoryError as e:
-            row = {"preset": name, "error": f"out of memory: {e}"[:200]}
-        finally:
-            empty(device)
-        rows.append(row)
-        print(table([row], list(row)), flush=True)
+    for name, batches, steps, _ in plan:
+        rows.append(eager_row(name, batches, steps, device, peak, clock))
+        save(rows)
+        print(table(rows[-1:], list(rows[-1])), flush=True)
+    for row, (name, _, steps, modes) in zip(rows, plan, strict=True):
+        for mode in modes:
+            if "batch" not in row or clock.left() < 150:
+                row.setdefault("skipped", []).append(f"{mode}: time budget")
+                continue
+            try:
+                flops = step_flops(name, 1, device) * row["batch"]
+                row.update(compiled_rows(name, row["batch"], steps, device, mode, flops / peak))
+            except torch.OutOfMemoryError as e:
+                row[f"{PREFIX[mode]}_error"] = f"out of memory: {e}"[:200]
+            finally:
+                empty(device)
+            save(rows)
+            print(table([row], list(row)), flush=True)
     return rows
+
+
+def eager_row(
+    name: str, batches: tuple, steps: int, device: torch.device, peak: float, clock: Clock
+) -> dict[str, Any]:
+    """The bare step (largest batch that fits) with its MFU, then the input pipeline alone and
+    the real trainer when the preset has trainer ``steps``."""
+    if clock.left() < 60:
+        return {"preset": name, "skipped": ["time budget"]}
+    try:
+        batch, sec = largest_batch(name, batches, device)
+        flops = step_flops(name, 1, device) * batch
+        row: dict[str, Any] = {
+            "preset": name,
+            "batch": batch,
+            "step_samples_per_s": batch / sec,
+            "mfu_bf16": flops / sec / peak,
+        }
+        if steps and clock.left() > 60:
+            row["loader_samples_per_s"] = loader_rate(name, batch, 100, device)
+            rate = trainer_rate(name, batch, steps, device)
+            row["trainer_samples_per_s"] = rate
+            row["trainer_over_step"] = rate / row["step_samples_per_s"]
+        return row
+    except torch.OutOfMemoryError as e:
+        return {"preset": name, "error": f"out of memory: {e}"[:200]}
+    finally:
+        empty(device)
+
+
+def compiled_rows(
+    name: str, batch: int, steps: int, device: torch.device, mode: str, flop_fraction: float
+) -> dict[str, float]:
+    """The bare step, and the trainer when it has ``steps``, compiled in ``mode``."""
+    key = PREFIX[mode]
+    sec = bare_step(name, batch, device, mode)
+    row = {f"{key}_step_samples_per_s": batch / sec, f"{key}_mfu_bf16": flop_fraction / sec}
+    if steps:
+        rate = trainer_rate(name, batch, steps, device, compile_mode=mode)
+        row[f"{key}_trainer_samples_per_s"] = rate
+        row[f"{key}_trainer_over_step"] = rate / row[f"{key}_step_samples_per_s"]
+    return row
 
 
 def sampling_section(device: torch.device, batch: int, clock: Clock) -> list[dict]:
@@ -142,17 +185,18 @@ def main() -> None:
     print(f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
     result: dict[str, Any] = {"peak_bf16_flops": peak, "train": [], "sampling": []}
 
-    def save() -> None:  # after every section, so a run cut short keeps what it measured
+    def save(train_rows: list[dict] | None = None) -> None:  # a run cut short keeps its rows
+        if train_rows is not None:
+            result["train"] = done + train_rows
         result["seconds"] = time.time() - clock.start
         write(f"gpu-{device.type}", result)
 
-    result["train"] += train_section(QUICK if args.quick else FIRST, device, peak, clock)
-    save()
+    done: list[dict] = []
+    done = train_section(QUICK if args.quick else FIRST, device, peak, clock, save)
     result["sampling"] = sampling_section(device, 8 if args.quick else 64, clock)
     save()
     if not args.quick:
-        result["train"] += train_section(LAST, device, peak, clock)
-        save()
+        save(train_section(LAST, device, peak, clock, save))
     sync(device)
     print(f"done in {result['seconds']:.0f} s")
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 
 import torch
-from common import matmul_peak, table, timed, write
+from common import matmul_peak, sync, table, timed, write
 from torch.utils.flop_counter import FlopCounterMode
 
 from imagen.diffusion.guidance import Conditioning
@@ -24,6 +25,8 @@ from imagen.models.presets import count_preset_parameters, get_preset
 from imagen.models.unet import UNet
 from imagen.text.encoders import TextEncoderConfig
 from imagen.training.config import CascadeRunConfig, DataConfig, StageRun, TrainConfig
+from imagen.training.data import DrawSpec, draw_batch, training_batches
+from imagen.training.parallel import Dist
 from imagen.training.rundir import RunDirectory
 from imagen.training.trainer import train_stage
 
@@ -59,6 +62,8 @@ def make_step(
         cond.lowres, cond.aug_level = x0.clone(), torch.zeros(batch, device=device)
 
     def step() -> None:
+        if compile_mode:  # a new iteration for CUDA-graph trees (reduce-overhead)
+            torch.compiler.cudagraph_mark_step_begin()
         t = torch.randint(0, sch.num_timesteps, (batch,), device=device)
         noise = torch.randn_like(x0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -89,10 +94,11 @@ def step_flops(name: str, batch: int, device: torch.device | None = None) -> int
 
 
 def trainer_rate(
-    name: str, batch: int, steps: int, device: torch.device, compile: bool = False
+    name: str, batch: int, steps: int, device: torch.device, compile_mode: str | None = None
 ) -> float:
     """samples/s of the real trainer on ``name`` (Shapes data, a weightless text encoder of the
-    preset's width), over the logged intervals after the first."""
+    preset's width), over the logged intervals after the first; ``compile_mode``: the U-Net
+    compiled in that torch.compile mode."""
     stage = get_preset(name)
     log_every = max(1, steps // 6)
     train = TrainConfig(
@@ -103,7 +109,8 @@ def trainer_rate(
         log_every=log_every,
         checkpoint_every=10**9,
         sample_every=0,
-        compile=compile,
+        compile=compile_mode is not None,
+        compile_mode=compile_mode or "default",
     )
     workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     cfg = CascadeRunConfig(
@@ -117,6 +124,35 @@ def trainer_rate(
     timed_rows = rows[1:] or rows
     seconds = sum(r["log_interval_s"] for r in timed_rows)
     return sum(r["steps_per_s"] * r["log_interval_s"] for r in timed_rows) * batch / seconds
+
+
+def loader_rate(
+    name: str, batch: int, batches: int, device: torch.device, workers: int | None = None
+) -> float:
+    """samples/s of the trainer's input pipeline alone for ``name``: Shapes images from the
+    DataLoader workers copied to ``device``, and each batch's random draws made there, after a
+    warm-up. What the trainer could reach if its step cost nothing."""
+    stage = get_preset(name)
+    train = TrainConfig(batch_size=batch, max_steps=batches + 10)
+    if workers is None:  # as trainer_rate
+        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    spec = DrawSpec.of(stage, train, stage.diffusion.timesteps)
+    data = DataConfig(num_workers=workers)
+    it, _ = training_batches(data, stage, train, Dist(), 0, device.type == "cuda")
+
+    def take(i: int) -> None:
+        images, _, _ = next(it)
+        images.to(device, non_blocking=True)
+        draw_batch(spec, i * batch, batch, device)
+
+    for i in range(10):
+        take(i)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(batches):
+        take(i)
+    sync(device)
+    return batches * batch / (time.perf_counter() - t0)
 
 
 def main() -> None:
