@@ -5,7 +5,8 @@ The first row, v1's defaults (float32, 20 DPM-Solver++ steps and guidance 3 at e
 is the baseline of the speed-up column. Writes benchmarks/results/fast_sampling-DATE.json.
 
     python benchmarks/fast_sampling.py [--model DIR] [--num 100] [--images 16] [--only NAME ...]
-    python benchmarks/fast_sampling.py --model DISTILLED_DIR --name fast_sampling_distilled
+    python benchmarks/fast_sampling.py --only v1 "the model" --also DISTILLED_DIR ... \
+        --name fast_sampling_distilled   (distilled cascades against the same baseline)
 """
 
 from __future__ import annotations
@@ -54,6 +55,21 @@ def images_per_s(pipe: ImagenPipeline, overrides: SamplingOverrides, n: int, bat
     return n / best
 
 
+def measure(
+    pipe: ImagenPipeline, name: str, overrides: SamplingOverrides, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One row: whole-cascade images/s and Shapes accuracy of ``pipe`` with ``overrides``."""
+    speed = images_per_s(pipe, overrides, args.images, args.batch_size)
+    report = eval_shapes(pipe, args.num, overrides, batch_size=32)
+    return {
+        "setting": name,
+        "images_per_s": speed,
+        **{g: round(100 * a, 1) for g, a in report["accuracy"].items()},
+        "per_stage": report["per_stage"],
+        "sampling": sampling_summary(pipe.sampling_configs(overrides)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", help="model directory (default: the bundled cascade)")
@@ -62,31 +78,24 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--only", nargs="*", help="run only the settings whose names start so")
+    ap.add_argument("--also", nargs="*", default=[], help="more model directories, each a row")
     ap.add_argument("--name", default="fast_sampling")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = ImagenPipeline.from_pretrained(args.model)
+    runs = [(name, pipe, changes) for name, changes in SETTINGS.items()]
+    runs = [r for r in runs if not args.only or any(r[0].startswith(o) for o in args.only)]
+    runs += [
+        (f"{d}: its stored defaults", ImagenPipeline.from_pretrained(d), {}) for d in args.also
+    ]
     rows: list[dict[str, Any]] = []
-    for name, changes in SETTINGS.items():
-        if args.only and not any(name.startswith(o) for o in args.only):
-            continue
-        overrides = SamplingOverrides(**changes)
-        speed = images_per_s(pipe, overrides, args.images, args.batch_size)
-        report = eval_shapes(pipe, args.num, overrides, batch_size=32)
-        row = {
-            "setting": name,
-            "images_per_s": speed,
-            **{g: round(100 * a, 1) for g, a in report["accuracy"].items()},
-            "per_stage": report["per_stage"],
-            "sampling": sampling_summary(pipe.sampling_configs(overrides)),
-        }
-        row["speedup"] = speed / rows[0]["images_per_s"] if rows else 1.0
-        rows.append(row)
-        print(table([row], ["setting", "images_per_s", "speedup", "one", "two", "heldout"]))
-        write(
-            args.name, {"model": args.model or "bundled", "num_per_group": args.num, "rows": rows}
-        )
+    for name, model, changes in runs:
+        rows.append(measure(model, name, SamplingOverrides(**changes), args))
+        rows[-1]["speedup"] = rows[-1]["images_per_s"] / rows[0]["images_per_s"]
+        print(table(rows[-1:], ["setting", "images_per_s", "speedup", "one", "two", "heldout"]))
+        model_name = args.model or "bundled"
+        write(args.name, {"model": model_name, "num_per_group": args.num, "rows": rows})
     print()
     print(table(rows, ["setting", "images_per_s", "speedup", "one", "two", "heldout"]))
 

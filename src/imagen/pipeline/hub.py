@@ -1,4 +1,4 @@
-"""Where a model comes from: the bundled cascade, a model directory, or a Hugging Face Hub repo
+"""Where a model comes from: a bundled cascade, a model directory, or a Hugging Face Hub repo
 (resolved through huggingface_hub and its cache, so a repo works offline once cached)."""
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ from pathlib import Path
 
 from imagen.models.model_dir import read_index
 
-BUNDLED_MODEL = Path(__file__).parents[1] / "weights" / "shapes-cascade"
+WEIGHTS = Path(__file__).parents[1] / "weights"
+BUNDLED_MODEL = WEIGHTS / "shapes-cascade"  # the default model
+# the bundled cascades by name: the default, and its base distilled to 4 one-pass steps
+BUNDLED = {name: WEIGHTS / name for name in ("shapes-cascade", "shapes-cascade-fast")}
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -19,12 +22,15 @@ def _offline() -> bool:
 
 def resolve_model(model: str | Path | None) -> Path:
     """The model directory for ``model``: None is the bundled cascade; an existing path is
-    used as it is; ``ORG/NAME`` that is not a path is a Hub repo, taken from the Hugging Face
-    cache (downloaded first unless offline). Raises FileNotFoundError or ValueError with one
-    line that says which of these failed."""
+    used as it is; a bundled cascade's name (``shapes-cascade-fast``) is that cascade; ``ORG/NAME``
+    that is not a path is a Hub repo, taken from the Hugging Face cache (downloaded first
+    unless offline). Raises FileNotFoundError or ValueError with one line that says which of
+    these failed."""
     if model is None:
         return BUNDLED_MODEL
     path = Path(model).expanduser()
+    if not path.exists() and str(model) in BUNDLED:
+        return BUNDLED[str(model)]
     if path.exists() or not REPO_ID.match(str(model)):
         read_index(path)  # a clear error unless it is a model directory
         return path
