@@ -21,6 +21,7 @@ _GAMMA = 0x9E3779B97F4A7C15 - 2**64  # SplitMix64's constants as signed 64-bit i
 _M1 = 0xBF58476D1CE4E5B9 - 2**64
 _M2 = 0x94D049BB133111EB - 2**64
 _STREAM = 1 << 40  # positions per stream
+_MASK = 2**64 - 1
 
 
 def _shr(x: Tensor, k: int) -> Tensor:
@@ -35,10 +36,19 @@ def mix64(x: Tensor) -> Tensor:
     return x ^ _shr(x, 31)
 
 
+def _mix64_int(x: int) -> int:
+    """:func:`mix64` of one Python integer, as a signed 64-bit value (computed on the host: a
+    tensor made from it on a GPU would wait for the device)."""
+    x &= _MASK
+    x = ((x ^ (x >> 30)) * _M1) & _MASK
+    x = ((x ^ (x >> 27)) * _M2) & _MASK
+    x ^= x >> 31
+    return x - 2**64 if x >= 2**63 else x
+
+
 def sample_states(seed: int, indices: Tensor) -> Tensor:
     """The SplitMix64 state of each sample index (an int64 tensor) under ``seed``."""
-    s = mix64(torch.tensor(seed, dtype=torch.int64, device=indices.device))
-    return mix64(s + indices.to(torch.int64))
+    return mix64(indices.to(torch.int64) + _mix64_int(seed))
 
 
 def bits(states: Tensor, stream: int, n: int) -> Tensor:
