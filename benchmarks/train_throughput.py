@@ -11,7 +11,6 @@ before/after ratios of bf16 autocast and channels-last.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
@@ -112,10 +111,9 @@ def trainer_rate(
         compile=compile_mode is not None,
         compile_mode=compile_mode or "default",
     )
-    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     cfg = CascadeRunConfig(
         TextEncoderConfig(f"hash-{stage.unet.text_dim}", 16),
-        DataConfig(num_workers=workers),
+        DataConfig(),  # the trainer's automatic number of DataLoader workers
         [StageRun(stage, train)],
     )
     with tempfile.TemporaryDirectory() as run:
@@ -134,10 +132,8 @@ def loader_rate(
     warm-up. What the trainer could reach if its step cost nothing."""
     stage = get_preset(name)
     train = TrainConfig(batch_size=batch, max_steps=batches + 10)
-    if workers is None:  # as trainer_rate
-        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
     spec = DrawSpec.of(stage, train, stage.diffusion.timesteps)
-    data = DataConfig(num_workers=workers)
+    data = DataConfig(num_workers=workers)  # None: automatic, as the trainer
     it, _ = training_batches(data, stage, train, Dist(), 0, device.type == "cuda")
 
     def take(i: int) -> None:

@@ -518,3 +518,35 @@ def test_ema_update_with_an_on_device_skip(monkeypatch):
         torch.testing.assert_close(e, torch.lerp(b, m, 0.1))
     assert optim._groups([torch.zeros(60), torch.zeros(60), torch.zeros(300)]) == [[0], [1], [2]]
     assert optim._groups([torch.zeros(40), torch.zeros(60), torch.zeros(1)]) == [[0, 1], [2]]
+
+
+def test_dataloader_workers_are_automatic_unless_set(monkeypatch):
+    from imagen.training.data import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers(DataConfig(), gpu=False) == 0  # CPU cores run the step
+    assert loader_workers(DataConfig(), gpu=True) == 14
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_workers(DataConfig(), gpu=True) == 2
+    assert loader_workers(DataConfig(num_workers=3), gpu=True) == 3
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
+        DataConfig(num_workers=-1)
+
+
+def test_compiled_training_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+    """compile with CUDA graphs requested, on a machine where compiling fails: one warning,
+    then the run trains eagerly to the end."""
+
+    def broken_compile(module, **options):
+        assert options["mode"] == "reduce-overhead"
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = config(steps=3, compile=True, compile_mode="reduce-overhead")
+    summary = train_stage(cfg, 0, tmp_path / "run", progress=False)
+    assert summary["step"] == 3 and "torch.compile failed" in caplog.text

@@ -16,7 +16,8 @@ class DataConfig:
     kind: str = "shapes"  # a registered source: shapes | folder | webdataset (see data.sources)
     path: str | list[str] | None = None  # folder, or shard pattern(s) / URLs for webdataset
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int | None = None  # DataLoader worker processes; None: automatic (none when
+    # training on CPUs, whose cores train; on a GPU, the host's cores per GPU less two, up to 16)
     min_size: int = 0  # skip images whose shorter side is smaller (0: keep all, upsampling)
     shuffle_buffer: int = 1000  # webdataset only
     random_crop: bool = True  # random crops in training (centre crops otherwise)
@@ -35,6 +36,8 @@ class DataConfig:
         if get_source(self.kind).needs_path and not self.path:
             raise ValueError(f"data.kind {self.kind!r} needs data.path")
         for name in ("num_workers", "min_size", "shuffle_buffer", "resize_to", "seed"):
+            if name == "num_workers" and self.num_workers is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(
                     f"data.{name} must be an integer >= 0, got {getattr(self, name)!r}"

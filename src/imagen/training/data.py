@@ -13,6 +13,7 @@ batch 2B.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,8 +136,20 @@ def collate(batch: list[tuple[Any, ...]]) -> tuple[Tensor, list[str], Counter[st
     return torch.stack([item[0] for item in kept]), [item[1] for item in kept], notes
 
 
+def loader_workers(data: DataConfig, gpu: bool) -> int:
+    """DataLoader workers per training process: ``data.num_workers``, or when it is None none on
+    CPUs (their cores run the training step) and on a GPU the host's cores per local process
+    less two (the training process and its pinning thread), at most 16."""
+    if data.num_workers is not None:
+        return data.num_workers
+    if not gpu:
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(16, len(os.sched_getaffinity(0)) // max(1, local) - 2))
+
+
 def _loader(dataset: Dataset, data: DataConfig, pin: bool, **kwargs: Any) -> DataLoader:
-    workers = data.num_workers
+    workers = loader_workers(data, gpu=pin)
     extra = {"prefetch_factor": 4} if workers else {}
     return DataLoader(dataset, num_workers=workers, pin_memory=pin, **extra, **kwargs)
 
