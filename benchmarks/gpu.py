@@ -2,11 +2,13 @@
 skipped, and say so, when the time budget runs out).
 
 Per preset: the bare training step's samples/s (forward, backward, fused AdamW; bf16
-autocast, channels-last, eager and compiled) with model FLOPs utilisation against the bf16
-matmul peak measured in the same run; the real trainer's samples/s on the same preset and
-batch for a fixed short run (`imagen train`'s code: data loading, caption table, EMA,
-logging), and their ratio ``trainer_over_step``. Then sampling images/s of the bundled
-cascade per stage, eager and compiled. Writes benchmarks/results/gpu-cuda-DATE.json.
+autocast, channels-last) with model FLOPs utilisation against the bf16 matmul peak measured in
+the same run; the input pipeline's samples/s alone, the real trainer's samples/s on the same
+preset and batch for a fixed short run (`imagen train`'s code: data loading, draws, caption
+table, EMA, logging), and their ratio ``trainer_over_step``. Then sampling images/s of the
+bundled cascade per stage. The eager measurements of everything come first; compiled ones
+(CUDA graphs for the small Shapes stage) follow while the budget allows. Writes
+benchmarks/results/gpu-cuda-DATE.json after every row.
 
     python benchmarks/gpu.py                      (on a machine with CUDA)
     python benchmarks/gpu.py --device cpu --quick (a smoke run of the same code)
@@ -28,15 +30,17 @@ from imagen.pipeline import ImagenPipeline, compile_unets
 
 # preset, batches to try (largest first; a batch that runs out of memory falls back), trainer
 # steps (0: no trainer run), torch.compile modes to measure (the bare step, and the trainer when
-# it has steps); in order of importance. reduce-overhead captures the forward and backward
-# passes in CUDA graphs, for small launch-bound models.
-FIRST = [
+# it has steps). reduce-overhead captures the forward and backward passes in CUDA graphs, for
+# small launch-bound models.
+PLAN = [
     ("shapes-base32", (256,), 300, ("reduce-overhead",)),
     ("paper-base64", (64, 32, 16), 0, ("default",)),
+    ("paper-sr256", (16, 8), 0, ()),
+    ("paper-sr1024", (4, 2), 0, ()),
 ]
-LAST = [("paper-sr256", (16, 8), 0, ()), ("paper-sr1024", (4, 2), 0, ())]
 QUICK = [("tiny-base", (8,), 12, ("default",))]
 PREFIX = {"default": "compiled", "reduce-overhead": "cudagraphs", "max-autotune": "autotuned"}
+SAMPLING = SamplingConfig(sampler="dpmpp", steps=20, guidance=3.0)
 
 
 class Clock:
@@ -75,17 +79,10 @@ def empty(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def train_section(
-    plan: list, device: torch.device, peak: float, clock: Clock, save: Any
-) -> list[dict]:
-    """One row per preset: the eager measurements of every preset first (they are quick), then
-    the compiled ones while the time budget allows; ``save(rows)`` after each, so a run cut
-    short keeps what it measured."""
-    rows: list[dict[str, Any]] = []
-    for name, batches, steps, _ in plan:
-        rows.append(eager_row(name, batches, steps, device, peak, clock))
-        save(rows)
-        print(table(rows[-1:], list(rows[-1])), flush=True)
+def compile_train_rows(
+    rows: list[dict], plan: list, device: torch.device, peak: float, clock: Clock, save: Any
+) -> None:
+    """Add each preset's compiled measurements to its row while the time budget allows."""
     for row, (name, _, steps, modes) in zip(rows, plan, strict=True):
         for mode in modes:
             if "batch" not in row or clock.left() < 150:
@@ -98,9 +95,8 @@ def train_section(
                 row[f"{PREFIX[mode]}_error"] = f"out of memory: {e}"[:200]
             finally:
                 empty(device)
-            save(rows)
+            save()
             print(table([row], list(row)), flush=True)
-    return rows
 
 
 def eager_row(
@@ -145,27 +141,36 @@ def compiled_rows(
     return row
 
 
-def sampling_section(device: torch.device, batch: int, clock: Clock) -> list[dict]:
-    """Images/s of each stage of the bundled cascade (20 DPM-Solver++ steps, guidance 3, bf16),
-    eager and compiled (compiled while the time budget allows)."""
-    pipe = ImagenPipeline.from_pretrained(None, device)
-    s = SamplingConfig(sampler="dpmpp", steps=20, guidance=3.0)
+def sampling_rows(pipe: ImagenPipeline, device: torch.device, batch: int, clock: Clock) -> list:
+    """Eager bf16 images/s of each stage of the bundled cascade (20 DPM-Solver++ steps,
+    guidance 3)."""
     rows = []
     for k in range(len(pipe.cascade.stages)):
         if clock.left() < 20:
             rows.append({"stage": k, "skipped": "time budget"})
             continue
-        bf16 = time_stage(pipe, k, batch, s, device, torch.bfloat16)
-        row: dict[str, Any] = {"stage": k, "batch": batch, "bf16_images_per_s": batch / bf16}
-        if clock.left() > 100:
-            compile_unets(pipe.cascade, stages=[k])
-            comp = time_stage(pipe, k, batch, s, device, torch.bfloat16)
-            pipe.cascade.stages[k].compiled = None
-            row["bf16_compile_images_per_s"] = batch / comp
-            row["compile_over_eager"] = bf16 / comp
-        rows.append(row)
-        print(table([row], list(row)), flush=True)
+        sec = time_stage(pipe, k, batch, SAMPLING, device, torch.bfloat16)
+        rows.append({"stage": k, "batch": batch, "bf16_images_per_s": batch / sec})
+        print(table(rows[-1:], list(rows[-1])), flush=True)
     return rows
+
+
+def compile_sampling_rows(
+    pipe: ImagenPipeline, rows: list[dict], device: torch.device, clock: Clock, save: Any
+) -> None:
+    """Add each stage's compiled images/s to its row while the time budget allows."""
+    for row in rows:
+        if "batch" not in row or clock.left() < 60:
+            row["compile_skipped"] = "time budget"
+            continue
+        k = row["stage"]
+        compile_unets(pipe.cascade, stages=[k])
+        sec = time_stage(pipe, k, row["batch"], SAMPLING, device, torch.bfloat16)
+        pipe.cascade.stages[k].compiled = None
+        row["bf16_compile_images_per_s"] = row["batch"] / sec
+        row["compile_over_eager"] = row["bf16_compile_images_per_s"] / row["bf16_images_per_s"]
+        save()
+        print(table([row], list(row)), flush=True)
 
 
 def main() -> None:
@@ -185,18 +190,22 @@ def main() -> None:
     print(f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s", flush=True)
     result: dict[str, Any] = {"peak_bf16_flops": peak, "train": [], "sampling": []}
 
-    def save(train_rows: list[dict] | None = None) -> None:  # a run cut short keeps its rows
-        if train_rows is not None:
-            result["train"] = done + train_rows
+    def save() -> None:  # after every row, so a run cut short keeps what it measured
         result["seconds"] = time.time() - clock.start
         write(f"gpu-{device.type}", result)
 
-    done: list[dict] = []
-    done = train_section(QUICK if args.quick else FIRST, device, peak, clock, save)
-    result["sampling"] = sampling_section(device, 8 if args.quick else 64, clock)
+    # the quick measurements of everything first, then the compiled ones as time allows
+    plan = QUICK if args.quick else PLAN
+    for name, batches, steps, _ in plan:
+        result["train"].append(eager_row(name, batches, steps, device, peak, clock))
+        save()
+        print(table(result["train"][-1:], list(result["train"][-1])), flush=True)
+    pipe = ImagenPipeline.from_pretrained(None, device)
+    result["sampling"] = sampling_rows(pipe, device, 8 if args.quick else 64, clock)
     save()
-    if not args.quick:
-        save(train_section(LAST, device, peak, clock, save))
+    compile_train_rows(result["train"], plan, device, peak, clock, save)
+    compile_sampling_rows(pipe, result["sampling"], device, clock, save)
+    save()
     sync(device)
     print(f"done in {result['seconds']:.0f} s")
 
