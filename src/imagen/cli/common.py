@@ -130,11 +130,17 @@ def device(text: str) -> str:
 
 
 # ---- options shared by several commands --------------------------------------------------
+MODEL_HELP = (
+    "model directory, bundled model (shapes-cascade, shapes-cascade-fast) or Hugging Face Hub "
+    "repo id (default: the bundled shapes-cascade)"
+)
+
+
 def add_model_options(p: argparse.ArgumentParser, default_device: str | None = "cpu") -> None:
     """--model, --device, --bf16 / --fp32 and --threads."""
     p.add_argument(
         "--model",
-        help="model directory or Hugging Face Hub repo id (default: the bundled Shapes cascade)",
+        help=MODEL_HELP,
     )
     p.add_argument(
         "--device",

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from imagen.cli.common import command, positive_float, positive_int
+from imagen.cli.common import MODEL_HELP, command, positive_float, positive_int
 from imagen.cli.output import check_output_dir
 from imagen.data.checker import check_image, score
 from imagen.pipeline import ImagenPipeline, sampling_summary
@@ -165,7 +165,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dm.add_argument("--out", default="demo", help="output directory (default: demo)")
     dm.add_argument(
         "--model",
-        help="model directory or Hugging Face Hub repo id (default: the bundled Shapes cascade)",
+        help=MODEL_HELP,
     )
     dm.add_argument(
         "--train", action="store_true", help="also train a small base model from scratch"

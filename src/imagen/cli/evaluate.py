@@ -100,11 +100,15 @@ def record(pipe: ImagenPipeline, args: argparse.Namespace, report: dict) -> None
 
 
 def recordable_model_dir(model: str | None) -> Path:
-    """The local model directory --record writes into (the bundled model by default)."""
+    """The local model directory --record writes into (the bundled model by default, or a
+    bundled model by name)."""
     from imagen.models.model_dir import INDEX_FILE
     from imagen.pipeline import BUNDLED_MODEL
+    from imagen.pipeline.hub import BUNDLED
 
     path = Path(model) if model else BUNDLED_MODEL
+    if model in BUNDLED and not path.exists():
+        path = BUNDLED[model]
     if not (path / INDEX_FILE).is_file():
         raise UsageError(f"--record needs a local model directory; {model!r} is not one")
     if not os.access(path / INDEX_FILE, os.W_OK):

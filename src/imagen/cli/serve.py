@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import socket
 
-from imagen.cli.common import UsageError, command, device, port, positive_int
+from imagen.cli.common import MODEL_HELP, UsageError, command, device, port, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="HTTP API and web page (binds 127.0.0.1 by default)")
     sv.add_argument(
         "--model",
-        help="model directory or Hugging Face Hub repo id (default: the bundled Shapes cascade)",
+        help=MODEL_HELP,
     )
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     sv.add_argument("--port", type=port, default=8000)
