@@ -245,9 +245,13 @@ class Stage(nn.Module):
         cond = self.condition(text, lowres, draws.aug_level, draws.aug_noise, draws.drop)
         xt = self.schedule.q_sample(images, draws.t, draws.noise)
         target = self.schedule.target(images, draws.noise, draws.t)
-        pred = self.forward(xt, draws.t, cond, autocast, net)
+        return self.weighted_loss(self.forward(xt, draws.t, cond, autocast, net), target, draws.t)
+
+    def weighted_loss(self, pred: Tensor, target: Tensor, t: Tensor) -> Tensor:
+        """Mean over the batch of each sample's squared error, weighted per timestep by the
+        stage's loss weighting."""
         per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
-        return (self.schedule.loss_weight(draws.t) * per_sample).mean()
+        return (self.schedule.loss_weight(t) * per_sample).mean()
 
     # ---- sampling ------------------------------------------------------------------------
     def denoiser(

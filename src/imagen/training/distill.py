@@ -153,8 +153,7 @@ class Distiller:
         xt = self.schedule.q_sample(images, draws.t, draws.noise)
         target = self._teacher_out(xt, draws.t, cond, weight, autocast)
         pred = self.student.forward(xt, draws.t, self._student_cond(cond, weight), autocast, net)
-        per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
-        return (self.schedule.loss_weight(draws.t) * per_sample).mean()
+        return self.student.weighted_loss(pred, target, draws.t)
 
     def _alpha_sigma(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
         """alpha_t and sigma_t, with t = -1 the clean image (alpha 1, sigma 0)."""
