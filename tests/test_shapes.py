@@ -2,18 +2,22 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageDraw
 
 from imagen.data.checker import FAILURE_KINDS, check_image, detect_objects, score
 from imagen.data.shapes import (
     BACKGROUND,
     PALETTE,
+    SUPERSAMPLE,
     Scene,
     ShapeObject,
     ShapesConfig,
     ShapesDataset,
     all_captions,
+    draw_shape,
     parse_caption,
+    pil_to_tensor,
     render_scene,
     scene_for_caption,
 )
@@ -131,6 +135,37 @@ def test_render_follows_the_specification():
     assert row_top < 8 and row_bottom > 35  # apex up, base d = 40 px at the bottom
     edge = np.asarray(render_scene(scene(("white", "circle", 0.5, 0.5, 0.5)), 32)).astype(int)
     assert len({tuple(p) for p in edge.reshape(-1, 3)}) > 3  # anti-aliased: blended edge pixels
+
+
+def reference_render(scene, size):
+    """The specification: the whole canvas drawn at SUPERSAMPLE x, then box-filtered."""
+    big = Image.new("RGB", (size * SUPERSAMPLE,) * 2, BACKGROUND)
+    for obj in scene.objects:
+        draw_shape(ImageDraw.Draw(big), obj, size * SUPERSAMPLE, PALETTE[obj.color])
+    return big.resize((size, size), Image.BOX)
+
+
+@pytest.mark.parametrize(("size", "n"), [(32, 600), (64, 300), (13, 300), (100, 60), (7, 200)])
+def test_rendering_only_near_objects_gives_the_specified_pixels(size, n):
+    # render_scene filters only the blocks around each object; it must equal filtering the
+    # whole canvas, at any size (7 and 13 px clip objects at the border)
+    ds = ShapesDataset(size, ShapesConfig(seed=size))
+    for i in range(n):
+        s = ds.scene(i)
+        assert np.array_equal(
+            np.asarray(render_scene(s, size)), np.asarray(reference_render(s, size))
+        )
+
+
+def test_batched_items_equal_single_items():
+    ds = ShapesDataset(32, ShapesConfig(seed=2))
+    indices = [5, 0, 977, 5, 123456789]
+    batch = ds.__getitems__(indices)
+    for i, (img, cap, notes) in zip(indices, batch, strict=True):
+        single = ds[i]
+        assert cap == single[1] == ds.scene(i).caption and notes == single[2] == ()
+        assert torch.equal(img, single[0])
+        assert torch.equal(img, pil_to_tensor(reference_render(ds.scene(i), 32)))
 
 
 def test_scene_geometry_follows_the_grammar():

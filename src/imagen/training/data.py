@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from imagen.data.config import DataConfig
 from imagen.data.sources import Split, get_source
@@ -133,7 +133,8 @@ def collate(batch: list[tuple[Any, ...]]) -> tuple[Tensor, list[str], Counter[st
     kept = [item for item in batch if item[0].numel()]
     if not kept:
         return torch.empty(0), [], notes
-    return torch.stack([item[0] for item in kept]), [item[1] for item in kept], notes
+    # default_collate stacks into shared memory in a DataLoader worker (no copy to send it)
+    return default_collate([item[0] for item in kept]), [item[1] for item in kept], notes
 
 
 def loader_workers(data: DataConfig, gpu: bool) -> int:
@@ -148,7 +149,9 @@ def loader_workers(data: DataConfig, gpu: bool) -> int:
     return max(1, min(16, len(os.sched_getaffinity(0)) // max(1, local) - 2))
 
 
-def _loader(dataset: Dataset, data: DataConfig, pin: bool, **kwargs: Any) -> DataLoader:
+def make_loader(dataset: Dataset, data: DataConfig, pin: bool, **kwargs: Any) -> DataLoader:
+    """The trainer's DataLoader over ``dataset``: its workers (:func:`loader_workers`), page-
+    locked batches on a GPU (``pin``) and four batches prefetched per worker."""
     workers = loader_workers(data, gpu=pin)
     extra = {"prefetch_factor": 4} if workers else {}
     return DataLoader(dataset, num_workers=workers, pin_memory=pin, **extra, **kwargs)
@@ -176,7 +179,7 @@ def training_batches(
         sampler = StepBatchSampler(
             cfg.batch_size, cfg.grad_accum, d, start_step, cfg.max_steps, length
         )
-        loader = _loader(dataset, data, pin_memory, batch_sampler=sampler, collate_fn=collate)
+        loader = make_loader(dataset, data, pin_memory, batch_sampler=sampler, collate_fn=collate)
         return iter(loader), dataset
 
     def one_pass(epoch: int) -> Dataset:
@@ -192,7 +195,7 @@ def _stream(
     epoch, carry = start, Counter()
     while True:
         produced = False
-        for images, captions, notes in _loader(
+        for images, captions, notes in make_loader(
             source(epoch), data, pin, batch_size=cfg.batch_size, collate_fn=collate
         ):
             carry.update(notes)
