@@ -117,9 +117,10 @@ def eager_row(
         }
         if steps and clock.left() > 60:
             row["loader_samples_per_s"] = loader_rate(name, batch, 100, device)
-            rate = trainer_rate(name, batch, steps, device)
-            row["trainer_samples_per_s"] = rate
-            row["trainer_over_step"] = rate / row["step_samples_per_s"]
+            run = trainer_rate(name, batch, steps, device)
+            row["trainer_samples_per_s"] = run["samples_per_s"]
+            row["trainer_over_step"] = run["samples_per_s"] / row["step_samples_per_s"]
+            row["trainer_data_wait_fraction"] = run["data_wait_fraction"]
         return row
     except torch.OutOfMemoryError as e:
         return {"preset": name, "error": f"out of memory: {e}"[:200]}
@@ -135,9 +136,10 @@ def compiled_rows(
     sec = bare_step(name, batch, device, mode)
     row = {f"{key}_step_samples_per_s": batch / sec, f"{key}_mfu_bf16": flop_fraction / sec}
     if steps:
-        rate = trainer_rate(name, batch, steps, device, compile_mode=mode)
-        row[f"{key}_trainer_samples_per_s"] = rate
-        row[f"{key}_trainer_over_step"] = rate / row[f"{key}_step_samples_per_s"]
+        run = trainer_rate(name, batch, steps, device, compile_mode=mode)
+        row[f"{key}_trainer_samples_per_s"] = run["samples_per_s"]
+        row[f"{key}_trainer_over_step"] = run["samples_per_s"] / row[f"{key}_step_samples_per_s"]
+        row[f"{key}_trainer_data_wait_fraction"] = run["data_wait_fraction"]
     return row
 
 

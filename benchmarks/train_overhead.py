@@ -48,7 +48,8 @@ def main() -> None:
 
     for _ in range(args.repeat):  # the bare step right before and after each trainer run, so
         before = bare_rate()  # a drift in the machine's speed hits both sides alike
-        trainer = trainer_rate(args.preset, args.batch, args.steps, device)
+        run = trainer_rate(args.preset, args.batch, args.steps, device)
+        trainer = run["samples_per_s"]
         bare = (before + bare_rate()) / 2
         rows.append(
             {
@@ -58,6 +59,7 @@ def main() -> None:
                 "step_samples_per_s": bare,
                 "trainer_samples_per_s": trainer,
                 "trainer_over_step": trainer / bare,
+                "trainer_data_wait_fraction": run["data_wait_fraction"],
             }
         )
         print(table(rows[-1:], list(rows[-1])), flush=True)

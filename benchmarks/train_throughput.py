@@ -94,10 +94,11 @@ def step_flops(name: str, batch: int, device: torch.device | None = None) -> int
 
 def trainer_rate(
     name: str, batch: int, steps: int, device: torch.device, compile_mode: str | None = None
-) -> float:
-    """samples/s of the real trainer on ``name`` (Shapes data, a weightless text encoder of the
-    preset's width), over the logged intervals after the first; ``compile_mode``: the U-Net
-    compiled in that torch.compile mode."""
+) -> dict[str, float]:
+    """The real trainer on ``name`` (Shapes data, a weightless text encoder of the preset's
+    width) over the logged intervals after the first: its ``samples_per_s`` and the fraction
+    of the time it waited for data (``data_wait_fraction``); ``compile_mode``: compiled in
+    that torch.compile mode."""
     stage = get_preset(name)
     log_every = max(1, steps // 6)
     train = TrainConfig(
@@ -121,7 +122,9 @@ def trainer_rate(
         rows = RunDirectory(run).read_log()
     timed_rows = rows[1:] or rows
     seconds = sum(r["log_interval_s"] for r in timed_rows)
-    return sum(r["steps_per_s"] * r["log_interval_s"] for r in timed_rows) * batch / seconds
+    steps_done = sum(r["steps_per_s"] * r["log_interval_s"] for r in timed_rows)
+    waited = sum(r["data_wait_fraction"] * r["log_interval_s"] for r in timed_rows)
+    return {"samples_per_s": steps_done * batch / seconds, "data_wait_fraction": waited / seconds}
 
 
 def loader_rate(

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from imagen.data.shapes import ShapesDataset
+from imagen.data.sources import SourceKind, register_source, source_kinds
 from imagen.models.cascade import load_cascade
 from imagen.models.presets import tiny_base, tiny_sr
 from imagen.models.stage import Stage
@@ -61,6 +63,38 @@ def test_tiny_stage_learns_shapes(tmp_path, stage):
     assert sum(ls[-10:]) / 10 < 0.8 * sum(ls[:10]) / 10
     opts = json.loads((tmp_path / "run" / "training_options.json").read_text())
     assert opts["config"]["stages"][0]["train"]["max_steps"] == 80  # the resolved config is saved
+
+
+class SlowShapes(ShapesDataset):
+    """Shapes that take 0.3 s per batch to load."""
+
+    def __getitems__(self, indices):
+        time.sleep(0.3)
+        return super().__getitems__(indices)
+
+
+def data_wait(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+    return [r["data_wait_fraction"] for r in rows[1:]]  # the first interval includes start-up
+
+
+def test_log_says_how_long_the_loop_waited_for_data(tmp_path):
+    if "slow-shapes" not in source_kinds():
+        register_source(
+            SourceKind(
+                "slow-shapes",
+                open=lambda opts, prep, split: SlowShapes(prep.size, opts.shapes),
+                captions=lambda opts: ShapesDataset(8, opts.shapes).captions(),
+                bounded=False,
+                needs_path=False,
+            )
+        )
+    train_stage(config(steps=5, checkpoint_every=100), 0, tmp_path / "fast", progress=False)
+    slow = config(steps=5, checkpoint_every=100, data=DataConfig(kind="slow-shapes"))
+    train_stage(slow, 0, tmp_path / "slow", progress=False)
+    fast, starved = data_wait(tmp_path / "fast"), data_wait(tmp_path / "slow")
+    assert all(0 <= f <= 1 for f in fast + starved)
+    assert min(starved) > 0.5 and max(fast) < min(starved)
 
 
 def test_stop_and_resume_equals_straight_through(tmp_path):

@@ -8,7 +8,8 @@ same update as 1 process with batch 2B.
 
 A step never waits for the device: the loss, the gradient norm and the count of skipped
 (non-finite) steps stay on the device and are read every ``log_every`` steps and at
-checkpoints.
+checkpoints. Each log record says what fraction of its interval the loop spent waiting for
+data (``data_wait_fraction``): near 0 the input keeps up, near 1 the step is starved.
 """
 
 from __future__ import annotations
@@ -211,7 +212,9 @@ class Trainer:
             g["lr"] = lr_at(cfg, self.step)
         total = torch.zeros((), device=self.dev)
         for m in range(cfg.grad_accum):
+            waited = time.perf_counter()
             images, captions, batch_notes = next(batches)
+            self.data_wait += time.perf_counter() - waited
             notes.update(batch_notes)
             first = self.step * self.global_batch + (m * d.world + d.rank) * cfg.batch_size
             draws = draw_batch(self.spec, first, len(captions), self.dev)
@@ -288,6 +291,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.t_last = self.started = time.time()
+        self.data_wait = 0.0  # seconds spent in next(batches) since the last log
         try:
             while self.step < cfg.max_steps:
                 self.train_step(batches, self.notes)
@@ -340,6 +344,7 @@ class Trainer:
             return
         now = time.time()
         interval, self.t_last = now - self.t_last, now
+        data_wait, self.data_wait = self.data_wait, 0.0
         for v in self.stats.values():
             v.zero_()
         if not self.d.main:
@@ -354,6 +359,7 @@ class Trainer:
             "grad_norm": norm if self.cfg.grad_clip > 0 else float("nan"),
             "steps_per_s": rate,
             "samples_per_s": rate * self.global_batch,
+            "data_wait_fraction": min(1.0, data_wait / max(interval, 1e-9)),
             "samples_seen": self.samples_seen,
             "bad_steps": int(bad_total),
             "time": now,
@@ -363,7 +369,7 @@ class Trainer:
         self.logf.write(json.dumps(rec) + "\n")
         self.logf.flush()
         if self.tb is not None:
-            for key in ("loss", "lr", "grad_norm", "samples_per_s"):
+            for key in ("loss", "lr", "grad_norm", "samples_per_s", "data_wait_fraction"):
                 self.tb.add_scalar(f"train/{key}", rec[key], self.step)
         bar.set_postfix(
             loss=f"{rec['loss']:.4f}", it_s=f"{rate:.2f}", img_s=f"{rec['samples_per_s']:.0f}"
