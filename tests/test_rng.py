@@ -63,3 +63,19 @@ def test_a_sample_draws_the_same_in_any_batch():
     assert whole.noise.shape == (10, 3, 8, 8) and whole.t.dtype == torch.int64
     assert whole.aug_level.min() >= 0 and whole.aug_level.max() < 0.5
     assert whole.drop.dtype == torch.bool and whole.u.shape == (10, 2)
+
+
+def test_compiled_draws_equal_eager_draws():
+    # inside torch.compile the batch start is a tensor and the positions come from outside the
+    # graph (inductor computes 64-bit products of an in-graph arange in 32 bits)
+    spec = DrawSpec(seed=7, shape=(3, 8, 8), timesteps=1000, cond_drop=0.1, aug_max=0.5, uniforms=2)
+    cpu = torch.device("cpu")
+    compiled = torch.compile(lambda first, pos: draw_batch(spec, first, 5, cpu, pos), dynamic=False)
+    for start in (5, 123_456_789_012):
+        got = compiled(torch.tensor(start), spec.positions(cpu))
+        want = draw_batch(spec, start, 5, cpu)
+        for g, w in zip(got._fields(), want._fields(), strict=True):
+            if w.dtype.is_floating_point:  # the compiled log and cos round differently
+                torch.testing.assert_close(g, w, rtol=0, atol=2e-6)
+            else:
+                assert torch.equal(g, w)

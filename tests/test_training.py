@@ -25,7 +25,7 @@ from imagen.training.config import (
     parse_cascade_config,
 )
 from imagen.training.export import export_model
-from imagen.training.trainer import NonFiniteLossError, train_stage
+from imagen.training.trainer import NonFiniteLossError, Trainer, train_stage
 from imagen.utils.tensors import load_tensors
 
 
@@ -584,3 +584,17 @@ def test_compiled_training_falls_back_to_eager(tmp_path, monkeypatch, caplog):
     cfg = config(steps=3, compile=True, compile_mode="reduce-overhead")
     summary = train_stage(cfg, 0, tmp_path / "run", progress=False)
     assert summary["step"] == 3 and "torch.compile failed" in caplog.text
+
+
+def test_compiled_training_compiles_the_whole_micro_batch_loss(tmp_path, caplog):
+    """compile on one process: draws, conditioning, U-Net and loss in one compiled graph (no
+    fallback to eager), training as the eager step does."""
+    train_stage(config(steps=3, checkpoint_every=100), 0, tmp_path / "eager", progress=False)
+    cfg = config(steps=3, checkpoint_every=100, compile=True)
+    trainer = Trainer(cfg, 0, tmp_path / "compiled", progress=False)
+    trainer.run()
+    assert trainer.loss_fn.compiled is not None and "torch.compile failed" not in caplog.text
+    assert trainer.net is trainer.wrapped  # the U-Net is compiled inside the loss, not apart
+    torch.testing.assert_close(
+        losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rtol=1e-5, atol=0
+    )

@@ -53,27 +53,45 @@ class DrawSpec:
         aug = cfg.aug_max if stage.is_super_resolution else None
         return cls(cfg.seed, shape, timesteps, cfg.cond_drop, aug, uniforms)
 
+    def positions(self, device: torch.device) -> Tensor:
+        """Positions 0..n-1 of the longest random stream, for :func:`draw_batch` in a compiled
+        graph (see :func:`imagen.utils.rng.bits`)."""
+        return torch.arange(max(math.prod(self.shape), self.uniforms, 1), device=device)
+
 
 # the random streams of a sample (each a separate counter range of its generator)
 _T, _NOISE, _DROP, _LEVEL, _AUG_NOISE, _UNIFORMS = range(6)
 
 
-def draw_batch(spec: DrawSpec, first: int, count: int, device: torch.device) -> TrainingDraws:
+def draw_batch(
+    spec: DrawSpec,
+    first: int | Tensor,
+    count: int,
+    device: torch.device,
+    positions: Tensor | None = None,
+) -> TrainingDraws:
     """Every random draw of global samples ``first .. first + count - 1``, made on ``device``:
     timestep, noise, caption drop, then (SR only) augmentation level and noise, then
     (distillation only) uniforms. Each is a pure function of (seed, sample index): the same
-    whatever the batching, the process split or the device."""
-    states = rng.sample_states(spec.seed, torch.arange(first, first + count, device=device))
+    whatever the batching, the process split or the device. In a compiled step ``first`` is a
+    0-d tensor on ``device`` (one graph serves every batch) and ``positions`` is
+    ``spec.positions(device)``, made outside the graph."""
+    indices = torch.arange(count, device=device, dtype=torch.int64) + first
+    states = rng.sample_states(spec.seed, indices)
     size = math.prod(spec.shape)
+
+    def n(k: int) -> rng.Positions:
+        return k if positions is None else positions[:k]
+
     t = rng.integers(states, _T, spec.timesteps)
-    noise = rng.normal(states, _NOISE, size).view(count, *spec.shape)
-    drop = rng.uniform(states, _DROP, 1)[:, 0] < spec.cond_drop
+    noise = rng.normal(states, _NOISE, n(size)).view(count, *spec.shape)
+    drop = rng.uniform(states, _DROP, n(1))[:, 0] < spec.cond_drop
     level = aug_noise = u = None
     if spec.aug_max is not None:
-        level = rng.uniform(states, _LEVEL, 1)[:, 0] * spec.aug_max
-        aug_noise = rng.normal(states, _AUG_NOISE, size).view(count, *spec.shape)
+        level = rng.uniform(states, _LEVEL, n(1))[:, 0] * spec.aug_max
+        aug_noise = rng.normal(states, _AUG_NOISE, n(size)).view(count, *spec.shape)
     if spec.uniforms:
-        u = rng.uniform(states, _UNIFORMS, spec.uniforms)
+        u = rng.uniform(states, _UNIFORMS, n(spec.uniforms))
     return TrainingDraws(t, noise, drop, level, aug_noise, u)
 
 

@@ -29,7 +29,12 @@ from tqdm import tqdm
 
 from imagen.models.model_dir import load_stage
 from imagen.models.stage import Stage, StageConfig
-from imagen.text.encoders import TextEncoder, check_encoder_matches, load_text_encoder
+from imagen.text.encoders import (
+    TextEmbedding,
+    TextEncoder,
+    check_encoder_matches,
+    load_text_encoder,
+)
 from imagen.training.captions import CaptionEmbeddings, CaptionTable
 from imagen.training.config import CascadeRunConfig, TrainConfig
 from imagen.training.data import DrawSpec, draw_batch, training_batches
@@ -114,6 +119,7 @@ class Trainer:
         self.global_batch = self.cfg.batch_size * self.cfg.grad_accum * self.d.world
         timesteps = self.stage.schedule.num_timesteps
         self.spec = DrawSpec.of(self.scfg, self.cfg, timesteps, UNIFORMS if distill else 0)
+        self.positions = self.spec.positions(self.dev)
         # what owns the loss: the stage, or a distillation objective around it
         self.objective = Distiller(self.stage, self.teacher, distill) if distill else self.stage
 
@@ -178,18 +184,34 @@ class Trainer:
             log.info("resumed from %s at step %d", self.resume_from, self.step)
             for g in self.optimizer.param_groups:  # this run's choice, not the checkpoint's
                 g["fused"] = self.optimizer.defaults.get("fused")
-        wrapped = self.par.wrap(self.model)
-        self.net = (
-            CompileFallback(wrapped, dynamic=False, mode=cfg.compile_mode)
-            if cfg.compile
-            else wrapped
-        )
-        self.wrapped = wrapped
+        self.wrapped = self.par.wrap(self.model)
+        self._compile()
         self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
         zero = torch.zeros((), device=dev)
         # on-device statistics since the last log: loss sum, good steps, bad-step counters
         self.stats = {"loss": zero.clone(), "good": zero.clone(), "norm": zero.clone()}
         self.bad_run, self.bad_total = zero.clone(), zero.clone() + bad_total
+
+    def _compile(self) -> None:
+        """With ``compile``: on one process the whole loss of a micro-batch (draws,
+        conditioning, U-Net, weighted error) is compiled as one graph, so CUDA graphs
+        (``reduce-overhead``) leave no small kernels to launch one by one; across processes
+        (DDP, FSDP) only the U-Net is, as those wrappers want."""
+        cfg, options = self.cfg, {"dynamic": False, "mode": self.cfg.compile_mode}
+        whole = cfg.compile and self.d.world == 1 and not self.par.sharded
+        compile_net = cfg.compile and not whole
+        self.net = CompileFallback(self.wrapped, **options) if compile_net else self.wrapped
+        self.loss_fn = CompileFallback(self._micro_loss, **options) if whole else self._micro_loss
+        self.first = torch.zeros((), dtype=torch.int64, device=self.dev)
+
+    def _micro_loss(
+        self, images: Tensor, tokens: Tensor, mask: Tensor, first: Tensor, positions: Tensor
+    ) -> Tensor:
+        """The loss of one micro-batch whose first sample has global index ``first`` (a 0-d
+        tensor on the device): its random draws, then the objective's loss."""
+        draws = draw_batch(self.spec, first, images.shape[0], self.dev, positions)
+        text = TextEmbedding(tokens, mask)
+        return self.objective.loss(images, text, draws, self.autocast, self.net)
 
     def _caption_embeddings(self, dataset: Any) -> CaptionEmbeddings | CaptionTable:
         """A table on the device when the dataset's captions are a small, known set; else the
@@ -217,7 +239,7 @@ class Trainer:
             self.data_wait += time.perf_counter() - waited
             notes.update(batch_notes)
             first = self.step * self.global_batch + (m * d.world + d.rank) * cfg.batch_size
-            draws = draw_batch(self.spec, first, len(captions), self.dev)
+            self.first.fill_(first)  # a kernel argument: no copy, no wait
             images = images.to(self.dev, non_blocking=True).contiguous(
                 memory_format=self.memory_format
             )
@@ -228,7 +250,7 @@ class Trainer:
             # gradients are all-reduced on the last micro-batch of a step only
             with self.par.accumulating(self.wrapped, last_micro):
                 text = self.embed(captions)
-                loss = self.objective.loss(images, text, draws, self.autocast, self.net)
+                loss = self.loss_fn(images, text.tokens, text.mask, self.first, self.positions)
                 (loss / cfg.grad_accum).backward()
             total += loss.detach() / cfg.grad_accum
         if d.world > 1:

@@ -12,12 +12,12 @@ log = logging.getLogger(__name__)
 
 
 class CompileFallback:
-    """Calls ``torch.compile(module)``; if compiling fails (no compiler, an unsupported op), warns
-    once and runs the module eagerly from then on."""
+    """Calls ``torch.compile(fn)`` (a module or a function); if compiling fails (no compiler, an
+    unsupported op), warns once and runs ``fn`` eagerly from then on."""
 
-    def __init__(self, module: torch.nn.Module, **options: Any) -> None:
-        self.eager = module
-        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(module, **options)
+    def __init__(self, fn: Callable[..., torch.Tensor], **options: Any) -> None:
+        self.eager = fn
+        self.compiled: Callable[..., torch.Tensor] | None = torch.compile(fn, **options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.compiled is not None:

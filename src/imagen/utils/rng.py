@@ -36,14 +36,19 @@ def mix64(x: Tensor) -> Tensor:
     return x ^ _shr(x, 31)
 
 
+def _wrap(x: int) -> int:
+    """A Python integer modulo 2**64, as a signed 64-bit value."""
+    x &= _MASK
+    return x - 2**64 if x >= 2**63 else x
+
+
 def _mix64_int(x: int) -> int:
     """:func:`mix64` of one Python integer, as a signed 64-bit value (computed on the host: a
     tensor made from it on a GPU would wait for the device)."""
     x &= _MASK
     x = ((x ^ (x >> 30)) * _M1) & _MASK
     x = ((x ^ (x >> 27)) * _M2) & _MASK
-    x ^= x >> 31
-    return x - 2**64 if x >= 2**63 else x
+    return _wrap(x ^ (x >> 31))
 
 
 def sample_states(seed: int, indices: Tensor) -> Tensor:
@@ -51,18 +56,27 @@ def sample_states(seed: int, indices: Tensor) -> Tensor:
     return mix64(indices.to(torch.int64) + _mix64_int(seed))
 
 
-def bits(states: Tensor, stream: int, n: int) -> Tensor:
-    """(B, n) 64-bit values: positions 0..n-1 of ``stream`` for each sample state (B,)."""
-    k = torch.arange(n, device=states.device, dtype=torch.int64) + (stream * _STREAM + 1)
-    return mix64(states[:, None] + k * _GAMMA)
+Positions = int | Tensor  # n (positions 0..n-1), or the positions as an int64 tensor
 
 
-def uniform(states: Tensor, stream: int, n: int) -> Tensor:
+def bits(states: Tensor, stream: int, n: Positions) -> Tensor:
+    """(B, n) 64-bit values: positions 0..n-1 of ``stream`` for each sample state (B,).
+
+    Inside ``torch.compile`` pass the positions as a tensor made outside it: inductor (torch
+    2.13) computes 64-bit products of an ``arange`` made in the graph in 32 bits."""
+    # counter c = stream * 2**40 + k + 1 advances the state by c * GAMMA (mod 2**64); the
+    # constant part is wrapped here (a compiled graph cannot hold it unwrapped)
+    offset = _wrap((stream * _STREAM + 1) * _GAMMA)
+    k = n if isinstance(n, Tensor) else torch.arange(n, device=states.device, dtype=torch.int64)
+    return mix64(states[:, None] + (k * _GAMMA + offset))
+
+
+def uniform(states: Tensor, stream: int, n: Positions) -> Tensor:
     """(B, n) float32 uniforms in [0, 1), 24 bits each."""
     return _shr(bits(states, stream, n), 40).float() * 2.0**-24
 
 
-def normal(states: Tensor, stream: int, n: int) -> Tensor:
+def normal(states: Tensor, stream: int, n: Positions) -> Tensor:
     """(B, n) float32 standard normals (Box-Muller over the two 24-bit halves of each value;
     |z| stays below 5.8)."""
     h = bits(states, stream, n)
