@@ -5,10 +5,12 @@ Per preset: the bare training step's samples/s (forward, backward, fused AdamW; 
 autocast, channels-last) with model FLOPs utilisation against the bf16 matmul peak measured in
 the same run; the input pipeline's samples/s alone, the real trainer's samples/s on the same
 preset and batch for a fixed short run (`imagen train`'s code: data loading, draws, caption
-table, EMA, logging), and their ratio ``trainer_over_step``. Then sampling images/s of the
-bundled cascade per stage. The eager measurements of everything come first; compiled ones
-(CUDA graphs for the small Shapes stage) follow while the budget allows. Writes
-benchmarks/results/gpu-cuda-DATE.json after every row.
+table, EMA, logging), their ratio ``trainer_over_step`` and the share of its time the trainer
+waited for data. Each preset's compiled measurements follow its eager ones (CUDA graphs for
+the small Shapes stage, where the trainer compiles the whole micro-batch loss), the presets in
+the order of the issue's targets; then sampling images/s of the bundled cascade per stage,
+eager and compiled, while the budget allows. Writes benchmarks/results/gpu-cuda-DATE.json
+after every row.
 
     python benchmarks/gpu.py                      (on a machine with CUDA)
     python benchmarks/gpu.py --device cpu --quick (a smoke run of the same code)
@@ -33,8 +35,8 @@ from imagen.pipeline import ImagenPipeline, compile_unets
 # it has steps). reduce-overhead captures the forward and backward passes in CUDA graphs, for
 # small launch-bound models.
 PLAN = [
-    ("shapes-base32", (256,), 300, ("reduce-overhead",)),
-    ("paper-base64", (64, 32, 16), 0, ("default",)),
+    ("shapes-base32", (256,), 200, ("reduce-overhead",)),
+    ("paper-base64", (128, 64, 32), 0, ("default",)),
     ("paper-sr256", (16, 8), 0, ()),
     ("paper-sr1024", (4, 2), 0, ()),
 ]
@@ -79,24 +81,22 @@ def empty(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def compile_train_rows(
-    rows: list[dict], plan: list, device: torch.device, peak: float, clock: Clock, save: Any
+def add_compiled(
+    row: dict, plan_item: tuple, device: torch.device, peak: float, clock: Clock
 ) -> None:
-    """Add each preset's compiled measurements to its row while the time budget allows."""
-    for row, (name, _, steps, modes) in zip(rows, plan, strict=True):
-        for mode in modes:
-            if "batch" not in row or clock.left() < 150:
-                row.setdefault("skipped", []).append(f"{mode}: time budget")
-                continue
-            try:
-                flops = step_flops(name, 1, device) * row["batch"]
-                row.update(compiled_rows(name, row["batch"], steps, device, mode, flops / peak))
-            except torch.OutOfMemoryError as e:
-                row[f"{PREFIX[mode]}_error"] = f"out of memory: {e}"[:200]
-            finally:
-                empty(device)
-            save()
-            print(table([row], list(row)), flush=True)
+    """Add a preset's compiled measurements to its ``row`` while the time budget allows."""
+    name, _, steps, modes = plan_item
+    for mode in modes:
+        if "batch" not in row or clock.left() < 90:
+            row.setdefault("skipped", []).append(f"{mode}: time budget")
+            continue
+        try:
+            flops = step_flops(name, 1, device) * row["batch"]
+            row.update(compiled_rows(name, row["batch"], steps, device, mode, flops / peak))
+        except torch.OutOfMemoryError as e:
+            row[f"{PREFIX[mode]}_error"] = f"out of memory: {e}"[:200]
+        finally:
+            empty(device)
 
 
 def eager_row(
@@ -121,6 +121,7 @@ def eager_row(
             row["trainer_samples_per_s"] = run["samples_per_s"]
             row["trainer_over_step"] = run["samples_per_s"] / row["step_samples_per_s"]
             row["trainer_data_wait_fraction"] = run["data_wait_fraction"]
+            row["trainer_loss"] = run["loss"]
         return row
     except torch.OutOfMemoryError as e:
         return {"preset": name, "error": f"out of memory: {e}"[:200]}
@@ -140,6 +141,7 @@ def compiled_rows(
         row[f"{key}_trainer_samples_per_s"] = run["samples_per_s"]
         row[f"{key}_trainer_over_step"] = run["samples_per_s"] / row[f"{key}_step_samples_per_s"]
         row[f"{key}_trainer_data_wait_fraction"] = run["data_wait_fraction"]
+        row[f"{key}_trainer_loss"] = run["loss"]
     return row
 
 
@@ -196,10 +198,12 @@ def main() -> None:
         result["seconds"] = time.time() - clock.start
         write(f"gpu-{device.type}", result)
 
-    # the quick measurements of everything first, then the compiled ones as time allows
-    plan = QUICK if args.quick else PLAN
-    for name, batches, steps, _ in plan:
+    for item in QUICK if args.quick else PLAN:  # each preset eager, then compiled
+        name, batches, steps, _ = item
         result["train"].append(eager_row(name, batches, steps, device, peak, clock))
+        save()
+        print(table(result["train"][-1:], list(result["train"][-1])), flush=True)
+        add_compiled(result["train"][-1], item, device, peak, clock)
         save()
         print(table(result["train"][-1:], list(result["train"][-1])), flush=True)
     try:
@@ -210,7 +214,6 @@ def main() -> None:
     if pipe is not None:
         result["sampling"] = sampling_rows(pipe, device, 8 if args.quick else 64, clock)
     save()
-    compile_train_rows(result["train"], plan, device, peak, clock, save)
     if pipe is not None:
         compile_sampling_rows(pipe, result["sampling"], device, clock, save)
     save()

@@ -96,9 +96,10 @@ def trainer_rate(
     name: str, batch: int, steps: int, device: torch.device, compile_mode: str | None = None
 ) -> dict[str, float]:
     """The real trainer on ``name`` (Shapes data, a weightless text encoder of the preset's
-    width) over the logged intervals after the first: its ``samples_per_s`` and the fraction
-    of the time it waited for data (``data_wait_fraction``); ``compile_mode``: compiled in
-    that torch.compile mode."""
+    width) over the logged intervals after the first: its ``samples_per_s``, the fraction of
+    the time it waited for data (``data_wait_fraction``) and its mean ``loss`` (the same data
+    and draws in every mode, so compiled and eager runs should agree closely);
+    ``compile_mode``: compiled in that torch.compile mode."""
     stage = get_preset(name)
     log_every = max(1, steps // 6)
     train = TrainConfig(
@@ -124,7 +125,11 @@ def trainer_rate(
     seconds = sum(r["log_interval_s"] for r in timed_rows)
     steps_done = sum(r["steps_per_s"] * r["log_interval_s"] for r in timed_rows)
     waited = sum(r["data_wait_fraction"] * r["log_interval_s"] for r in timed_rows)
-    return {"samples_per_s": steps_done * batch / seconds, "data_wait_fraction": waited / seconds}
+    return {
+        "samples_per_s": steps_done * batch / seconds,
+        "data_wait_fraction": waited / seconds,
+        "loss": sum(r["loss"] for r in timed_rows) / len(timed_rows),
+    }
 
 
 def loader_rate(
