@@ -48,7 +48,9 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor | None
     Parallel.reshard(ema)
     ema_p = Parallel.local(list(ema.parameters()))
     model_p = Parallel.local(list(model.parameters()))
-    model_p = [p.to(e.dtype) for p, e in zip(model_p, ema_p, strict=True)]
+    model_p = [
+        p if p.dtype == e.dtype else p.to(e.dtype) for p, e in zip(model_p, ema_p, strict=True)
+    ]
     if ok is None:
         torch._foreach_lerp_(ema_p, model_p, 1 - decay)
         return

@@ -120,6 +120,7 @@ class Trainer:
         timesteps = self.stage.schedule.num_timesteps
         self.spec = DrawSpec.of(self.scfg, self.cfg, timesteps, UNIFORMS if distill else 0)
         self.positions = self.spec.positions(self.dev)
+        self.data_wait = 0.0  # seconds spent in next(batches) since the last log
         # what owns the loss: the stage, or a distillation objective around it
         self.objective = Distiller(self.stage, self.teacher, distill) if distill else self.stage
 
@@ -313,7 +314,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.t_last = self.started = time.time()
-        self.data_wait = 0.0  # seconds spent in next(batches) since the last log
+        self.data_wait = 0.0
         try:
             while self.step < cfg.max_steps:
                 self.train_step(batches, self.notes)
