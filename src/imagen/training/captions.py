@@ -86,3 +86,19 @@ class CaptionTable:
         if self.tokens.device.type == "cuda":  # an asynchronous copy needs page-locked memory
             idx = idx.pin_memory().to(self.tokens.device, non_blocking=True)
         return TextEmbedding(self.tokens[idx, :length].float(), self.mask[idx, :length])
+
+
+def caption_lookup(
+    dataset: Any, encoder: TextEncoder, cache: Any | None, device: torch.device, fixed: bool
+) -> CaptionEmbeddings | CaptionTable:
+    """What a trainer embeds its captions with: a :class:`CaptionTable` on ``device`` when the
+    dataset's captions are a small, known set (``fixed``: one padded length, for a compiled
+    step); else the encoder, or the embedding cache, with a memo."""
+    source = CaptionEmbeddings(encoder, cache)
+    if not hasattr(dataset, "captions"):  # a stream: its captions are not known ahead
+        return source
+    captions = dataset.captions()
+    max_length = int(encoder.config().get("max_length") or 77)
+    if not CaptionTable.fits(len(set(captions)), max_length, encoder.dim):
+        return source
+    return CaptionTable(captions, source, device, fixed=fixed)

@@ -1,5 +1,6 @@
-"""What a training run shows while it runs: sample grids of the EMA model on fixed validation
-captions, and TensorBoard scalars when TensorBoard is installed."""
+"""What a training run shows while it runs: the step statistics kept on the device between log
+records, sample grids of the EMA model on fixed validation captions, loss curves, and
+TensorBoard scalars when TensorBoard is installed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,39 @@ from imagen.text.encoders import TextEncoder
 from imagen.training.data import collate
 from imagen.utils.grid import captioned_grid
 from imagen.utils.plot import curves_image
+
+
+class StepStats:
+    """Training statistics kept on the device between log records, so a step never waits for
+    the host: the interval's loss sum and good steps, the last gradient norm, and the current
+    and total runs of non-finite (skipped) steps."""
+
+    FIELDS = ("loss_sum", "good", "norm", "bad_run", "bad_total")
+
+    def __init__(self, device: torch.device, bad_total: int = 0) -> None:
+        zero = torch.zeros((), device=device)
+        self.loss, self.good, self.norm = zero.clone(), zero.clone(), zero.clone()
+        self.bad_run, self.bad_total = zero.clone(), zero + bad_total
+
+    def add(self, loss: Tensor, ok: Tensor, norm: Tensor | None) -> None:
+        """Count one step: its loss and gradient norm where ``ok`` (finite), else a bad step."""
+        okf = ok.float()
+        self.loss += torch.where(ok, loss, torch.zeros_like(loss))
+        self.good += okf
+        if norm is not None:
+            self.norm = torch.where(ok, norm.float(), self.norm)
+        self.bad_run = (self.bad_run + 1) * (1 - okf)
+        self.bad_total += 1 - okf
+
+    def read(self) -> dict[str, float]:
+        """Every statistic, read back in one transfer (the one sync of a log interval)."""
+        values = torch.stack([self.loss, self.good, self.norm, self.bad_run, self.bad_total])
+        return dict(zip(self.FIELDS, values.tolist(), strict=True))
+
+    def new_interval(self) -> None:
+        """Start a new log interval: the loss sum, good steps and norm back to zero."""
+        for v in (self.loss, self.good, self.norm):
+            v.zero_()
 
 
 def tensorboard_writer(out: Path) -> Any:

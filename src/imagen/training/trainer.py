@@ -35,7 +35,7 @@ from imagen.text.encoders import (
     check_encoder_matches,
     load_text_encoder,
 )
-from imagen.training.captions import CaptionEmbeddings, CaptionTable
+from imagen.training.captions import caption_lookup
 from imagen.training.config import CascadeRunConfig, TrainConfig
 from imagen.training.data import DrawSpec, draw_batch, training_batches
 from imagen.training.distill import (
@@ -46,6 +46,7 @@ from imagen.training.distill import (
     student_config,
 )
 from imagen.training.monitor import (
+    StepStats,
     plot_curves,
     tensorboard_writer,
     validation_batch,
@@ -188,10 +189,7 @@ class Trainer:
         self.wrapped = self.par.wrap(self.model)
         self._compile()
         self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
-        zero = torch.zeros((), device=dev)
-        # on-device statistics since the last log: loss sum, good steps, bad-step counters
-        self.stats = {"loss": zero.clone(), "good": zero.clone(), "norm": zero.clone()}
-        self.bad_run, self.bad_total = zero.clone(), zero.clone() + bad_total
+        self.stats = StepStats(dev, bad_total)
 
     def _compile(self) -> None:
         """With ``compile``: on one process the whole loss of a micro-batch (draws,
@@ -213,18 +211,6 @@ class Trainer:
         draws = draw_batch(self.spec, first, images.shape[0], self.dev, positions)
         text = TextEmbedding(tokens, mask)
         return self.objective.loss(images, text, draws, self.autocast, self.net)
-
-    def _caption_embeddings(self, dataset: Any) -> CaptionEmbeddings | CaptionTable:
-        """A table on the device when the dataset's captions are a small, known set; else the
-        encoder (or the embedding cache) with a memo."""
-        source = CaptionEmbeddings(self.encoder, self.embedding_cache)
-        if not hasattr(dataset, "captions"):  # a stream: its captions are not known ahead
-            return source
-        captions = dataset.captions()
-        max_length = int(self.encoder.config().get("max_length") or 77)
-        if not CaptionTable.fits(len(set(captions)), max_length, self.encoder.dim):
-            return source
-        return CaptionTable(captions, source, self.dev, fixed=self.cfg.compile)
 
     # ---- one step ------------------------------------------------------------------------
     def train_step(self, batches: Any, notes: Counter[str]) -> Tensor:
@@ -279,13 +265,7 @@ class Trainer:
             update_ema(self.ema_stage.unet, self.model, decay)
         else:
             norm = None
-        okf = ok.float()
-        self.stats["loss"] += torch.where(ok, loss, torch.zeros_like(loss))
-        self.stats["good"] += okf
-        if norm is not None:
-            self.stats["norm"] = torch.where(ok, norm.float(), self.stats["norm"])
-        self.bad_run = (self.bad_run + 1) * (1 - okf)
-        self.bad_total += 1 - okf
+        self.stats.add(loss, ok, norm)
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -299,7 +279,9 @@ class Trainer:
             self.step,
             pin_memory=self.dev.type == "cuda",
         )
-        self.embed = self._caption_embeddings(dataset)
+        self.embed = caption_lookup(
+            dataset, self.encoder, self.embedding_cache, self.dev, fixed=cfg.compile
+        )
         self.logf = self.run_dir.open_log() if d.main else None
         self.tb = tensorboard_writer(self.run_dir.path) if d.main else None
         sample_here = cfg.sample_every and (d.main or self.par.sharded)
@@ -345,9 +327,9 @@ class Trainer:
             log.info("time budget of %.0f s reached at step %d", cfg.time_budget_s, step)
         return not out_of_time
 
-    def _check_bad_run(self) -> int:
+    def _check_bad_run(self, stats: dict[str, float]) -> int:
         """The current run of consecutive non-finite steps; stops training when too long."""
-        bad_run = int(self.bad_run)
+        bad_run = int(stats["bad_run"])
         if bad_run >= self.cfg.max_bad_steps:
             raise NonFiniteLossError(
                 f"{bad_run} consecutive non-finite losses at step {self.step}; stopping. "
@@ -359,32 +341,30 @@ class Trainer:
 
     def _log(self, bar: tqdm) -> None:
         """Read the interval's statistics back (the one sync of the interval) and log them."""
-        loss_sum, good, norm, bad_total = torch.stack(
-            [self.stats["loss"], self.stats["good"], self.stats["norm"], self.bad_total]
-        ).tolist()
-        self._check_bad_run()
+        stats = self.stats.read()
+        self._check_bad_run(stats)
+        good = stats["good"]
         if good == 0:
             return
         now = time.time()
         interval, self.t_last = now - self.t_last, now
         data_wait, self.data_wait = self.data_wait, 0.0
-        for v in self.stats.values():
-            v.zero_()
+        self.stats.new_interval()
         if not self.d.main:
             return
         rate = good / max(interval, 1e-9)
         rec = {
             "step": self.step,
-            "loss": loss_sum / good,
+            "loss": stats["loss_sum"] / good,
             "lr": lr_at(self.cfg, self.step - 1),
             "log_interval_s": interval,
             "hardware": self.hardware,
-            "grad_norm": norm if self.cfg.grad_clip > 0 else float("nan"),
+            "grad_norm": stats["norm"] if self.cfg.grad_clip > 0 else float("nan"),
             "steps_per_s": rate,
             "samples_per_s": rate * self.global_batch,
             "data_wait_fraction": min(1.0, data_wait / max(interval, 1e-9)),
             "samples_seen": self.samples_seen,
-            "bad_steps": int(bad_total),
+            "bad_steps": int(stats["bad_total"]),
             "time": now,
         }
         if self.notes:
@@ -400,7 +380,8 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         """Write a checkpoint, unless in the middle of a run of non-finite steps."""
-        if self._check_bad_run():
+        stats = self.stats.read()
+        if self._check_bad_run(stats):
             return
         states = (
             self.par.model_state(self.model),
@@ -408,7 +389,7 @@ class Trainer:
             self.par.optimizer_state(self.model, self.optimizer),
         )  # collective under FSDP
         if self.d.main:
-            extra = {"samples_seen": self.samples_seen, "bad_steps": int(self.bad_total)}
+            extra = {"samples_seen": self.samples_seen, "bad_steps": int(stats["bad_total"])}
             self.run_dir.save_checkpoint(self.step, *states, extra, self.cfg.keep_checkpoints)
             self._plot()
         if self.d.world > 1:
@@ -428,7 +409,7 @@ class Trainer:
         summary = {
             "step": self.step,
             "samples_seen": self.samples_seen,
-            "bad_steps": int(self.bad_total),
+            "bad_steps": int(self.stats.bad_total),
             "data_skipped": dict(self.notes),
             "run_dir": str(self.run_dir.path),
         }
@@ -462,16 +443,5 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train stage ``stage_index`` of ``config`` into ``out_dir`` (with ``distill``, a
     student of a trained stage); returns a summary (see :class:`Trainer`)."""
-    trainer = Trainer(
-        config,
-        stage_index,
-        out_dir,
-        max_steps,
-        resume,
-        text_encoder,
-        embedding_cache,
-        device,
-        progress,
-        distill,
-    )
-    return trainer.run()
+    args = (config, stage_index, out_dir, max_steps, resume, text_encoder, embedding_cache)
+    return Trainer(*args, device, progress, distill).run()
