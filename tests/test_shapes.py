@@ -5,7 +5,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from imagen.data.checker import FAILURE_KINDS, check_image, detect_objects, score
+from imagen.data.checker import (
+    FAILURE_KINDS,
+    background_error,
+    check_image,
+    detect_objects,
+    score,
+)
 from imagen.data.shapes import (
     BACKGROUND,
     PALETTE,
@@ -218,3 +224,13 @@ def test_custom_holdout_and_caption_groups():
 
 def test_detect_objects_on_a_blank_image():
     assert detect_objects(Image.new("RGB", (32, 32), BACKGROUND)) == []
+
+
+def test_background_error_measures_a_tint_and_ignores_the_objects():
+    images, captions = rendered(64, 20)
+    assert score(images, captions)["background_error"] == 0.0
+    tinted = [np.clip(np.asarray(im).astype(int) + (4, 12, 8), 0, 255) for im in images]
+    errors = [background_error(t.astype(np.uint8)) for t in tinted]
+    assert all(abs(e - 8.0) < 1e-4 for e in errors)  # the mean of the tint, edges excluded
+    blank = Image.new("RGB", (32, 32), tuple(c + 6 for c in BACKGROUND))
+    assert background_error(blank) == 6.0

@@ -4,7 +4,9 @@ Foreground pixels (far from the background colour) are assigned their nearest pa
 each colour's connected components above a minimum area are objects. An object's shape is
 the template (circle, square, triangle) that best overlaps its mask within its bounding box;
 its position is its bounding-box centre. A caption is satisfied when exactly the named objects
-are present with the right colours and shapes, and the place or relation holds.
+are present with the right colours and shapes, and the place or relation holds. Apart from
+that verdict, :func:`background_error` measures how far the background strays from its colour
+(a tint or noise that no caption check sees).
 """
 
 from __future__ import annotations
@@ -104,14 +106,10 @@ def detect_objects(
     it is foreground when its coverage ``a`` exceeds ``min_coverage``. Components smaller
     than ``min_area`` (a fraction of the image) are noise.
     """
-    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    rel = arr.astype(np.float32)[..., None, :] - _BG  # (H, W, 1, 3)
+    arr = _rgb(image)
     n_h, n_w = arr.shape[:2]
-    direction = _PAL - _BG  # (colours, 3)
-    coverage = ((rel * direction).sum(-1) / (direction**2).sum(-1)).clip(0.0, 1.0)
-    residual = np.linalg.norm(rel - coverage[..., None] * direction, axis=-1)  # (H, W, colours)
-    nearest = residual.argmin(-1)
-    fg = np.take_along_axis(coverage, nearest[..., None], -1)[..., 0] > min_coverage
+    coverage, nearest = _coverage(arr)
+    fg = coverage > min_coverage
     found: list[Detected] = []
     for ci, color in enumerate(_COLORS):
         labels, count = ndimage.label(fg & (nearest == ci))
@@ -135,6 +133,34 @@ def detect_objects(
                 )
             )
     return found
+
+
+def _rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
+
+
+def _coverage(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, the palette colour whose blend with the background explains it best and that
+    colour's coverage in [0, 1]."""
+    rel = arr.astype(np.float32)[..., None, :] - _BG  # (H, W, 1, 3)
+    direction = _PAL - _BG  # (colours, 3)
+    coverage = ((rel * direction).sum(-1) / (direction**2).sum(-1)).clip(0.0, 1.0)
+    residual = np.linalg.norm(rel - coverage[..., None] * direction, axis=-1)  # (H, W, colours)
+    nearest = residual.argmin(-1)
+    return np.take_along_axis(coverage, nearest[..., None], -1)[..., 0], nearest
+
+
+def background_error(image: Image.Image | np.ndarray, min_coverage: float = 0.5) -> float:
+    """Mean absolute difference (in 0-255 levels, over channels) between the background colour
+    and the image's background: every pixel farther than a sixteenth of the image from any
+    foreground pixel. 0 for a rendered scene; a tinted or noisy background scores higher."""
+    arr = _rgb(image)
+    fg = _coverage(arr)[0] > min_coverage
+    margin = max(1, arr.shape[0] // 16)
+    background = ~ndimage.binary_dilation(fg, iterations=margin)
+    if not background.any():
+        return 0.0
+    return float(np.abs(arr[background].astype(np.float32) - _BG).mean())
 
 
 def nearest_place(cx: float, cy: float) -> str:
@@ -189,13 +215,16 @@ def score(
     captions: list[str],
     holdout: tuple[tuple[str, str], ...] = DEFAULT_HOLDOUT,
 ) -> dict[str, object]:
-    """Accuracy per group (one, two, heldout, all) with failure reasons counted."""
+    """Accuracy per group (one, two, heldout, all) with failure reasons counted, and the mean
+    :func:`background_error` of the images."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     totals: Counter[str] = Counter()
     correct: Counter[str] = Counter()
     reasons: dict[str, Counter[str]] = {}
+    bg_error = 0.0
     for img, cap in zip(images, captions, strict=True):
+        bg_error += background_error(img) / len(images)
         group = caption_group(cap, holdout)
         v = check_image(img, cap)
         for g in (group, "all"):
@@ -207,4 +236,5 @@ def score(
         "accuracy": {g: correct[g] / totals[g] for g in totals},
         "count": dict(totals),
         "failures": {g: dict(c.most_common()) for g, c in reasons.items()},
+        "background_error": bg_error,
     }

@@ -59,6 +59,7 @@ def eval_shapes(
         "count": final["count"],
         "failures": final["failures"],
         "per_stage": {k: v["accuracy"] for k, v in per_stage.items()},
+        "background_error": {k: v["background_error"] for k, v in per_stage.items()},
         "settings": sampling_summary(out.sampling),
         "num_per_group": num_per_group,
         "seed": seed,
