@@ -95,6 +95,7 @@ CASES = [
     (sample("--guidance-per-stage", "1,nan,1"), "finite numbers"),
     (sample("--threshold", "nan"), "finite number"),
     (sample("--threshold", "1.5"), "percentile"),
+    (sample("--threshold", "clip"), "percentile in (0, 1] or dynamic, static or none"),
     (sample("--aug-level", "inf"), "finite number"),
     (sample("--aug-level", "1.0"), "aug_level"),
     (sample("--strength", "nan"), "finite number"),

@@ -106,6 +106,18 @@ def test_the_pipeline_reports_batches_and_returning_false_cancels():
     assert len(calls) == 2  # stopped at the step that said so
 
 
+def test_threshold_override_takes_a_percentile_or_a_mode():
+    pipe = ImagenPipeline(make_cascade())
+    cfgs = pipe.sampling_configs(SamplingOverrides(threshold=["static", 0.9, "none"]))
+    assert [c.threshold.mode for c in cfgs] == ["static", "dynamic", "none"]
+    assert cfgs[1].threshold.percentile == 0.9
+    assert [s["threshold"] for s in sampling_summary(cfgs)] == ["static", 0.9, "none"]
+    back = pipe.sampling_configs(SamplingOverrides(threshold="dynamic"))  # the stored percentile
+    assert {c.threshold.mode for c in back} == {"dynamic"}
+    with pytest.raises(ValueError, match="threshold mode must be"):
+        pipe.sampling_configs(SamplingOverrides(threshold="clip"))
+
+
 def test_overrides_apply_per_stage_and_are_summarised_once():
     pipe = ImagenPipeline(make_cascade())
     o = SamplingOverrides(steps=[4, None, 2], guidance=2.0, sampler="ddim", threshold=0.9)

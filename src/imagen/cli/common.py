@@ -83,6 +83,19 @@ def port(text: str) -> int:
     return value
 
 
+def threshold(text: str) -> float | str:
+    """A dynamic-thresholding percentile, or a thresholding mode (dynamic, static, none)."""
+    if text in ("dynamic", "static", "none"):
+        return text
+    try:
+        float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a percentile in (0, 1] or dynamic, static or none, got {text!r}"
+        ) from None
+    return finite_float(text)
+
+
 def float_list(text: str) -> list[float]:
     """Comma-separated finite numbers."""
     try:
@@ -180,7 +193,9 @@ def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) ->
         help="sampler for every stage: " + "; ".join(f"{k}: {s.help}" for k, s in SAMPLERS.items()),
     )
     p.add_argument(
-        "--threshold", type=finite_float, help="dynamic-thresholding percentile, e.g. 0.995"
+        "--threshold",
+        type=threshold,
+        help="dynamic-thresholding percentile (e.g. 0.995), or static (clip to [-1, 1]) or none",
     )
     p.add_argument("--aug-level", type=finite_float, help="noise-augmentation level of SR stages")
 

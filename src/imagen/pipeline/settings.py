@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
+from imagen.diffusion.guidance import ThresholdConfig
 from imagen.models.stage import SamplingConfig
 
 T = TypeVar("T")
@@ -25,7 +26,8 @@ class SamplingOverrides:
     steps: PerStage[int] = None  # denoiser steps
     guidance: PerStage[float] = None  # classifier-free guidance scale
     sampler: PerStage[str] = None  # a name in imagen.diffusion.samplers.SAMPLERS
-    threshold: PerStage[float] = None  # dynamic-thresholding percentile, in (0, 1]
+    threshold: PerStage[float | str] = None  # a dynamic-thresholding percentile in (0, 1],
+    # or a mode: "dynamic" (at the stage's percentile), "static" (clip to [-1, 1]) or "none"
     aug_level: PerStage[float] = None  # SR stages: noise-augmentation level, in [0, 1)
     precision: PerStage[str] = None  # fp32 or bf16 (autocast where the device supports it)
 
@@ -43,9 +45,22 @@ class SamplingOverrides:
         for k, s in enumerate(defaults):
             changes = {name: v[k] for name, v in per_stage.items() if v[k] is not None}
             if "threshold" in changes:
-                changes["threshold"] = replace(s.threshold, percentile=changes["threshold"])
+                changes["threshold"] = _threshold(s.threshold, changes["threshold"])
             out.append(replace(s, **changes))  # SamplingConfig.__post_init__ validates
         return out
+
+
+def _threshold(default: ThresholdConfig, value: float | str) -> ThresholdConfig:
+    """A stage's thresholding with an override: a percentile sets dynamic thresholding at it,
+    a mode name sets that mode (ThresholdConfig validates both)."""
+    if isinstance(value, str):
+        return replace(default, mode=value)
+    return replace(default, mode="dynamic", percentile=value)
+
+
+def threshold_summary(t: ThresholdConfig) -> float | str:
+    """How a run records its thresholding: the percentile when dynamic, else the mode."""
+    return t.percentile if t.mode == "dynamic" else t.mode
 
 
 def _per_stage(value: Any, n: int, name: str) -> list[Any]:
@@ -64,7 +79,7 @@ def sampling_summary(configs: Sequence[SamplingConfig]) -> list[dict[str, Any]]:
             "sampler": c.sampler,
             "steps": c.steps,
             "guidance": c.guidance,
-            "threshold": c.threshold.percentile,
+            "threshold": threshold_summary(c.threshold),
             "aug_level": c.aug_level,
             "precision": c.precision,
             **c.sampler_options(),
