@@ -171,6 +171,7 @@ def test_export_sets_the_stages_default_sampling(runs, tmp_path, capsys):
     model = tmp_path / "m"
     assert main(["export", str(runs / "base"), str(runs / "sr"), "--out", str(model)]) == 0
     args = ["--steps-per-stage", "7,3", "--guidance-per-stage", "2.5,1", "--precision", "bf16"]
+    args += ["--threshold", "static"]
     out = tmp_path / "tuned"
     assert (
         main(["export", str(model / "stage0"), str(model / "stage1"), "--out", str(out), *args])
@@ -179,6 +180,7 @@ def test_export_sets_the_stages_default_sampling(runs, tmp_path, capsys):
     for k, (steps, guidance) in enumerate([(7, 2.5), (3, 1.0)]):
         cfg = json.loads((out / f"stage{k}" / "config.json").read_text())["sampling"]
         assert (cfg["steps"], cfg["guidance"], cfg["precision"]) == (steps, guidance, "bf16")
+        assert cfg["threshold"]["mode"] == "static"
         same = (out / f"stage{k}" / "model.safetensors").read_bytes()
         assert same == (model / f"stage{k}" / "model.safetensors").read_bytes()
     assert (

@@ -17,6 +17,7 @@ from imagen.cli.common import (
     int_list,
     positive_float,
     positive_int,
+    threshold,
 )
 from imagen.cli.output import check_output_dir
 
@@ -90,6 +91,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument(
         "--precision", choices=["fp32", "bf16"], help="default sampling precision of every stage"
+    )
+    e.add_argument(
+        "--threshold",
+        type=threshold,
+        help="default thresholding of every stage: a dynamic percentile, or static or none",
     )
     e.add_argument("--notes", help="a JSON file whose object is recorded in model_index.json")
 
@@ -172,9 +178,10 @@ def sampling_changes(args: argparse.Namespace) -> list[dict] | None:
             raise UsageError(f"--{name}-per-stage has {len(values)} values for {n} stages")
         for c, v in zip(changes, values, strict=True):
             c[name] = v
-    if args.precision:
-        for c in changes:
-            c["precision"] = args.precision
+    for name in ("precision", "threshold"):
+        if getattr(args, name) is not None:
+            for c in changes:
+                c[name] = getattr(args, name)
     return changes if any(changes) else None
 
 

@@ -4,7 +4,7 @@ classifier-free guidance in one batched forward pass, and static or dynamic thre
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -33,6 +33,17 @@ class ThresholdConfig:
             raise ValueError(f"threshold percentile must be in (0, 1], got {self.percentile}")
         if self.max_scale is not None and self.max_scale < 1.0:
             raise ValueError(f"threshold max_scale must be >= 1, got {self.max_scale}")
+
+    def override(self, value: float | str) -> ThresholdConfig:
+        """This thresholding changed by a caller's ``value``: a percentile sets dynamic
+        thresholding at it, a mode name (dynamic, static, none) sets that mode."""
+        if isinstance(value, str):
+            return replace(self, mode=value)
+        return replace(self, mode="dynamic", percentile=value)
+
+    def summary(self) -> float | str:
+        """How a run records it: the percentile when dynamic, else the mode."""
+        return self.percentile if self.mode == "dynamic" else self.mode
 
 
 def dynamic_threshold(

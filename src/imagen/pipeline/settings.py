@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
-from imagen.diffusion.guidance import ThresholdConfig
 from imagen.models.stage import SamplingConfig
 
 T = TypeVar("T")
@@ -45,22 +44,9 @@ class SamplingOverrides:
         for k, s in enumerate(defaults):
             changes = {name: v[k] for name, v in per_stage.items() if v[k] is not None}
             if "threshold" in changes:
-                changes["threshold"] = _threshold(s.threshold, changes["threshold"])
+                changes["threshold"] = s.threshold.override(changes["threshold"])
             out.append(replace(s, **changes))  # SamplingConfig.__post_init__ validates
         return out
-
-
-def _threshold(default: ThresholdConfig, value: float | str) -> ThresholdConfig:
-    """A stage's thresholding with an override: a percentile sets dynamic thresholding at it,
-    a mode name sets that mode (ThresholdConfig validates both)."""
-    if isinstance(value, str):
-        return replace(default, mode=value)
-    return replace(default, mode="dynamic", percentile=value)
-
-
-def threshold_summary(t: ThresholdConfig) -> float | str:
-    """How a run records its thresholding: the percentile when dynamic, else the mode."""
-    return t.percentile if t.mode == "dynamic" else t.mode
 
 
 def _per_stage(value: Any, n: int, name: str) -> list[Any]:
@@ -79,7 +65,7 @@ def sampling_summary(configs: Sequence[SamplingConfig]) -> list[dict[str, Any]]:
             "sampler": c.sampler,
             "steps": c.steps,
             "guidance": c.guidance,
-            "threshold": threshold_summary(c.threshold),
+            "threshold": c.threshold.summary(),
             "aug_level": c.aug_level,
             "precision": c.precision,
             **c.sampler_options(),

@@ -130,7 +130,10 @@ def export_model(
         if len(sampling) != len(sources):
             raise ValueError(f"{len(sampling)} sampling changes for {len(sources)} stages")
         for src, changes in zip(sources, sampling, strict=True):
-            src.config = replace(src.config, sampling=replace(src.config.sampling, **changes))
+            s = src.config.sampling
+            if "threshold" in changes:  # a percentile or a mode name
+                changes = {**changes, "threshold": s.threshold.override(changes["threshold"])}
+            src.config = replace(src.config, sampling=replace(s, **changes))
     check_sources(sources)
     extra = {
         "training": [s.training for s in sources],
