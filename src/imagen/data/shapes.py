@@ -210,7 +210,7 @@ def _object_blocks(scene: Scene, size: int) -> list[tuple[int, int, int, int]]:
     with a margin of one output pixel, clipped to the image."""
     blocks = []
     for obj in scene.objects:
-        r = obj.d / 2 if obj.shape == "circle" else 0.5 * obj.d  # half of the box's side
+        r = 0.5 * obj.d  # every shape fits in the square of side d around its centre
         lo = [math.floor((c - r) * size) - 1 for c in (obj.cx, obj.cy)]
         hi = [math.ceil((c + r) * size) + 1 for c in (obj.cx, obj.cy)]
         x0, y0 = (max(0, v) for v in lo)
