@@ -27,6 +27,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "precision": "fp32",
         "steps": 20,
         "guidance": 3.0,
+        "threshold": 0.995,  # dynamic thresholding, as v1 stored it
     },
     "bf16, 20 steps, guidance 3 everywhere": {"precision": "bf16", "steps": 20, "guidance": 3.0},
     "bf16, steps 10/8/8, guidance 3/1/1": {
