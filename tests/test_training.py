@@ -538,20 +538,42 @@ def test_a_run_draws_its_loss_and_lr_curves(tmp_path):
 
 def test_ema_update_with_an_on_device_skip(monkeypatch):
     """The gated EMA (weight on the device) equals lerp where the step is good and leaves the
-    EMA untouched where it is not, also when the parameters span several groups."""
+    EMA untouched where it is not, also when the parameters span several groups; the ungated
+    form is lerp; the pairs found once follow the model's in-place updates."""
     import imagen.training.optim as optim
 
     monkeypatch.setattr(optim, "EMA_GROUP_ELEMENTS", 100)
     torch.manual_seed(0)
     model, ema = torch.nn.Linear(30, 20), torch.nn.Linear(30, 20)
+    updater = optim.EMA(ema, model)
+    assert updater.pairs is not None and len(updater.pairs) == 2  # weight 600, bias 20
     before = [p.clone() for p in ema.parameters()]
-    optim.update_ema(ema, model, 0.9, torch.tensor(False))
+    updater.update(0.9, torch.tensor(False))
     assert all(torch.equal(a, b) for a, b in zip(before, ema.parameters(), strict=True))
-    optim.update_ema(ema, model, 0.9, torch.tensor(True))
+    updater.update(0.9, torch.tensor(True))
     for e, b, m in zip(ema.parameters(), before, model.parameters(), strict=True):
         torch.testing.assert_close(e, torch.lerp(b, m, 0.1))
+    with torch.no_grad():
+        model.weight.add_(1.0)  # an optimiser step, in place
+    before = [p.clone() for p in ema.parameters()]
+    updater.update(0.5)
+    for e, b, m in zip(ema.parameters(), before, model.parameters(), strict=True):
+        torch.testing.assert_close(e, torch.lerp(b, m, 0.5))
     assert optim._groups([torch.zeros(60), torch.zeros(60), torch.zeros(300)]) == [[0], [1], [2]]
     assert optim._groups([torch.zeros(40), torch.zeros(60), torch.zeros(1)]) == [[0, 1], [2]]
+
+
+def test_ema_of_a_model_in_another_dtype_reads_it_at_every_update():
+    """A cast model is gathered again at each update (a cast made once would go stale)."""
+    from imagen.training.optim import EMA
+
+    model, ema = torch.nn.Linear(4, 3).to(torch.bfloat16), torch.nn.Linear(4, 3)
+    updater = EMA(ema, model)
+    assert updater.pairs is None
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    updater.update(0.0)
+    assert torch.equal(ema.weight, torch.full((3, 4), 2.0))
 
 
 def test_dataloader_workers_are_automatic_unless_set(monkeypatch):

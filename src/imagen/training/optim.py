@@ -40,26 +40,48 @@ def ema_decay(cfg: TrainConfig, step: int, global_batch: int) -> float:
 EMA_GROUP_ELEMENTS = 1 << 24  # parameters per foreach group: bounds the update's temporary
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float, ok: Tensor | None = None) -> None:
-    """ema <- decay * ema + (1 - decay) * model, on local shards when the models are sharded;
-    where ``ok`` (a 0-d bool tensor) is False the EMA is left as it is. Both forms run a few
-    multi-tensor kernels per group of parameters, never one kernel per parameter."""
-    Parallel.reshard(ema)
-    ema_p = Parallel.local(list(ema.parameters()))
-    model_p = Parallel.local(list(model.parameters()))
-    model_p = [
-        p if p.dtype == e.dtype else p.to(e.dtype) for p, e in zip(model_p, ema_p, strict=True)
-    ]
-    if ok is None:
-        torch._foreach_lerp_(ema_p, model_p, 1 - decay)
-        return
-    # the weight stays on the device (no host sync): ema += w * (model - ema)
-    w = ok.to(ema_p[0].dtype) * (1 - decay)
-    for group in _groups(ema_p):
-        diff = torch._foreach_sub([model_p[i] for i in group], [ema_p[i] for i in group])
-        torch._foreach_mul_(diff, w)
-        torch._foreach_add_([ema_p[i] for i in group], diff)
+class EMA:
+    """Keeps ``ema`` an exponential moving average of ``model``'s weights:
+    ema <- decay * ema + (1 - decay) * model, on local shards when the models are sharded.
+
+    Each update runs a few multi-tensor kernels per group of parameters, never one kernel per
+    parameter. For plain (unsharded) models of one dtype the parameter pairs and their groups
+    are found once here, so an update costs no Python walk over the modules; sharded or cast
+    parameters are gathered again at every update."""
+
+    def __init__(self, ema: nn.Module, model: nn.Module) -> None:
+        self.ema, self.model = ema, model
+        plain = all(
+            not hasattr(p, "to_local") and p.dtype == e.dtype
+            for p, e in zip(model.parameters(), ema.parameters(), strict=True)
+        )
+        self.pairs = self._pairs() if plain else None
+
+    def _pairs(self) -> list[tuple[list[Tensor], list[Tensor]]]:
+        """(EMA tensors, model tensors of the same dtype) per group."""
+        Parallel.reshard(self.ema)
+        ema_p = Parallel.local(list(self.ema.parameters()))
+        model_p = Parallel.local(list(self.model.parameters()))
+        model_p = [
+            p if p.dtype == e.dtype else p.to(e.dtype) for p, e in zip(model_p, ema_p, strict=True)
+        ]
+        return [([ema_p[i] for i in g], [model_p[i] for i in g]) for g in _groups(ema_p)]
+
+    @torch.no_grad()
+    def update(self, decay: float, ok: Tensor | None = None) -> None:
+        """One EMA step; where ``ok`` (a 0-d bool tensor on the device) is False the EMA is left
+        as it is, without the host reading ``ok``."""
+        pairs = self.pairs if self.pairs is not None else self._pairs()
+        if ok is None:
+            for ema_p, model_p in pairs:
+                torch._foreach_lerp_(ema_p, model_p, 1 - decay)
+            return
+        # the weight stays on the device (no host sync): ema += w * (model - ema)
+        w = ok.to(pairs[0][0][0].dtype) * (1 - decay)
+        for ema_p, model_p in pairs:
+            diff = torch._foreach_sub(model_p, ema_p)
+            torch._foreach_mul_(diff, w)
+            torch._foreach_add_(ema_p, diff)
 
 
 def _groups(params: list[Tensor]) -> list[list[int]]:
@@ -93,10 +115,10 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return all(g.get("fused") for g in optimizer.param_groups)
 
 
-def clip_gradients(model: nn.Module, max_norm: float) -> Tensor | None:
-    """Clip the global gradient norm (sharded or not); returns the norm before clipping, on the
-    device (None when clipping is off)."""
+def clip_gradients(params: list[Tensor], max_norm: float) -> Tensor | None:
+    """Clip the global gradient norm of ``params`` (sharded or not); returns the norm before
+    clipping, on the device (None when clipping is off)."""
     if max_norm <= 0:
         return None
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -53,12 +53,12 @@ from imagen.training.monitor import (
     write_samples,
 )
 from imagen.training.optim import (
+    EMA,
     clip_gradients,
     ema_decay,
     lr_at,
     make_optimizer,
     skips_on_device,
-    update_ema,
 )
 from imagen.training.parallel import Parallel, init_distributed, restore_checkpoint
 from imagen.training.rundir import RunDirectory
@@ -186,6 +186,8 @@ class Trainer:
             log.info("resumed from %s at step %d", self.resume_from, self.step)
             for g in self.optimizer.param_groups:  # this run's choice, not the checkpoint's
                 g["fused"] = self.optimizer.defaults.get("fused")
+        self.params = list(self.model.parameters())  # found once: a step walks no modules
+        self.ema = EMA(self.ema_stage.unet, self.model)
         self.wrapped = self.par.wrap(self.model)
         self._compile()
         self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
@@ -255,14 +257,14 @@ class Trainer:
         ok = torch.isfinite(loss)
         decay = ema_decay(self.cfg, self.step, self.global_batch)
         if skips_on_device(self.optimizer):
-            norm = clip_gradients(self.model, self.cfg.grad_clip)
+            norm = clip_gradients(self.params, self.cfg.grad_clip)
             self.optimizer.found_inf = (~ok).float()
             self.optimizer.step()
-            update_ema(self.ema_stage.unet, self.model, decay, ok)
+            self.ema.update(decay, ok)
         elif bool(ok):
-            norm = clip_gradients(self.model, self.cfg.grad_clip)
+            norm = clip_gradients(self.params, self.cfg.grad_clip)
             self.optimizer.step()
-            update_ema(self.ema_stage.unet, self.model, decay)
+            self.ema.update(decay)
         else:
             norm = None
         self.stats.add(loss, ok, norm)
