@@ -3,10 +3,11 @@ skipped, and say so, when the time budget runs out).
 
 Per preset: the bare training step's samples/s (forward, backward, fused AdamW; bf16
 autocast, channels-last) with model FLOPs utilisation against the bf16 matmul peak measured in
-the same run; the input pipeline's samples/s alone, the real trainer's samples/s on the same
-preset and batch for a fixed short run (`imagen train`'s code: data loading, draws, caption
-table, EMA, logging), their ratio ``trainer_over_step`` and the share of its time the trainer
-waited for data. Each preset's compiled measurements follow its eager ones (CUDA graphs for
+the same run. For the preset with a trainer run (shapes-base32): the input pipeline's
+samples/s alone, the real trainer's samples/s for a fixed short run (`imagen train`'s code:
+data loading, draws, caption table, EMA, logging), then its own bare step on the same trainer
+(its loss, backward and AdamW on a batch kept on the device: compiled once for both), their
+ratio ``trainer_over_step`` and the share of its time the trainer waited for data. Each preset's compiled measurements follow its eager ones (CUDA graphs for
 the small Shapes stage, where the trainer compiles the whole micro-batch loss), the presets in
 the order of the issue's targets; then sampling images/s of the bundled cascade per stage,
 eager and compiled, while the budget allows. Writes benchmarks/results/gpu-cuda-DATE.json
@@ -92,7 +93,7 @@ def add_compiled(
             continue
         try:
             flops = step_flops(name, 1, device) * row["batch"]
-            row.update(compiled_rows(name, row["batch"], steps, device, mode, flops / peak))
+            row.update(measure(name, row["batch"], steps, device, mode, flops / peak))
         except torch.OutOfMemoryError as e:
             row[f"{PREFIX[mode]}_error"] = f"out of memory: {e}"[:200]
         finally:
@@ -102,26 +103,26 @@ def add_compiled(
 def eager_row(
     name: str, batches: tuple, steps: int, device: torch.device, peak: float, clock: Clock
 ) -> dict[str, Any]:
-    """The bare step (largest batch that fits) with its MFU, then the input pipeline alone and
-    the real trainer when the preset has trainer ``steps``."""
+    """A preset's eager measurements: with trainer ``steps``, the input pipeline alone, then
+    the trainer and its own step (:func:`measure`) at the first of ``batches``; else the bare
+    step at the largest batch that fits. Each step with its MFU."""
     if clock.left() < 60:
         return {"preset": name, "skipped": ["time budget"]}
     try:
-        batch, sec = largest_batch(name, batches, device)
+        if not steps:
+            batch, sec = largest_batch(name, batches, device)
+            mfu = step_flops(name, 1, device) * batch / sec / peak
+            return {
+                "preset": name,
+                "batch": batch,
+                "step_samples_per_s": batch / sec,
+                "mfu_bf16": mfu,
+            }
+        batch = batches[0]
+        row: dict[str, Any] = {"preset": name, "batch": batch}
+        row["loader_samples_per_s"] = loader_rate(name, batch, 100, device)
         flops = step_flops(name, 1, device) * batch
-        row: dict[str, Any] = {
-            "preset": name,
-            "batch": batch,
-            "step_samples_per_s": batch / sec,
-            "mfu_bf16": flops / sec / peak,
-        }
-        if steps and clock.left() > 60:
-            row["loader_samples_per_s"] = loader_rate(name, batch, 100, device)
-            run = trainer_rate(name, batch, steps, device)
-            row["trainer_samples_per_s"] = run["samples_per_s"]
-            row["trainer_over_step"] = run["samples_per_s"] / row["step_samples_per_s"]
-            row["trainer_data_wait_fraction"] = run["data_wait_fraction"]
-            row["trainer_loss"] = run["loss"]
+        row.update(measure(name, batch, steps, device, None, flops / peak))
         return row
     except torch.OutOfMemoryError as e:
         return {"preset": name, "error": f"out of memory: {e}"[:200]}
@@ -129,20 +130,27 @@ def eager_row(
         empty(device)
 
 
-def compiled_rows(
-    name: str, batch: int, steps: int, device: torch.device, mode: str, flop_fraction: float
+def measure(
+    name: str, batch: int, steps: int, device: torch.device, mode: str | None, flop_frac: float
 ) -> dict[str, float]:
-    """The bare step, and the trainer when it has ``steps``, compiled in ``mode``."""
-    key = PREFIX[mode]
-    sec = bare_step(name, batch, device, mode)
-    row = {f"{key}_step_samples_per_s": batch / sec, f"{key}_mfu_bf16": flop_fraction / sec}
-    if steps:
-        run = trainer_rate(name, batch, steps, device, compile_mode=mode)
-        row[f"{key}_trainer_samples_per_s"] = run["samples_per_s"]
-        row[f"{key}_trainer_over_step"] = run["samples_per_s"] / row[f"{key}_step_samples_per_s"]
-        row[f"{key}_trainer_data_wait_fraction"] = run["data_wait_fraction"]
-        row[f"{key}_trainer_loss"] = run["loss"]
-    return row
+    """The step's samples/s and MFU (``flop_frac``: the step's FLOPs over the peak), eager
+    (``mode`` None) or compiled in ``mode``. With trainer ``steps``: the real trainer's run,
+    then its own bare step on the same trainer (`train_throughput.trainer_step`: one
+    compilation serves both), and their ratio; else the bare step of `make_step`."""
+    key = f"{PREFIX[mode]}_" if mode else ""
+    if not steps:
+        rate = batch / bare_step(name, batch, device, mode)
+        return {f"{key}step_samples_per_s": rate, f"{key}mfu_bf16": flop_frac * rate / batch}
+    run = trainer_rate(name, batch, steps, device, compile_mode=mode, own_step=True)
+    rate = run["step_samples_per_s"]
+    return {
+        f"{key}step_samples_per_s": rate,
+        f"{key}mfu_bf16": flop_frac * rate / batch,
+        f"{key}trainer_samples_per_s": run["samples_per_s"],
+        f"{key}trainer_over_step": run["samples_per_s"] / rate,
+        f"{key}trainer_data_wait_fraction": run["data_wait_fraction"],
+        f"{key}trainer_loss": run["loss"],
+    }
 
 
 def sampling_rows(pipe: ImagenPipeline, device: torch.device, batch: int, clock: Clock) -> list:

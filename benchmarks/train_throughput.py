@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 from common import matmul_peak, sync, table, timed, write
@@ -27,7 +28,7 @@ from imagen.training.config import CascadeRunConfig, DataConfig, StageRun, Train
 from imagen.training.data import DrawSpec, draw_batch, training_batches
 from imagen.training.parallel import Dist
 from imagen.training.rundir import RunDirectory
-from imagen.training.trainer import train_stage
+from imagen.training.trainer import Trainer
 
 
 def make_step(
@@ -93,13 +94,20 @@ def step_flops(name: str, batch: int, device: torch.device | None = None) -> int
 
 
 def trainer_rate(
-    name: str, batch: int, steps: int, device: torch.device, compile_mode: str | None = None
+    name: str,
+    batch: int,
+    steps: int,
+    device: torch.device,
+    compile_mode: str | None = None,
+    own_step: bool = False,
 ) -> dict[str, float]:
     """The real trainer on ``name`` (Shapes data, a weightless text encoder of the preset's
     width) over the logged intervals after the first: its ``samples_per_s``, the fraction of
     the time it waited for data (``data_wait_fraction``) and its mean ``loss`` (the same data
     and draws in every mode, so compiled and eager runs should agree closely);
-    ``compile_mode``: compiled in that torch.compile mode."""
+    ``compile_mode``: compiled in that torch.compile mode. With ``own_step``, also
+    ``step_samples_per_s``: the same trainer's bare step (:func:`trainer_step`) timed after its
+    run, so one compilation serves both."""
     stage = get_preset(name)
     log_every = max(1, steps // 6)
     train = TrainConfig(
@@ -119,17 +127,43 @@ def trainer_rate(
         [StageRun(stage, train)],
     )
     with tempfile.TemporaryDirectory() as run:
-        train_stage(cfg, 0, run, device=str(device), progress=False)
+        trainer = Trainer(cfg, 0, run, device=str(device), progress=False)
+        trainer.run()
         rows = RunDirectory(run).read_log()
     timed_rows = rows[1:] or rows
     seconds = sum(r["log_interval_s"] for r in timed_rows)
     steps_done = sum(r["steps_per_s"] * r["log_interval_s"] for r in timed_rows)
     waited = sum(r["data_wait_fraction"] * r["log_interval_s"] for r in timed_rows)
-    return {
+    result = {
         "samples_per_s": steps_done * batch / seconds,
         "data_wait_fraction": waited / seconds,
         "loss": sum(r["loss"] for r in timed_rows) / len(timed_rows),
     }
+    if own_step:
+        sec = timed(trainer_step(trainer), device, warmup=2, repeat=5, calls=10)
+        result["step_samples_per_s"] = batch / sec
+    return result
+
+
+def trainer_step(trainer: Trainer) -> Callable[[], None]:
+    """A trainer's bare step: its micro-batch loss (compiled when the run compiles: random
+    draws, conditioning, U-Net, weighted error), backward and optimiser update, on one batch
+    kept on the device. What each step of its run does, less data loading, caption lookup,
+    gradient clipping, EMA and logging."""
+    n, b = trainer.scfg.resolution, trainer.cfg.batch_size
+    images = torch.rand(b, 3, n, n, device=trainer.dev) * 2 - 1
+    images = images.contiguous(memory_format=trainer.memory_format)
+    text = trainer.embed(trainer.embed.captions[:1] * b)  # the shapes its run compiled for
+
+    def step() -> None:
+        if trainer.cfg.compile:  # a new iteration for CUDA-graph trees (reduce-overhead)
+            torch.compiler.cudagraph_mark_step_begin()
+        loss = trainer.loss_fn(images, text.tokens, text.mask, trainer.first, trainer.positions)
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def loader_rate(
