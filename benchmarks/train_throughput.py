@@ -11,6 +11,7 @@ before/after ratios of bf16 autocast and channels-last.
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 from collections.abc import Callable
@@ -83,6 +84,7 @@ def make_step(
     return step
 
 
+@functools.cache  # a paper preset's model takes seconds to build
 def step_flops(name: str, batch: int, device: torch.device | None = None) -> int:
     """FLOPs of one forward + backward pass (the optimiser's elementwise work is not counted;
     the count is the same on any device)."""
