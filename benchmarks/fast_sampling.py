@@ -1,8 +1,9 @@
 """Speed against accuracy of sampling settings for a cascade (the bundled one by default), all
 in one run on one machine: for each setting, images/s of the whole cascade (one pipeline
-call over --images prompts) and Shapes accuracy (`imagen eval shapes --num N`, same seeds).
-The first row, v1's defaults (float32, 20 DPM-Solver++ steps and guidance 3 at every stage),
-is the baseline of the speed-up column. Writes benchmarks/results/fast_sampling-DATE.json.
+call over --images prompts), Shapes accuracy and background error (`imagen eval shapes
+--num N`, same seeds). The first row, v1's defaults (float32, 20 DPM-Solver++ steps and
+guidance 3 at every stage), is the baseline of the speed-up column. Writes
+benchmarks/results/fast_sampling-DATE.json.
 
     python benchmarks/fast_sampling.py [--model DIR] [--num 100] [--images 16] [--only NAME ...]
     python benchmarks/fast_sampling.py --only v1 "the model" --also DISTILLED_DIR ... \
@@ -59,7 +60,8 @@ def images_per_s(pipe: ImagenPipeline, overrides: SamplingOverrides, n: int, bat
 def measure(
     pipe: ImagenPipeline, name: str, overrides: SamplingOverrides, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """One row: whole-cascade images/s and Shapes accuracy of ``pipe`` with ``overrides``."""
+    """One row: whole-cascade images/s, Shapes accuracy and background error (levels, per
+    stage) of ``pipe`` with ``overrides``."""
     speed = images_per_s(pipe, overrides, args.images, args.batch_size)
     report = eval_shapes(pipe, args.num, overrides, batch_size=32)
     return {
@@ -67,6 +69,7 @@ def measure(
         "images_per_s": speed,
         **{g: round(100 * a, 1) for g, a in report["accuracy"].items()},
         "per_stage": report["per_stage"],
+        "background_error": report["background_error"],
         "sampling": sampling_summary(pipe.sampling_configs(overrides)),
     }
 
