@@ -7,11 +7,12 @@ the same run. For the preset with a trainer run (shapes-base32): the input pipel
 samples/s alone, the real trainer's samples/s for a fixed short run (`imagen train`'s code:
 data loading, draws, caption table, EMA, logging), then its own bare step on the same trainer
 (its loss, backward and AdamW on a batch kept on the device: compiled once for both), their
-ratio ``trainer_over_step`` and the share of its time the trainer waited for data. Each preset's compiled measurements follow its eager ones (CUDA graphs for
-the small Shapes stage, where the trainer compiles the whole micro-batch loss), the presets in
-the order of the issue's targets; then sampling images/s of the bundled cascade per stage,
-eager and compiled, while the budget allows. Writes benchmarks/results/gpu-cuda-DATE.json
-after every row.
+ratio ``trainer_over_step`` and the share of its time the trainer waited for data. Each
+preset's compiled measurements follow its eager ones (CUDA graphs for the small Shapes stage,
+where the trainer compiles the whole micro-batch loss), the presets in the order of the
+issue's targets; then sampling images/s of the bundled cascade per stage, eager and compiled,
+while the budget allows. Each row records its seconds. Writes
+benchmarks/results/gpu-cuda-DATE.json after every row.
 
     python benchmarks/gpu.py                      (on a machine with CUDA)
     python benchmarks/gpu.py --device cpu --quick (a smoke run of the same code)
