@@ -65,7 +65,6 @@ class CaptionTable:
     ) -> None:
         captions = list(dict.fromkeys(captions))
         rows = source.rows(captions)
-        self.captions = captions  # the known set, each once
         self.row = {c: i for i, c in enumerate(captions)}
         self.lengths = [r.shape[0] for r in rows]
         padded = pad_embeddings(rows)
