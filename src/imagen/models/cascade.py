@@ -35,6 +35,11 @@ def check_stage_chain(configs: list[StageConfig]) -> None:
             )
 
 
+def stage_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One fresh CPU generator per image, seeded with its seed (each stage gets its own)."""
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
 class Cascade(nn.Module):
     """A text encoder and its stages, base first. Stages are trained independently and
     assembled here; each stage's text-encoder record must match the encoder."""
@@ -61,6 +66,7 @@ class Cascade(nn.Module):
         negative: list[str] | TextEmbedding | None = None,
         start_stage: int = 0,
         lowres: Tensor | None = None,
+        seeds: list[int] | None = None,
     ) -> list[Tensor]:
         """Run the cascade for ``prompts`` (or their embeddings), one image each; returns each
         stage's images in [-1, 1] (only the last unless ``return_all_stages``).
@@ -71,7 +77,10 @@ class Cascade(nn.Module):
         applies image-to-image or inpainting at every stage; ``negative`` (one prompt per
         image) is what guidance pushes away from instead of the null caption. With
         ``start_stage`` k > 0 the cascade starts at super-resolution stage k from the images
-        ``lowres`` (upscaling)."""
+        ``lowres`` (upscaling). With ``seeds`` (one per image, instead of ``generator``) every
+        stage draws from fresh CPU generators seeded with them, as DeepFloyd IF's pipelines do:
+        a stage's images then depend only on its input and the seeds, on any device, so
+        upscaling an image reproduces the cascade's own super-resolution of it."""
         if not 0 <= start_stage < len(self.stages):
             raise ValueError(
                 f"start_stage {start_stage}: the cascade has {len(self.stages)} stages"
@@ -94,8 +103,9 @@ class Cascade(nn.Module):
                 batch_size=b,
                 images_total=b,
             )
+            gen = generator if seeds is None else stage_generators(seeds)
             images = st.sample(
-                text, images, s, generator, autocast_dtype, progress, edit, neg, at
+                text, images, s, gen, autocast_dtype, progress, edit, neg, at
             ).clamp(-1, 1)
             outs.append(images)
         return outs if return_all_stages else outs[-1:]

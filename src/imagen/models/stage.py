@@ -298,6 +298,7 @@ class Stage(nn.Module):
         device = self.device
         autocast_dtype = autocast_dtype or s.autocast_dtype(device)
         b, n, c = text.tokens.shape[0], self.config.resolution, self.config.unet.in_channels
+        x = randn((b, c, n, n), generator, device)  # drawn first, then the augmentation noise
         level = aug_noise = None
         if self.config.is_super_resolution:
             level = torch.full((b,), s.aug_level, device=device)
@@ -312,7 +313,6 @@ class Stage(nn.Module):
             uncond = cond.with_text(negative.tokens.to(device), negative.mask.to(device))
         denoise = self.denoiser(cond, s, autocast_dtype, uncond)
         timesteps = respaced_timesteps(self.schedule.num_timesteps, s.steps)
-        x = randn((b, c, n, n), generator, device)
         if edit is not None:
             image = resize(edit.image.to(device).float(), n).expand(b, -1, -1, -1)
             run = round(edit.strength * len(timesteps))

@@ -245,7 +245,6 @@ class ImagenPipeline:
     ) -> PipelineOutput:
         """Sample ``work`` in batches, each image with its own generator."""
         text, rows = self._encode(work.prompts + (work.negatives or []))
-        device = self.cascade.stages[0].device
         total = len(work.prompts)
         per_stage: list[list[Image.Image]] = [[] for _ in range(self.num_stages - start_stage)]
         for start in range(0, total, batch_size):
@@ -253,7 +252,7 @@ class ImagenPipeline:
             outs = self.cascade.sample(
                 _rows(text, rows, work.prompts[chunk]),
                 sampling,
-                [torch.Generator(device=device).manual_seed(s) for s in work.seeds[chunk]],
+                None,  # each stage draws from fresh generators seeded with the images' seeds
                 None,  # each stage runs at the precision its sampling config asks for
                 True,
                 _in_call(progress, start, total),
@@ -261,6 +260,7 @@ class ImagenPipeline:
                 None if work.negatives is None else _rows(text, rows, work.negatives[chunk]),
                 start_stage,
                 None if work.lowres is None else work.lowres[chunk],
+                work.seeds[chunk],
             )
             for k, imgs in enumerate(outs):
                 per_stage[k].extend(tensor_to_pil(x) for x in imgs.cpu())
