@@ -134,6 +134,7 @@ def test_overrides_apply_per_stage_and_are_summarised_once():
         "threshold": 0.9,
         "aug_level": cfgs[0].aug_level,
         "precision": "fp32",
+        "spacing": "trailing",
         "eta": 0.0,
     }
     with pytest.raises(ValueError, match="3 stages"):

@@ -198,6 +198,12 @@ def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) ->
         help="dynamic-thresholding percentile (e.g. 0.995), or static (clip to [-1, 1]) or none",
     )
     p.add_argument("--aug-level", type=finite_float, help="noise-augmentation level of SR stages")
+    p.add_argument(
+        "--spacing",
+        help="timestep spacing for every stage: trailing, leading (diffusers' DDPM default), or "
+        "one of DeepFloyd IF's lists (fast27, smart27, smart50, smart100, smart185, super27, "
+        "super40, super100; it sets the steps)",
+    )
 
 
 def sampling_overrides(args: argparse.Namespace) -> SamplingOverrides:
@@ -212,6 +218,7 @@ def sampling_overrides(args: argparse.Namespace) -> SamplingOverrides:
         sampler=args.sampler,
         threshold=args.threshold,
         aug_level=args.aug_level,
+        spacing=args.spacing,
     )
 
 

@@ -13,7 +13,24 @@ from torch import Tensor
 from imagen.diffusion.schedules import NoiseSchedule
 
 Denoiser = Callable[[Tensor, int], Tensor]
-"""A denoiser maps a batch of noisy images x_t and an integer training timestep t to x0_hat."""
+"""A denoiser maps a batch of noisy images x_t and an integer training timestep t to x0_hat.
+One made from a network that also predicts its variance (an output with twice the image's
+channels, as DeepFloyd IF's) has a ``variance`` attribute: the last call's interpolation v in
+[-1, 1] between the posterior variance and beta, which the DDPM sampler's ``learned_range``
+variance reads (:func:`learned_variance`)."""
+
+
+def learned_variance(denoise: Denoiser) -> Tensor:
+    """The variance interpolation v of ``denoise``'s last call, or a clear error when its
+    network predicts none."""
+    v = getattr(denoise, "variance", None)
+    if v is None:
+        raise ValueError(
+            "the learned_range DDPM variance needs a stage that predicts its variance (an "
+            "imported DeepFloyd IF stage); choose posterior or beta"
+        )
+    return v
+
 
 ThresholdMode = Literal["dynamic", "static", "none"]
 
@@ -77,21 +94,39 @@ class Conditioning:
     lowres: Tensor | None = None  # (B, C, H, W) upsampled, noise-augmented low-res image (SR)
     aug_level: Tensor | None = None  # (B,) augmentation timestep of ``lowres`` (SR)
     guidance: Tensor | None = None  # (B,) guidance weight, for guidance-distilled U-Nets
+    # the null caption's embedding (L, D) and mask (L,) where a model has one (DeepFloyd IF:
+    # the encoded empty prompt); None: zeroed text with an empty mask
+    null_text: tuple[Tensor, Tensor] | None = None
 
     def with_text(self, text: Tensor, mask: Tensor) -> Conditioning:
         """The same image conditioning with other text (a negative prompt's)."""
-        return Conditioning(text, mask, self.lowres, self.aug_level, self.guidance)
+        return Conditioning(text, mask, self.lowres, self.aug_level, self.guidance, self.null_text)
+
+    def null_tokens(self) -> tuple[Tensor, Tensor]:
+        """The null caption shaped like this batch's text: the model's null embedding
+        (padded or cut to the batch's length) or zeros with an empty mask (Ho & Salimans 2022)."""
+        if self.null_text is None:
+            return torch.zeros_like(self.text), torch.zeros_like(self.mask)
+        tokens, mask = self.null_text
+        b, length = self.mask.shape
+        tokens = tokens[:length].to(self.text.device, self.text.dtype)
+        mask = mask[:length].to(self.mask.device)
+        pad = length - tokens.shape[0]
+        if pad > 0:
+            tokens = torch.cat([tokens, tokens.new_zeros(pad, tokens.shape[1])])
+            mask = torch.cat([mask, mask.new_zeros(pad)])
+        return tokens.expand(b, -1, -1), mask.expand(b, -1)
 
     def null(self) -> Conditioning:
-        """The unconditional counterpart: zeroed text with an empty mask (Ho & Salimans 2022)."""
-        return self.with_text(torch.zeros_like(self.text), torch.zeros_like(self.mask))
+        """The unconditional counterpart: the null caption for every sample."""
+        return self.with_text(*self.null_tokens())
 
     def dropped(self, drop: Tensor) -> Conditioning:
         """The null caption where ``drop`` (B,) is True (conditioning dropout in training)."""
-        keep = ~drop
+        tokens, mask = self.null_tokens()
         return self.with_text(
-            torch.where(keep[:, None, None], self.text, torch.zeros_like(self.text)),
-            self.mask & keep[:, None],
+            torch.where(drop[:, None, None], tokens, self.text),
+            torch.where(drop[:, None], mask, self.mask),
         )
 
     @staticmethod
@@ -105,6 +140,7 @@ class Conditioning:
             both(a.lowres, b.lowres),
             both(a.aug_level, b.aug_level),
             both(a.guidance, b.guidance),
+            a.null_text,
         )
 
 
@@ -127,7 +163,9 @@ def guided_output(
     out(x, u)), with the conditional and unconditional halves in ONE forward pass; u is the
     null caption, or ``uncond`` (a negative prompt, as in DeepFloyd IF and diffusers). Guidance
     is linear in the model output, so it holds for any target (eps, v or x0). s = 1 is the
-    conditional prediction and costs a single pass; a tensor ``s`` (B,) sets it per sample."""
+    conditional prediction and costs a single pass; a tensor ``s`` (B,) sets it per sample.
+    Output channels beyond the image's (a learned variance) are not guided: they come from
+    the conditional half, as in DeepFloyd IF."""
     if not isinstance(guidance_scale, Tensor) and guidance_scale == 1.0:
         return model_output(model, x, t, cond)
     uncond = uncond if uncond is not None else cond.null()
@@ -135,7 +173,9 @@ def guided_output(
     cond_out, uncond_out = both.chunk(2)
     if isinstance(guidance_scale, Tensor):
         guidance_scale = guidance_scale.view(-1, *([1] * (x.ndim - 1))).to(cond_out.dtype)
-    return uncond_out + guidance_scale * (cond_out - uncond_out)
+    c = x.shape[1]
+    guided = uncond_out[:, :c] + guidance_scale * (cond_out[:, :c] - uncond_out[:, :c])
+    return torch.cat([guided, cond_out[:, c:]], 1) if cond_out.shape[1] > c else guided
 
 
 def make_denoiser(
@@ -148,23 +188,47 @@ def make_denoiser(
     uncond: Conditioning | None = None,
 ) -> Denoiser:
     """Wrap a U-Net (or a compiled version of it) and its schedule as a denoiser
-    ``(x_t, t) -> thresholded x0_hat``.
+    ``(x_t, t) -> thresholded x0_hat`` (with ``variance`` set where the network predicts one).
 
     ``autocast_dtype`` (for example torch.bfloat16) runs the U-Net under autocast; the sampler
     state and the conversions stay in float32. Nothing here synchronises with the device.
     """
-    threshold = threshold or ThresholdConfig()
+    return _GuidedDenoiser(
+        model,
+        schedule,
+        cond,
+        guidance_scale,
+        threshold or ThresholdConfig(),
+        autocast_dtype,
+        uncond,
+    )
+
+
+@dataclass
+class _GuidedDenoiser:
+    """The denoiser :func:`make_denoiser` returns."""
+
+    model: Callable[..., Tensor]
+    schedule: NoiseSchedule
+    cond: Conditioning
+    guidance_scale: float
+    threshold: ThresholdConfig
+    autocast_dtype: torch.dtype | None
+    uncond: Conditioning | None
+    variance: Tensor | None = None  # the last call's learned-variance output, if any
 
     @torch.no_grad()
-    def denoise(x: Tensor, t: int) -> Tensor:
+    def __call__(self, x: Tensor, t: int) -> Tensor:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         with torch.autocast(
             x.device.type,
-            dtype=autocast_dtype or torch.float32,
-            enabled=autocast_dtype is not None,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
         ):
-            out = guided_output(model, x, tt.float(), cond, guidance_scale, uncond)
-        x0 = schedule.to_x0(out.float(), x, tt)
-        return apply_threshold(x0, threshold)
-
-    return denoise
+            out = guided_output(
+                self.model, x, tt.float(), self.cond, self.guidance_scale, self.uncond
+            )
+        c = x.shape[1]
+        self.variance = out[:, c:].float() if out.shape[1] > c else None
+        x0 = self.schedule.to_x0(out[:, :c].float(), x, tt)
+        return apply_threshold(x0, self.threshold)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imagen.diffusion.guidance import Denoiser
+from imagen.diffusion.guidance import Denoiser, learned_variance
 
 Callback = Callable[[int, Tensor], None]
 """A sampler's per-step callback: ``callback(i, x)`` after step i (0-based) with the new x."""
@@ -99,6 +99,9 @@ def _alpha_bars(alpha_bar: Tensor, timesteps: list[int]) -> list[tuple[float, fl
     return list(zip(vals[:-1], vals[1:], strict=True))
 
 
+DDPM_VARIANCES = ("posterior", "beta", "learned_range")
+
+
 def sample_ddpm(
     denoise: Denoiser,
     x: Tensor,
@@ -110,10 +113,12 @@ def sample_ddpm(
 ) -> Tensor:
     """Ancestral sampling (Ho et al. 2020): x_s ~ N(mu(x_t, x0_hat), sigma^2 I) with the
     respaced beta = 1 - alpha_bar_t / alpha_bar_s and sigma^2 the posterior variance
-    beta (1 - alpha_bar_s) / (1 - alpha_bar_t) (``variance="posterior"``) or beta
-    (``variance="beta"``)."""
-    if variance not in ("posterior", "beta"):
-        raise ValueError(f"variance must be 'posterior' or 'beta', got {variance!r}")
+    beta (1 - alpha_bar_s) / (1 - alpha_bar_t) (``variance="posterior"``), beta
+    (``variance="beta"``), or the network's learned interpolation between their logs
+    (``variance="learned_range"``, Nichol & Dhariwal 2021 eq. 15, as diffusers computes it:
+    log sigma^2 = f log beta + (1 - f) log max(posterior, 1e-20), f = (v + 1) / 2)."""
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"variance must be one of {', '.join(DDPM_VARIANCES)}, got {variance!r}")
     pairs = _alpha_bars(alpha_bar, timesteps)
     for i, (t, (ab_t, ab_s)) in enumerate(zip(timesteps, pairs, strict=True)):
         x0 = denoise(x, t)
@@ -123,9 +128,14 @@ def sample_ddpm(
         coef_xt = math.sqrt(1 - beta) * (1 - ab_s) / (1 - ab_t)
         x = coef_x0 * x0 + coef_xt * x
         if i < len(timesteps) - 1:
-            var = beta * (1 - ab_s) / (1 - ab_t) if variance == "posterior" else beta
+            posterior = beta * (1 - ab_s) / (1 - ab_t)
             noise = randn_like(x, generator)
-            x = x + math.sqrt(var) * noise
+            if variance == "learned_range":
+                f = (learned_variance(denoise) + 1) / 2
+                log_var = f * math.log(beta) + (1 - f) * math.log(max(posterior, 1e-20))
+                x = x + torch.exp(0.5 * log_var) * noise
+            else:
+                x = x + math.sqrt(posterior if variance == "posterior" else beta) * noise
         if callback is not None:
             callback(i, x)
     return x
@@ -263,7 +273,7 @@ SAMPLERS: dict[str, Sampler] = {
                     "ddpm_variance",
                     "posterior",
                     "DDPM step variance",
-                    choices=("posterior", "beta"),
+                    choices=DDPM_VARIANCES,
                 ),
             ),
         ),

@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from imagen.diffusion.timestep_lists import IF_TIMESTEPS
+
 ScheduleKind = Literal["cosine", "linear"]
 Target = Literal["eps", "v", "x0"]
 LossWeighting = Literal["mse", "min_snr"]
@@ -33,6 +35,9 @@ class DiffusionConfig:
     linear_beta_start: float = 1e-4  # linear schedule only
     linear_beta_end: float = 0.02  # linear schedule only
     cosine_s: float = 0.008  # cosine schedule offset s
+    # alpha_bar as diffusers computes it (betas from Python floats, cumulative product in
+    # float32): imported DeepFloyd IF stages, so that their images match diffusers' exactly
+    float32_alphas: bool = False
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "linear"):
@@ -58,6 +63,17 @@ def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     return betas.clamp(0, max_beta)
 
 
+def cosine_betas_diffusers(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    """The cosine betas exactly as diffusers' ``betas_for_alpha_bar`` computes them (each beta
+    from Python floats, as float32): the schedule DeepFloyd IF was trained and sampled with."""
+
+    def f(t: float) -> float:
+        return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+
+    betas = [min(1 - f((i + 1) / timesteps) / f(i / timesteps), max_beta) for i in range(timesteps)]
+    return torch.tensor(betas, dtype=torch.float32, device="cpu")
+
+
 def linear_betas(timesteps: int, start: float = 1e-4, end: float = 0.02) -> Tensor:
     """Linear schedule of Ho et al. (2020), scaled so that T != 1000 keeps its shape."""
     scale = 1000 / timesteps
@@ -76,8 +92,18 @@ class NoiseSchedule:
             betas = cosine_betas(c.timesteps, c.cosine_s)
         else:
             betas = linear_betas(c.timesteps, c.linear_beta_start, c.linear_beta_end)
+        if c.float32_alphas:  # diffusers: float32 betas and cumulative product, kept as float64
+            betas = (
+                cosine_betas_diffusers(c.timesteps, c.cosine_s)
+                if c.schedule == "cosine"
+                else betas.float()
+            )
+            alpha_bar = torch.cumprod(1 - betas, dim=0).double()
+            betas = betas.double()
+        else:
+            alpha_bar = torch.cumprod(1 - betas, dim=0)
         self.betas = betas
-        self.alpha_bar = torch.cumprod(1 - betas, dim=0)
+        self.alpha_bar = alpha_bar
         self.alpha_bar_prev = torch.cat(
             [torch.ones(1, dtype=torch.float64, device="cpu"), self.alpha_bar[:-1]]
         )
@@ -179,15 +205,59 @@ def x0_to_v(x0: Tensor, xt: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     return alpha * x0_to_eps(x0, xt, alpha, sigma) - sigma * x0
 
 
-def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """``steps`` descending training timesteps for sampling with any number of steps, with
-    "trailing" spacing: T-1, T-1-T/n, ..., T/n-1, after which the samplers step to the clean
-    image. ``steps = T`` gives every timestep. Ending at T/n-1 rather than at 0 matters for
-    multistep solvers: a last jump from ~T/n to 0 spans a large range of log-SNR in the cosine
-    schedule (the "lambda clipping" problem of DPM-Solver), measured in tests/test_samplers.py.
+SPACINGS = ("trailing", "leading")
+"""How :func:`respaced_timesteps` spreads a number of steps; a name in ``IF_TIMESTEPS``
+(diffusion/timestep_lists.py) is a fixed list instead."""
+
+
+def check_spacing(spacing: str, steps: int) -> None:
+    """Raise ValueError unless ``spacing`` is known and, for a named list, ``steps`` is its
+    length."""
+    if spacing in SPACINGS:
+        return
+    if spacing not in IF_TIMESTEPS:
+        names = ", ".join((*SPACINGS, *IF_TIMESTEPS))
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {names}")
+    if steps != len(IF_TIMESTEPS[spacing]):
+        raise ValueError(
+            f"the timestep list {spacing!r} has {len(IF_TIMESTEPS[spacing])} steps, not {steps}"
+        )
+
+
+def clipped_start(alpha_bar: Tensor, lambda_min: float | None) -> int:
+    """The noisiest timestep whose half log-SNR lambda = log(alpha / sigma) is >= ``lambda_min``
+    (DPM-Solver's lambda clipping: diffusers' ``lambda_min_clipped``, -5.1 for IF's cosine
+    schedule), or the last timestep when ``lambda_min`` is None."""
+    last = alpha_bar.shape[0] - 1
+    if lambda_min is None:
+        return last
+    lam = 0.5 * (alpha_bar.log() - (1 - alpha_bar).log())
+    ok = (lam >= lambda_min).nonzero()
+    return int(ok.max()) if ok.numel() else 0
+
+
+def respaced_timesteps(
+    num_timesteps: int, steps: int, spacing: str = "trailing", start: int | None = None
+) -> list[int]:
+    """``steps`` descending training timesteps for sampling with any number of steps, after
+    which the samplers step to the clean image. ``start`` (default T-1) is the noisiest one.
+
+    "trailing" spacing gives start, start-S/n, ..., S/n-1 (S = start + 1); ``steps = T`` gives
+    every timestep. Ending at S/n-1 rather than at 0 matters for multistep solvers: a last
+    jump from ~T/n to 0 spans a large range of log-SNR in the cosine schedule (the "lambda
+    clipping" problem of DPM-Solver), measured in tests/test_samplers.py. "leading" spacing
+    is diffusers' DDPM default (DeepFloyd IF's): (n-1)k, ..., k, 0 with k = T // n. A name
+    in ``IF_TIMESTEPS`` returns that list (``steps`` must be its length).
     """
     if steps < 1:
         raise ValueError(f"number of sampling steps must be >= 1, got {steps}")
     if steps > num_timesteps:
         raise ValueError(f"cannot sample with {steps} steps from a {num_timesteps}-step schedule")
-    return [round(num_timesteps - i * num_timesteps / steps) - 1 for i in range(steps)]
+    check_spacing(spacing, steps)
+    if spacing in IF_TIMESTEPS:
+        return list(IF_TIMESTEPS[spacing])
+    span = num_timesteps if start is None else start + 1
+    if spacing == "leading":  # ``start`` does not apply: its first step is T - k
+        k = num_timesteps // steps
+        return [k * i for i in reversed(range(steps))]
+    return [max(0, round(span - i * span / steps) - 1) for i in range(steps)]

@@ -104,9 +104,9 @@ class Cascade(nn.Module):
                 images_total=b,
             )
             gen = generator if seeds is None else stage_generators(seeds)
-            images = st.sample(
-                text, images, s, gen, autocast_dtype, progress, edit, neg, at
-            ).clamp(-1, 1)
+            images = st.sample(text, images, s, gen, autocast_dtype, progress, edit, neg, at).clamp(
+                -1, 1
+            )
             outs.append(images)
         return outs if return_all_stages else outs[-1:]
 

@@ -35,8 +35,15 @@ from imagen.diffusion.samplers import (
     randn,
     step_callback,
 )
-from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule, respaced_timesteps
-from imagen.models.unet import UNet, UNetConfig, config_from_dict
+from imagen.diffusion.schedules import (
+    DiffusionConfig,
+    NoiseSchedule,
+    check_spacing,
+    clipped_start,
+    respaced_timesteps,
+)
+from imagen.models.networks import get_network, network_config
+from imagen.models.unet import UNetConfig, config_from_dict
 from imagen.text.encoders import TextEmbedding, pad_embeddings, unpad_embeddings
 from imagen.utils.system import bf16_supported
 
@@ -54,7 +61,11 @@ class SamplingConfig:
     aug_level: float = 0.2  # SR stages: noise-augmentation level of the low-res input, in [0, 1)
     precision: str = "fp32"  # fp32, or bf16 (autocast, where the device supports it)
     eta: float = 0.0  # the ddim sampler's eta option: 0 deterministic, 1 ancestral
-    ddpm_variance: str = "posterior"  # the ddpm sampler's variance option: posterior or beta
+    ddpm_variance: str = (
+        "posterior"  # the ddpm sampler's variance: posterior, beta or learned_range
+    )
+    spacing: str = "trailing"  # timesteps: trailing, leading (diffusers' DDPM) or an IF list name
+    lambda_min: float | None = None  # clip the noisiest timestep to lambda >= this (IF: -5.1)
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, dict):
@@ -69,6 +80,9 @@ class SamplingConfig:
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
         if not 0.0 <= self.aug_level < 1.0:
             raise ValueError(f"aug_level must be in [0, 1), got {self.aug_level}")
+        check_spacing(self.spacing, self.steps)
+        if self.lambda_min is not None and not math.isfinite(self.lambda_min):
+            raise ValueError(f"lambda_min must be a finite number, got {self.lambda_min}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
@@ -88,15 +102,18 @@ class SamplingConfig:
 class StageConfig:
     """One stage of the cascade: its U-Net, its diffusion and its sampling defaults."""
 
-    unet: UNetConfig = field(default_factory=UNetConfig)
+    # the network's config, of the kind ``network`` names (models/networks.py): a UNetConfig
+    # for the project's U-Net, a DiffusersUNetConfig for an imported DeepFloyd IF stage
+    unet: Any = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lowres_size: int | None = None  # SR stages: the resolution of the stage below
     text_encoder: dict[str, Any] = field(default_factory=dict)  # name, dim, max_length
+    network: str = "imagen"  # a kind in imagen.models.networks.NETWORKS
+    lowres_align_corners: bool = False  # SR stages: upsample the low-res image as IF does
 
     def __post_init__(self) -> None:
-        if isinstance(self.unet, dict):
-            self.unet = UNetConfig.from_dict(self.unet)
+        self.unet = network_config(self.network, self.unet, "StageConfig.unet")
         if isinstance(self.diffusion, dict):
             self.diffusion = config_from_dict(DiffusionConfig, self.diffusion)
         if isinstance(self.sampling, dict):
@@ -123,13 +140,14 @@ class StageConfig:
         return config_from_dict(cls, data)
 
 
-def resize(images: Tensor, size: int) -> Tensor:
-    """Resize a batch of images: area averaging down, bilinear up (no-op at equal size)."""
+def resize(images: Tensor, size: int, align_corners: bool = False) -> Tensor:
+    """Resize a batch of images: area averaging down, bilinear up (no-op at equal size);
+    ``align_corners`` for the upsampling DeepFloyd IF's super-resolution uses."""
     if images.shape[-1] == size:
         return images
     if images.shape[-1] > size:
         return F.interpolate(images, size=(size, size), mode="area")
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=align_corners)
 
 
 def augment_lowres(
@@ -138,12 +156,13 @@ def augment_lowres(
     level: Tensor,
     schedule: NoiseSchedule,
     noise: Tensor,
+    align_corners: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Noise-conditioning augmentation (Imagen sec. 2.5): upsample the low-res image to the
     stage's size and diffuse it to augmentation level ``level`` in [0, 1) (per sample, as a
     fraction of the schedule; 0 leaves it clean) with ``noise`` (shaped like the output).
     Returns the corrupted image and the timestep the U-Net is conditioned on."""
-    up = resize(lowres, size)
+    up = resize(lowres, size, align_corners)
     t = (level * (schedule.num_timesteps - 1)).round().long().to(up.device)
     noised = schedule.q_sample(up, t, noise.to(up.dtype))
     return torch.where(t.view(-1, 1, 1, 1) > 0, noised, up), t.float()
@@ -176,13 +195,16 @@ class Stage(nn.Module):
     def __init__(self, config: StageConfig) -> None:
         super().__init__()
         self.config = config
-        self.unet = UNet(config.unet)
+        self.unet = get_network(config.network).build(config.unet)
         self.schedule = NoiseSchedule(config.diffusion)
         self.compiled: Callable[..., Tensor] | None = None  # set by imagen.pipeline.compile_unets
+        # the null caption's (tokens (L, D), mask (L,)) where the model has one (DeepFloyd IF:
+        # the encoded empty prompt, stored with the stage); None: zeroed text, empty mask
+        self.null_text: tuple[Tensor, Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
+        return next(self.unet.parameters()).device
 
     # ---- conditioning and the network call (shared by training and sampling) -------------
     def condition(
@@ -198,7 +220,7 @@ class Stage(nn.Module):
         this stage's size and noise-augmented to ``aug_level`` (fractions in [0, 1)) with
         ``aug_noise``."""
         device = self.device
-        cond = Conditioning(text.tokens.to(device), text.mask.to(device))
+        cond = Conditioning(text.tokens.to(device), text.mask.to(device), null_text=self.null_text)
         if drop is not None:
             cond = cond.dropped(drop.to(device))
         if self.config.is_super_resolution:
@@ -210,6 +232,7 @@ class Stage(nn.Module):
                 aug_level.to(device),
                 self.schedule,
                 aug_noise.to(device),
+                self.config.lowres_align_corners,
             )
         return cond
 
@@ -275,6 +298,13 @@ class Stage(nn.Module):
         cond = replace(cond, guidance=weight)
         return make_denoiser(net, self.schedule, cond, 1.0, s.threshold, autocast)
 
+    def timesteps(self, sampling: SamplingConfig) -> list[int]:
+        """The descending training timesteps ``sampling`` visits on this stage's schedule."""
+        start = clipped_start(self.schedule.alpha_bar, sampling.lambda_min)
+        return respaced_timesteps(
+            self.schedule.num_timesteps, sampling.steps, sampling.spacing, start
+        )
+
     @torch.no_grad()
     def sample(
         self,
@@ -312,7 +342,7 @@ class Stage(nn.Module):
         if negative is not None:
             uncond = cond.with_text(negative.tokens.to(device), negative.mask.to(device))
         denoise = self.denoiser(cond, s, autocast_dtype, uncond)
-        timesteps = respaced_timesteps(self.schedule.num_timesteps, s.steps)
+        timesteps = self.timesteps(s)
         if edit is not None:
             image = resize(edit.image.to(device).float(), n).expand(b, -1, -1, -1)
             run = round(edit.strength * len(timesteps))
@@ -355,6 +385,8 @@ def _keep_known(denoise: Denoiser, image: Tensor, mask: Tensor, size: int) -> De
     m = F.interpolate(mask, size=(size, size), mode="nearest").clamp(0, 1)
 
     def inpaint(x: Tensor, t: int) -> Tensor:
-        return m * denoise(x, t) + (1 - m) * image
+        x0 = m * denoise(x, t) + (1 - m) * image
+        inpaint.variance = getattr(denoise, "variance", None)  # type: ignore[attr-defined]
+        return x0
 
     return inpaint

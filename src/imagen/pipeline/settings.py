@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, TypeVar
 
+from imagen.diffusion.timestep_lists import IF_TIMESTEPS
 from imagen.models.stage import SamplingConfig
 
 T = TypeVar("T")
@@ -29,6 +30,7 @@ class SamplingOverrides:
     # or a mode: "dynamic" (at the stage's percentile), "static" (clip to [-1, 1]) or "none"
     aug_level: PerStage[float] = None  # SR stages: noise-augmentation level, in [0, 1)
     precision: PerStage[str] = None  # fp32 or bf16 (autocast where the device supports it)
+    spacing: PerStage[str] = None  # trailing, leading or a named list (sets steps to its length)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # lists become tuples: hashable, so requests can be grouped
@@ -43,6 +45,10 @@ class SamplingOverrides:
         out = []
         for k, s in enumerate(defaults):
             changes = {name: v[k] for name, v in per_stage.items() if v[k] is not None}
+            if changes.get("spacing") in IF_TIMESTEPS and "steps" not in changes:
+                changes["steps"] = len(IF_TIMESTEPS[changes["spacing"]])
+            if "steps" in changes and "spacing" not in changes and s.spacing in IF_TIMESTEPS:
+                changes["spacing"] = "trailing"  # other step counts leave a stored named list
             if "threshold" in changes:
                 changes["threshold"] = s.threshold.override(changes["threshold"])
             out.append(replace(s, **changes))  # SamplingConfig.__post_init__ validates
@@ -68,6 +74,7 @@ def sampling_summary(configs: Sequence[SamplingConfig]) -> list[dict[str, Any]]:
             "threshold": c.threshold.summary(),
             "aug_level": c.aug_level,
             "precision": c.precision,
+            "spacing": c.spacing,
             **c.sampler_options(),
         }
         for c in configs

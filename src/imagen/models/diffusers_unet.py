@@ -1,0 +1,53 @@
+"""The ``diffusers-unet`` network kind: diffusers' ``UNet2DConditionModel`` behind the stage's
+network signature (see models/networks.py). It is a subclass, so its parameter names, and
+so the weights files, are diffusers' own: an imported DeepFloyd IF stage uses the published
+``diffusion_pytorch_model.safetensors`` as it is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import Tensor
+
+from imagen.models.networks import DiffusersUNetConfig
+
+
+def _init_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of a config record (diffusers' private keys dropped)."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+class DiffusersUNet(UNet2DConditionModel):
+    """A ``UNet2DConditionModel`` called as ``net(x, t, text, mask, lowres, aug_level)``:
+    an SR stage's input is ``cat[x_t, lowres]`` and its noise-augmentation timestep goes in as
+    the class label, as in DeepFloyd IF. All text positions reach the network (IF conditions
+    on all 77 T5 outputs, padding included), so the mask is not used here."""
+
+    def __init__(self, config: DiffusersUNetConfig | None = None, **kwargs: Any) -> None:
+        if config is not None:  # built by the registry; kwargs: diffusers' from_config
+            kwargs = _init_config(config.config)
+        super().__init__(**kwargs)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Tensor,
+        t: Tensor,
+        text: Tensor,
+        mask: Tensor | None = None,
+        lowres: Tensor | None = None,
+        aug_level: Tensor | None = None,
+    ) -> Tensor:
+        del mask
+        dtype = self.dtype  # weights kept in bf16 take bf16 inputs; the output is float32
+        if lowres is not None:
+            x = torch.cat([x, lowres], dim=1)
+        out = super().forward(
+            x.to(dtype),
+            t,
+            encoder_hidden_states=text.to(dtype),
+            class_labels=aug_level,
+            return_dict=False,
+        )[0]
+        return out.float()

@@ -1,0 +1,131 @@
+"""Network kinds: the registry of the networks a :class:`~imagen.models.stage.Stage` can run.
+
+Every kind has a config type and a builder. The config exposes what the stage needs to know
+(``image_size``, ``in_channels`` (the image's), ``lowres_cond``, ``guidance_cond``,
+``text_dim``, ``learned_variance``); the built module is called as
+``net(x, t, text, mask, lowres, aug_level[, guidance])`` and returns the prediction, with the
+image's channels, then the variance interpolation where ``learned_variance`` is set. So the
+stage, the samplers and the trainer never ask which kind they run.
+
+Kinds:
+- ``imagen``: the project's U-Net (models/unet.py).
+- ``diffusers-unet``: diffusers' ``UNet2DConditionModel`` as DeepFloyd IF uses it
+  (models/diffusers_unet.py; diffusers is imported only when one is built).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from imagen.models.unet import UNet, UNetConfig
+from imagen.utils.config import config_from_dict
+
+
+@dataclass
+class DiffusersUNetConfig:
+    """A diffusers ``UNet2DConditionModel`` (DeepFloyd IF's network): its own config record
+    (diffusers' ``unet/config.json``) and how the stage feeds it."""
+
+    config: dict[str, Any] = field(default_factory=dict)  # UNet2DConditionModel's config
+    image_channels: int = 3  # channels of the images (an SR stage's input has twice as many)
+    lowres_cond: bool = False  # super-resolution: input is cat[x_t, noisy upsampled low-res]
+    guidance_cond: bool = False  # never: no guidance-distilled IF networks
+
+    def __post_init__(self) -> None:
+        c = self.config
+        if not isinstance(c, dict) or not c:
+            raise ValueError("a diffusers-unet stage needs the network's config record")
+        for key in ("sample_size", "in_channels", "out_channels"):
+            value = c.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"the diffusers U-Net config needs a positive {key}, got {value!r}"
+                )
+        if self.image_channels < 1:
+            raise ValueError(f"image_channels must be positive, got {self.image_channels}")
+        if c["in_channels"] != self.image_channels * (2 if self.lowres_cond else 1):
+            raise ValueError(
+                f"a {'super-resolution' if self.lowres_cond else 'base'} stage with "
+                f"{self.image_channels} image channels cannot take a {c['in_channels']}-channel input"
+            )
+        if c["out_channels"] not in (self.image_channels, 2 * self.image_channels):
+            raise ValueError(f"{c['out_channels']} output channels: expected the image's or twice")
+        if self.guidance_cond:
+            raise ValueError("a diffusers-unet stage cannot take the guidance weight as an input")
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config["sample_size"])
+
+    @property
+    def in_channels(self) -> int:
+        return self.image_channels
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.config.get("encoder_hid_dim") or self.config["cross_attention_dim"])
+
+    @property
+    def learned_variance(self) -> bool:
+        return int(self.config["out_channels"]) == 2 * self.image_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class NetworkKind:
+    """A registered kind of network: how its config is read and how it is built."""
+
+    name: str
+    help: str
+    config_type: type
+    build: Callable[[Any], nn.Module]
+
+
+def _build_diffusers(config: DiffusersUNetConfig) -> nn.Module:
+    from imagen.models.diffusers_unet import DiffusersUNet  # imports diffusers: only here
+
+    return DiffusersUNet(config)
+
+
+NETWORKS: dict[str, NetworkKind] = {
+    k.name: k
+    for k in (
+        NetworkKind("imagen", "the project's U-Net (models/unet.py)", UNetConfig, UNet),
+        NetworkKind(
+            "diffusers-unet",
+            "diffusers' UNet2DConditionModel as DeepFloyd IF uses it",
+            DiffusersUNetConfig,
+            _build_diffusers,
+        ),
+    )
+}
+"""Every network kind by name; a stage config's ``network`` is checked against it."""
+
+
+def get_network(name: str) -> NetworkKind:
+    """Look a network kind up by name (see :data:`NETWORKS`)."""
+    try:
+        return NETWORKS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown network kind {name!r}; choose one of {', '.join(NETWORKS)}"
+        ) from None
+
+
+def network_config(name: str, data: Any, where: str | None = None) -> Any:
+    """The config of network kind ``name`` from its record (a dict, or already a config);
+    ``where`` names it in error messages."""
+    kind = get_network(name)
+    if isinstance(data, kind.config_type):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{where or 'the network config'} must be a mapping, got {type(data).__name__}"
+        )
+    return config_from_dict(kind.config_type, data, where)
