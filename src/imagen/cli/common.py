@@ -218,7 +218,7 @@ def sampling_overrides(args: argparse.Namespace) -> SamplingOverrides:
         sampler=args.sampler,
         threshold=args.threshold,
         aug_level=args.aug_level,
-        spacing=args.spacing,
+        spacing=getattr(args, "spacing", None),
     )
 
 

@@ -1,4 +1,5 @@
-"""``imagen push``: upload a model directory to the Hugging Face Hub."""
+"""``imagen push``: upload a model directory to the Hugging Face Hub; ``imagen import``: make a
+model directory of DeepFloyd IF pipelines in diffusers format."""
 
 from __future__ import annotations
 
@@ -13,6 +14,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", metavar="MODEL_DIR", help="model directory to upload")
     p.add_argument("repo_id", metavar="REPO_ID", help="Hub repo, ORG/NAME (created if needed)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
+    i = sub.add_parser(
+        "import",
+        help="make a model directory of DeepFloyd IF pipelines (diffusers format)",
+        description="Import DeepFloyd IF stages: the IFPipeline first, then "
+        "IFSuperResolutionPipeline(s), each a folder or a Hub repo id (from the Hugging Face "
+        "cache; HF_HUB_OFFLINE=1 is honoured). Weights are hard-linked (symlinked across file "
+        "systems), not copied, unless --copy; the T5 text encoder is referenced.",
+    )
+    i.add_argument("sources", nargs="+", metavar="SRC", help="pipeline folder or Hub repo id")
+    i.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
+    i.add_argument("--copy", action="store_true", help="copy the U-Net weights into MODEL_DIR")
+    i.add_argument(
+        "--text-encoder",
+        metavar="DIR",
+        help="T5 encoder and tokenizer (a folder with both, or with text_encoder/ and "
+        "tokenizer/); default: the first source's",
+    )
+    i.add_argument("--variant", help="weights variant to link, e.g. fp16 (default: the plain file)")
 
 
 @command("push")
@@ -27,4 +46,13 @@ def cmd_push(args: argparse.Namespace) -> int:
     except (HfHubHTTPError, httpx.HTTPError) as e:
         raise UsageError(f"upload to {args.repo_id} failed: {str(e).splitlines()[0]}") from None
     print(f"uploaded {args.model_dir} to {url}")
+    return 0
+
+
+@command("import")
+def cmd_import(args: argparse.Namespace) -> int:
+    from imagen.pipeline.diffusers_import import import_if
+
+    out = import_if(args.sources, args.out, args.copy, args.text_encoder, args.variant)
+    print(f"imported {len(args.sources)} stage(s) into {out}")
     return 0

@@ -5,6 +5,7 @@ Saved and loaded as a model directory (:mod:`imagen.models.model_dir`)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -142,7 +143,18 @@ class Cascade(nn.Module):
             [s.config for s in self.stages],
             [s.unet.state_dict() for s in self.stages],
             dtype,
+            null_texts=[s.null_text for s in self.stages],
         )
+
+
+def encoder_config(record: dict[str, Any]) -> TextEncoderConfig:
+    """The text encoder a model directory's record names (its name, length and padding)."""
+    keys = ("padding", "tokenizer", "clean_caption")
+    return TextEncoderConfig(
+        name=record["name"],
+        max_length=int(record["max_length"]),
+        **{k: record[k] for k in keys if k in record},
+    )
 
 
 def load_cascade(
@@ -156,8 +168,6 @@ def load_cascade(
     index = read_index(root)
     if text_encoder is None:
         te = check_text_encoder(index["text_encoder"], root)
-        text_encoder = load_text_encoder(
-            TextEncoderConfig(name=te["name"], max_length=int(te["max_length"])), device, text_dtype
-        )
+        text_encoder = load_text_encoder(encoder_config(te), device, text_dtype)
     stages = [load_stage(root / name, device) for name in index["stages"]]
     return Cascade(text_encoder, stages)

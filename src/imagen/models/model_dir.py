@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,10 @@ from torch import Tensor
 
 from imagen.models.stage import Stage, StageConfig
 from imagen.utils.tensors import (
-    dequantize,
     fsync_dir,
     load_strict,
     load_tensors,
+    load_weights,
     quantize_int8,
     save_tensors,
 )
@@ -34,8 +34,22 @@ from imagen.utils.tensors import (
 INDEX_FILE = "model_index.json"
 FORMAT = "imagen-cascade"
 STAGE_FILES = ("config.json", "model.safetensors")
-# a stage's weights: a state dict, or a stage directory whose file is copied byte for byte
-StageWeights = dict[str, Tensor] | Path
+NULL_TEXT_FILE = "null_text.safetensors"  # a stage's stored null caption, where it has one
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A stage's weights as a safetensors file elsewhere (an imported DeepFloyd IF stage):
+    hard-linked into the model directory, else (another file system) symbolically linked,
+    or copied with ``copy``; its sha256 is recorded like any stage file's."""
+
+    path: Path
+    copy: bool = False
+
+
+# a stage's weights: a state dict, a stage directory whose file is copied byte for byte, or a
+# weights file to link
+StageWeights = dict[str, Tensor] | Path | WeightsFile
 
 
 def file_sha256(path: str | Path) -> str:
@@ -87,8 +101,27 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def _link_or_copy(source: Path, path: Path, copy: bool) -> None:
+    """Hard-link ``source`` to ``path`` (no copy of multi-GB weights), else symlink it (across
+    file systems); copy it with ``copy``."""
+    source = source.resolve()
+    if not copy:
+        try:
+            os.link(source, path)
+            return
+        except OSError:
+            try:
+                os.symlink(source, path)
+                return
+            except OSError:
+                pass
+    shutil.copyfile(source, path)
+
+
 def _write_weights(weights: StageWeights, path: Path, dtype: torch.dtype | None) -> None:
-    if isinstance(weights, Path):
+    if isinstance(weights, WeightsFile):
+        _link_or_copy(weights.path, path, weights.copy)
+    elif isinstance(weights, Path):
         shutil.copyfile(weights / "model.safetensors", path)
         with open(path, "rb") as f:
             os.fsync(f.fileno())
@@ -105,6 +138,7 @@ def _write_model(
     states: list[StageWeights],
     dtype: torch.dtype | None,
     extra: dict[str, Any],
+    null_texts: list[tuple[Tensor, Tensor] | None],
 ) -> None:
     root.mkdir(parents=True)
     names, checksums = [], {}
@@ -114,8 +148,13 @@ def _write_model(
         cfg = replace(cfg, text_encoder=dict(text_encoder))
         _write_json(root / name / "config.json", cfg.to_dict())
         _write_weights(weights, root / name / "model.safetensors", dtype)
+        files = list(STAGE_FILES)
+        if k < len(null_texts) and null_texts[k] is not None:
+            tokens, mask = null_texts[k]  # type: ignore[misc]
+            save_tensors({"tokens": tokens, "mask": mask}, root / name / NULL_TEXT_FILE)
+            files.append(NULL_TEXT_FILE)
         fsync_dir(root / name)
-        checksums.update({f"{name}/{f}": file_sha256(root / name / f) for f in STAGE_FILES})
+        checksums.update({f"{name}/{f}": file_sha256(root / name / f) for f in files})
         names.append(name)
     index = {"format": FORMAT, "version": 1, "text_encoder": text_encoder, "stages": names}
     index.update(extra)
@@ -159,10 +198,13 @@ def save_model_dir(
     dtype: torch.dtype | None = torch.float16,
     extra: dict[str, Any] | None = None,
     verify: bool = False,
+    null_texts: list[tuple[Tensor, Tensor] | None] | None = None,
 ) -> Path:
     """Write ``model_index.json`` and one sub-directory per stage; ``dtype`` is the weights'
     storage type: float16 (default), bfloat16, float32, or int8 (weight-only, per channel).
-    A stage given as a stage directory (a Path) is copied as it is stored. With ``verify``,
+    A stage given as a stage directory (a Path) is copied as it is stored, one given as a
+    :class:`WeightsFile` is linked; ``null_texts`` are the stages' null captions where they
+    have one (tokens (L, D), mask (L,)). With ``verify``,
     every stage is loaded from the new files before they replace what is at ``directory``."""
     root = Path(directory)
     _check_target(root)
@@ -171,7 +213,7 @@ def save_model_dir(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         te = portable_text_encoder(text_encoder)
-        _write_model(tmp, te, configs, states, dtype, extra or {})
+        _write_model(tmp, te, configs, states, dtype, extra or {}, null_texts or [])
         if verify:
             for k in range(len(configs)):
                 load_stage(tmp / f"stage{k}")
@@ -223,10 +265,32 @@ def read_stage_config(directory: str | Path) -> StageConfig:
     return StageConfig.from_dict(json.loads(cfg_path.read_text()))
 
 
-def load_stage(directory: str | Path, device: str | torch.device = "cpu") -> Stage:
-    """Load one stage directory (config.json + model.safetensors), strictly."""
+def read_null_text(directory: str | Path) -> tuple[Tensor, Tensor] | None:
+    """A stage directory's stored null caption (tokens (L, D), mask (L,) bool), if it has one."""
+    path = Path(directory) / NULL_TEXT_FILE
+    if not path.is_file():
+        return None
+    t = load_tensors(path)
+    if (
+        set(t) != {"tokens", "mask"}
+        or t["tokens"].ndim != 2
+        or t["mask"].shape != t["tokens"].shape[:1]
+    ):
+        raise ValueError(f"{path}: expected tokens (L, D) and mask (L,)")
+    return t["tokens"].float(), t["mask"].bool()
+
+
+def load_stage(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Stage:
+    """Load one stage directory (config.json + model.safetensors), strictly. The network is
+    built on the meta device and takes the file's tensors, in ``dtype`` (float32 by default):
+    a large stage is never held twice, and bf16 weights loaded in bf16 are not copied."""
     d = Path(directory)
-    stage = Stage(read_stage_config(d))
-    state = dequantize(load_tensors(d / "model.safetensors"))
-    load_strict(stage.unet, state, str(d / "model.safetensors"))
+    config = read_stage_config(d)
+    with torch.device("meta"):
+        stage = Stage(config)
+    state = load_weights(d / "model.safetensors", dtype or torch.float32)
+    load_strict(stage.unet, state, str(d / "model.safetensors"), assign=True)
+    stage.null_text = read_null_text(d)
     return stage.to(device).eval()

@@ -38,7 +38,16 @@ def resolve_model(model: str | Path | None) -> Path:
 
 
 def read_hub_snapshot(repo_id: str) -> Path:
-    """A Hub repo's files from the local cache, downloading them first when allowed."""
+    """A Hub repo's imagen model directory from the local cache, downloading it first when
+    allowed."""
+    root = hub_snapshot(repo_id, "model directory")
+    read_index(root)
+    return root
+
+
+def hub_snapshot(repo_id: str, what: str = "model directory") -> Path:
+    """A Hub repo's files from the local cache (HF_HUB_OFFLINE honoured), downloading them
+    first when allowed; ``what`` names what the caller wanted in the one-line errors."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -47,7 +56,7 @@ def read_hub_snapshot(repo_id: str) -> Path:
     except LocalEntryNotFoundError:
         if _offline():
             raise FileNotFoundError(
-                f"{repo_id} is not a model directory, nor a Hugging Face Hub repo in the local "
+                f"{repo_id} is not a {what}, nor a Hugging Face Hub repo in the local "
                 "cache (HF_HUB_OFFLINE is set, so nothing is downloaded)"
             ) from None
         try:
@@ -55,10 +64,9 @@ def read_hub_snapshot(repo_id: str) -> Path:
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise FileNotFoundError(
-                f"{repo_id} is not a model directory, and the Hugging Face Hub repo could not be "
+                f"{repo_id} is not a {what}, and the Hugging Face Hub repo could not be "
                 f"fetched: {first}"
             ) from None
-    read_index(root)
     return root
 
 

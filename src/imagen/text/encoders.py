@@ -70,6 +70,17 @@ class TextEncoderConfig:
 
     name: str = "minilm"  # minilm | hash-D | a T5 / BERT checkpoint name or local directory
     max_length: int = 32  # tokens kept per caption (the paper's reimplementations use 128)
+    # "max_length": T5 as DeepFloyd IF uses it (text/t5.py): padded to max_length, every
+    # position's output kept, the empty caption encoded; "longest": padding masked out
+    padding: str = "longest"
+    tokenizer: str | None = None  # the tokenizer's directory, where not the model's
+    clean_caption: bool = True  # padding "max_length": diffusers' caption cleaning if installed
+
+    def __post_init__(self) -> None:
+        if self.padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be longest or max_length, got {self.padding!r}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
 
 
 def validate_captions(captions: list[str]) -> list[str]:
@@ -234,8 +245,14 @@ def load_text_encoder(
     if isinstance(config, str):
         config = TextEncoderConfig(name=config)
     name = config.name
-    if name.startswith("hash-"):
-        encoder: TextEncoder = HashTextEncoder(int(name.split("-", 1)[1]), config.max_length)
+    if config.padding == "max_length":
+        from imagen.text.t5 import PaddedT5Encoder
+
+        encoder: TextEncoder = PaddedT5Encoder(
+            name, config.tokenizer, config.max_length, dtype, config.clean_caption
+        )
+    elif name.startswith("hash-"):
+        encoder = HashTextEncoder(int(name.split("-", 1)[1]), config.max_length)
     elif name == "minilm":
         encoder = HFTextEncoder(name, minilm_path(), config.max_length, dtype)
     else:

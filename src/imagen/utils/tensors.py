@@ -22,10 +22,13 @@ def state_dict_differences(model: nn.Module, state: dict[str, Tensor]) -> list[s
     return diffs
 
 
-def load_strict(model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """Load ``state`` into ``model`` or raise listing every missing, unexpected or misshapen key."""
+def load_strict(
+    model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint", assign: bool = False
+) -> None:
+    """Load ``state`` into ``model`` or raise listing every missing, unexpected or misshapen key;
+    ``assign`` takes the tensors themselves (for a model built on the meta device)."""
     check_state(model, state, source)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
 
 
 def check_state(model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
@@ -116,3 +119,13 @@ def dequantize(state: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             out[k] = v.float() if v.is_floating_point() else v
     return out
+
+
+def load_weights(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """A weights file's state dict with its floating tensors in ``dtype`` (int8 weight-only
+    files dequantised): stored tensors already in ``dtype`` are used as they are, so a bf16
+    file loaded in bf16 is never copied to float32."""
+    state = load_tensors(path)
+    if any(k.endswith(SCALE_SUFFIX) for k in state):
+        state = dequantize(state)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

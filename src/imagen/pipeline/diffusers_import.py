@@ -1,0 +1,172 @@
+"""``imagen import``: DeepFloyd IF pipelines in diffusers format as an imagen model directory.
+
+The base (an ``IFPipeline`` folder or Hub repo) comes first, then super-resolution stages
+(``IFSuperResolutionPipeline``). Each stage becomes a ``diffusers-unet`` stage whose weights
+file is the published one, hard-linked (or symlinked across file systems; copied with
+``copy``) and recorded by sha256; its sampling defaults are IF's (DDPM with leading spacing
+and the learned-range variance, 100 steps at guidance 7 for the base, 50 at guidance 4 and
+noise level 250 for super-resolution, dynamic thresholding at 0.95 capped at 1.5 and 1.0),
+and its null caption is T5("") as IF's pipelines use it. The text encoder (T5 and its
+tokenizer) is the first source's, or the one given; it is referenced, never copied. The
+directory records the sources and the weights' licence notice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from imagen.diffusion.guidance import ThresholdConfig
+from imagen.diffusion.schedules import DiffusionConfig
+from imagen.models.model_dir import WeightsFile, save_model_dir
+from imagen.models.networks import DiffusersUNetConfig
+from imagen.models.stage import SamplingConfig, StageConfig
+from imagen.pipeline.hub import REPO_ID, hub_snapshot
+from imagen.text.encoders import TextEncoderConfig, load_text_encoder
+
+BASE, SR = "IFPipeline", "IFSuperResolutionPipeline"
+IF_NOISE_LEVEL = 250  # the SR pipelines' default augmentation timestep
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+LICENCE = (
+    "DeepFloyd IF weights are licensed under the DeepFloyd IF License Agreement "
+    "(non-commercial research use; see each source's LICENSE and model card). This model "
+    "directory links to them: do not redistribute it with the weights."
+)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.parent} is not a diffusers pipeline part (no {path.name})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
+
+
+def resolve_source(source: str) -> tuple[Path, str | None]:
+    """A pipeline folder for ``source`` (a directory, or a Hub repo id from the cache) and its
+    revision (the snapshot's commit for a Hub repo)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path.resolve(), None
+    if not REPO_ID.match(source):
+        raise FileNotFoundError(f"{source} is neither a directory nor a Hub repo id (ORG/NAME)")
+    root = hub_snapshot(source, "diffusers pipeline folder")
+    return root, root.name
+
+
+def _pipeline_class(root: Path) -> str:
+    index = _read_json(root / "model_index.json")
+    name = index.get("_class_name")
+    if name not in (BASE, SR):
+        raise ValueError(f"{root} holds a {name}; imagen import takes {BASE} and {SR} folders")
+    return str(name)
+
+
+def _scheduler(root: Path, folder: str = "scheduler") -> dict[str, Any]:
+    """The DDPM scheduler config of a pipeline part, checked to be what IF's stages use."""
+    cfg = _read_json(root / folder / "scheduler_config.json")
+    want = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
+    if folder == "scheduler":
+        want |= {"prediction_type": "epsilon", "variance_type": "learned_range"}
+    for key, value in want.items():
+        if cfg.get(key, value) != value:
+            raise ValueError(f"{root / folder}: {key} is {cfg.get(key)!r}, IF stages use {value!r}")
+    return cfg
+
+
+def _weights(root: Path, variant: str | None) -> Path:
+    names = WEIGHT_NAMES if variant is None else (f"diffusion_pytorch_model.{variant}.safetensors",)
+    for name in names:
+        if (root / "unet" / name).is_file():
+            return root / "unet" / name
+    raise FileNotFoundError(f"{root / 'unet'} has no weights file ({' or '.join(names)})")
+
+
+def if_stage_config(root: Path, lowres_size: int | None) -> StageConfig:
+    """A diffusers-unet stage config with IF's sampling defaults for the pipeline at ``root``
+    (a super-resolution stage when ``lowres_size`` is given)."""
+    unet = _read_json(root / "unet" / "config.json")
+    sched = _scheduler(root)
+    sr = lowres_size is not None
+    if sr:
+        _scheduler(root, "image_noising_scheduler")
+    threshold = ThresholdConfig(
+        mode="dynamic" if sched.get("thresholding", False) else "none",
+        percentile=float(sched.get("dynamic_thresholding_ratio", 0.995)),
+        max_scale=float(sched.get("sample_max_value", 1.0)),
+    )
+    sampling = SamplingConfig(
+        sampler="ddpm",
+        steps=50 if sr else 100,
+        guidance=4.0 if sr else 7.0,
+        threshold=threshold,
+        aug_level=IF_NOISE_LEVEL / 999 if sr else 0.0,
+        precision="bf16",
+        ddpm_variance="learned_range",
+        spacing="leading",
+        lambda_min=-5.1,
+    )
+    return StageConfig(
+        unet=DiffusersUNetConfig(config=unet, image_channels=3, lowres_cond=sr),
+        diffusion=DiffusionConfig(schedule="cosine", timesteps=1000, float32_alphas=True),
+        sampling=sampling,
+        lowres_size=lowres_size,
+        network="diffusers-unet",
+        lowres_align_corners=True,
+    )
+
+
+def _text_encoder(root: Path, given: str | None) -> TextEncoderConfig:
+    if given is not None:
+        d = Path(given).expanduser().resolve()
+        model = d / "text_encoder" if (d / "text_encoder").is_dir() else d
+        tok = d / "tokenizer" if (d / "tokenizer").is_dir() else d
+    else:
+        model, tok = root / "text_encoder", root / "tokenizer"
+    for part in (model, tok):
+        if not part.is_dir():
+            raise FileNotFoundError(f"no T5 text encoder at {part}; pass --text-encoder DIR")
+    return TextEncoderConfig(
+        name=str(model), max_length=77, padding="max_length", tokenizer=str(tok)
+    )
+
+
+def import_if(
+    sources: list[str],
+    out: str | Path,
+    copy: bool = False,
+    text_encoder: str | None = None,
+    variant: str | None = None,
+) -> Path:
+    """Write the model directory ``out`` for DeepFloyd IF pipelines ``sources`` (base first)."""
+    if not sources:
+        raise ValueError("give at least one pipeline: the IF base (IFPipeline) first")
+    resolved = [resolve_source(s) for s in sources]
+    classes = [_pipeline_class(root) for root, _ in resolved]
+    if classes[0] != BASE or any(c != SR for c in classes[1:]):
+        raise ValueError(f"give the {BASE} first, then {SR} folders; got {', '.join(classes)}")
+    configs: list[StageConfig] = []
+    for root, _ in resolved:
+        configs.append(if_stage_config(root, configs[-1].resolution if configs else None))
+    te_config = _text_encoder(resolved[0][0], text_encoder)
+    encoder = load_text_encoder(te_config)  # in its stored dtype; released on return
+    null = encoder.encode([""])
+    null_text = (null.tokens[0].cpu(), null.mask[0].cpu())
+    record = {**encoder.config(), "dim": encoder.dim}
+    del encoder
+    extra = {
+        "imported": [
+            {"source": s, "path": str(root), "pipeline": c, "revision": rev}
+            for s, (root, rev), c in zip(sources, resolved, classes, strict=True)
+        ],
+        "licence": LICENCE,
+    }
+    weights = [WeightsFile(_weights(root, variant), copy) for root, _ in resolved]
+    return save_model_dir(
+        out, record, configs, weights, None, extra, null_texts=[null_text] * len(configs)
+    )

@@ -1,0 +1,146 @@
+"""DeepFloyd IF in diffusers format: `imagen import` of tiny random IF pipelines built here,
+then `imagen sample` and `imagen upscale` against diffusers' own pipelines as the reference
+(same seeds, at IF's defaults), the fast samplers on the same stages, and the Hub cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+pytest.importorskip("sentencepiece")
+
+from if_tiny import BASE_SIZE, SR_SIZE, make_if_pipelines  # noqa: E402
+
+from imagen.cli.main import main  # noqa: E402
+
+PROMPTS = ["a red cat on a blue sofa", "A Lighthouse at night  "]
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def tiny_if(tmp_path_factory):
+    """The tiny IF pipelines and the model directory `imagen import` makes of them."""
+    root = tmp_path_factory.mktemp("if")
+    base, sr = make_if_pipelines(root)
+    assert main(["import", str(base), str(sr), "--out", str(root / "model")]) == 0
+    return base, sr, root / "model"
+
+
+def _pixels(image: torch.Tensor) -> np.ndarray:
+    """A [-1, 1] image as the uint8 pixels a PNG of it holds."""
+    return ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def _png(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def _generators(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_import_records_sources_links_weights_and_if_defaults(tiny_if):
+    base, sr, model = tiny_if
+    index = json.loads((model / "model_index.json").read_text())
+    assert [r["pipeline"] for r in index["imported"]] == ["IFPipeline", "IFSuperResolutionPipeline"]
+    assert "non-commercial" in index["licence"]
+    te = index["text_encoder"]
+    assert (te["max_length"], te["padding"], te["dim"]) == (77, "max_length", 32)
+    weights = model / "stage0" / "model.safetensors"
+    assert weights.samefile(base / "unet" / "diffusion_pytorch_model.safetensors")  # linked
+    stage0, stage1 = (json.loads((model / s / "config.json").read_text()) for s in index["stages"])
+    assert stage0["network"] == stage1["network"] == "diffusers-unet"
+    s0, s1 = stage0["sampling"], stage1["sampling"]
+    assert (s0["sampler"], s0["steps"], s0["guidance"], s0["spacing"]) == (
+        "ddpm",
+        100,
+        7.0,
+        "leading",
+    )
+    assert (s0["threshold"]["percentile"], s0["threshold"]["max_scale"]) == (0.95, 1.5)
+    assert (s1["steps"], s1["guidance"], s1["threshold"]["max_scale"]) == (50, 4.0, 1.0)
+    assert round(s1["aug_level"] * 999) == 250 and stage1["lowres_size"] == BASE_SIZE
+
+
+def test_sample_matches_diffusers_at_every_stage(tiny_if, tmp_path):
+    """2 prompts x 2 seeds at IF's defaults (100 + 50 DDPM steps, guidance 7 and 4)."""
+    from diffusers import IFPipeline, IFSuperResolutionPipeline
+
+    base, sr, model = tiny_if
+    out = tmp_path / "ours"
+    args = ["sample", *PROMPTS, "--model", str(model), "--num-images", "2", "--seed", str(SEED)]
+    assert main([*args, "--fp32", "--save-stages", "--out", str(out)]) == 0
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    seeds = [SEED + j for j in range(4)]  # image j of the call uses seed + j
+    ref1 = IFPipeline.from_pretrained(base)(
+        prompts, generator=_generators(seeds), output_type="pt"
+    ).images
+    ref2 = IFSuperResolutionPipeline.from_pretrained(sr)(
+        image=ref1, prompt=prompts, generator=_generators(seeds), output_type="pt"
+    ).images
+    for j in range(4):
+        for ours, ref in ((out / f"{j:04d}_stage0.png", ref1[j]), (out / f"{j:04d}.png", ref2[j])):
+            diff = np.abs(_png(ours).astype(int) - _pixels(ref).astype(int))
+            assert diff.max() <= 1, f"image {j}: {ours.name} differs by {diff.max()} levels"
+    assert _png(out / "0000.png").shape == (SR_SIZE, SR_SIZE, 3)
+
+
+def test_upscale_matches_the_diffusers_super_resolution_call(tiny_if, tmp_path):
+    from diffusers import IFSuperResolutionPipeline
+
+    _, sr, model = tiny_if
+    low = tmp_path / "low.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (BASE_SIZE, BASE_SIZE, 3), dtype=np.uint8)).save(low)
+    args = ["upscale", str(low), "--prompt", PROMPTS[0], "--model", str(model), "--fp32"]
+    assert main([*args, "--seed", "4", "--out", str(tmp_path / "up")]) == 0
+    image = torch.from_numpy(_png(low).astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    ref = IFSuperResolutionPipeline.from_pretrained(sr)(
+        image=image, prompt=PROMPTS[0], generator=torch.Generator().manual_seed(4), output_type="pt"
+    ).images[0]
+    diff = np.abs(_png(tmp_path / "up" / "0000.png").astype(int) - _pixels(ref).astype(int))
+    assert diff.max() <= 1
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_fast_samplers_run_on_if_stages(tiny_if, sampler):
+    from imagen.pipeline import ImagenPipeline
+
+    pipe = ImagenPipeline.from_pretrained(tiny_if[2])
+    cfgs = pipe.sampling_configs()
+    start = pipe.cascade.stages[0].timesteps(cfgs[0])[0]
+    ab = float(pipe.cascade.stages[0].schedule.alpha_bar[start])
+    assert 0.5 * np.log(ab / (1 - ab)) >= -5.1  # lambda clipped for the cosine schedule
+    out = pipe(PROMPTS[0], sampler=sampler, steps=[8, 4], seed=1, return_all_stages=True)
+    assert [im.size for im in (out.stages[0][0], out.images[0])] == [(16, 16), (32, 32)]
+    assert out.sampling[0].ddpm_variance == "learned_range"  # stored, unused by these samplers
+
+
+def test_import_from_a_prefilled_hub_cache_offline(tiny_if, tmp_path, monkeypatch):
+    base, _, _ = tiny_if
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny--if-i"
+    shutil.copytree(base, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["import", "tiny/if-i", "--out", str(tmp_path / "m")]) == 0
+    index = json.loads((tmp_path / "m" / "model_index.json").read_text())
+    assert index["imported"][0]["revision"] == revision
+    assert main(["import", "tiny/absent", "--out", str(tmp_path / "n")]) == 2
+
+
+def test_if_timestep_lists_are_diffusers(tiny_if):
+    from diffusers.pipelines.deepfloyd_if import timesteps
+
+    from imagen.diffusion.timestep_lists import IF_TIMESTEPS
+
+    for name, values in IF_TIMESTEPS.items():
+        assert list(values) == getattr(timesteps, f"{name}_timesteps")
