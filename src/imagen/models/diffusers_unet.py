@@ -11,8 +11,6 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import Tensor
 
-from imagen.models.networks import DiffusersUNetConfig
-
 
 def _init_config(config: dict[str, Any]) -> dict[str, Any]:
     """The constructor arguments of a config record (diffusers' private keys dropped)."""
@@ -25,8 +23,9 @@ class DiffusersUNet(UNet2DConditionModel):
     the class label, as in DeepFloyd IF. All text positions reach the network (IF conditions
     on all 77 T5 outputs, padding included), so the mask is not used here."""
 
-    def __init__(self, config: DiffusersUNetConfig | None = None, **kwargs: Any) -> None:
-        if config is not None:  # built by the registry; kwargs: diffusers' from_config
+    def __init__(self, config: Any = None, **kwargs: Any) -> None:
+        """Built by the registry from a ``DiffusersUNetConfig`` (models/networks.py)."""
+        if config is not None:
             kwargs = _init_config(config.config)
         super().__init__(**kwargs)
 

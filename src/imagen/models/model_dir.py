@@ -280,6 +280,14 @@ def read_null_text(directory: str | Path) -> tuple[Tensor, Tensor] | None:
     return t["tokens"].float(), t["mask"].bool()
 
 
+def init_stage(stage: Stage, directory: str | Path) -> None:
+    """Give ``stage`` the weights and null caption of a model's stage directory (the start of
+    a fine-tuning run), strictly."""
+    d = Path(directory)
+    load_strict(stage.unet, load_weights(d / "model.safetensors"), str(d / "model.safetensors"))
+    stage.null_text = read_null_text(d)
+
+
 def load_stage(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Stage:

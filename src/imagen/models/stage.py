@@ -140,6 +140,16 @@ class StageConfig:
         return config_from_dict(cls, data)
 
 
+def fine_tuned_config(config: StageConfig) -> StageConfig:
+    """The config a stage is trained under: the loss trains the prediction only, so a stage
+    that sampled with its learned variance (an imported IF stage) samples with the fixed
+    posterior variance after training, and records so."""
+    s = config.sampling
+    if s.ddpm_variance != "learned_range":
+        return config
+    return replace(config, sampling=replace(s, ddpm_variance="posterior"))
+
+
 def resize(images: Tensor, size: int, align_corners: bool = False) -> Tensor:
     """Resize a batch of images: area averaging down, bilinear up (no-op at equal size);
     ``align_corners`` for the upsampling DeepFloyd IF's super-resolution uses."""
@@ -262,13 +272,15 @@ class Stage(nn.Module):
     ) -> Tensor:
         """The weighted denoising loss of one batch (Ho et al. 2020 eq. 14, with the stage's
         target and loss weighting), with conditioning dropout and, for SR stages, noise-
-        conditioning augmentation of the real low-res images."""
+        conditioning augmentation of the real low-res images. A network with a learned
+        variance is trained on its prediction alone (see :func:`fine_tuned_config`)."""
         draws = draws.to(images.device)
         lowres = resize(images, self.config.lowres_size) if self.config.lowres_size else None
         cond = self.condition(text, lowres, draws.aug_level, draws.aug_noise, draws.drop)
         xt = self.schedule.q_sample(images, draws.t, draws.noise)
         target = self.schedule.target(images, draws.noise, draws.t)
-        return self.weighted_loss(self.forward(xt, draws.t, cond, autocast, net), target, draws.t)
+        pred = self.forward(xt, draws.t, cond, autocast, net)[:, : images.shape[1]]
+        return self.weighted_loss(pred, target, draws.t)
 
     def weighted_loss(self, pred: Tensor, target: Tensor, t: Tensor) -> Tensor:
         """Mean over the batch of each sample's squared error, weighted per timestep by the

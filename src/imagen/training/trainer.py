@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch import Tensor
 from tqdm import tqdm
 
-from imagen.models.model_dir import load_stage
-from imagen.models.stage import Stage, StageConfig
+from imagen.models.model_dir import init_stage, load_stage
+from imagen.models.stage import Stage, StageConfig, fine_tuned_config
 from imagen.text.encoders import (
     TextEmbedding,
     TextEncoder,
@@ -36,7 +36,7 @@ from imagen.text.encoders import (
     load_text_encoder,
 )
 from imagen.training.captions import caption_lookup
-from imagen.training.config import CascadeRunConfig, TrainConfig
+from imagen.training.config import CascadeRunConfig, TrainConfig, init_stage_dir
 from imagen.training.data import DrawSpec, draw_batch, training_batches
 from imagen.training.distill import (
     UNIFORMS,
@@ -104,7 +104,9 @@ class Trainer:
         self.encoder = text_encoder or load_text_encoder(config.text_encoder, self.dev)
         self.distill, self.teacher = distill, self._teacher(distill)
         stage = student_config(self.teacher.config, distill) if self.teacher else run.stage
-        self.scfg: StageConfig = replace(stage, text_encoder=self.encoder.config())
+        self.init = run.init
+        stage = replace(stage, text_encoder=self.encoder.config())
+        self.scfg: StageConfig = fine_tuned_config(stage)
         if self.scfg.unet.text_dim != self.encoder.dim:
             raise ValueError(
                 f"stage {stage_index}: unet.text_dim is {self.scfg.unet.text_dim} but text "
@@ -168,6 +170,9 @@ class Trainer:
         self.model = self.stage.unet
         if self.teacher is not None:
             init_from_teacher(self.stage, self.teacher)
+        if self.init is not None:  # a model's stage: its weights and null caption (for dropout)
+            init_stage(self.stage, init_stage_dir(self.init))
+            self.ema_stage.null_text = self.stage.null_text
         self.ema_stage.unet.load_state_dict(self.model.state_dict())
         self.ema_stage.requires_grad_(False).eval()
         channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
@@ -398,14 +403,8 @@ class Trainer:
             dist.barrier()
 
     def _sample_grid(self) -> None:
-        write_samples(
-            self.ema_stage,
-            self.encoder,
-            self.val,
-            self.run_dir.sample_grid_path(self.step),
-            self.cfg.seed,
-            self.d.main,
-        )
+        path = self.run_dir.sample_grid_path(self.step)
+        write_samples(self.ema_stage, self.encoder, self.val, path, self.cfg.seed, self.d.main)
 
     def _summary(self) -> dict[str, Any]:
         summary = {
