@@ -63,3 +63,24 @@ def test_the_fast_cascade_samples_by_name_with_one_pass_per_base_step(tmp_path):
     args = ["sample", "a blue square", "--model", "shapes-cascade-fast", "--seed", "1"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / "0000.png").is_file()
+
+
+def test_unknown_words_are_named_once_and_shapes_prompts_pass(caplog):
+    from imagen.pipeline import ImagenPipeline
+
+    pipe = ImagenPipeline.from_pretrained()
+    assert (
+        pipe.check_words(["a red circle on the left", "a blue square above a green triangle"]) == []
+    )
+    with caplog.at_level("WARNING"):
+        first = pipe.check_words(["a golden retriever in a beret"])
+        again = pipe.check_words(["a golden retriever in a beret"])
+    assert len(first) == 1 and "golden, retriever, beret" in first[0] and "DeepFloyd IF" in first[0]
+    assert again == first and caplog.text.count("never saw") == 1  # logged once
+
+
+def test_sample_warns_about_words_the_model_does_not_know(tmp_path, caplog):
+    args = ["sample", "a golden retriever in a beret", "--steps", "1", "--out", str(tmp_path)]
+    with caplog.at_level("WARNING"):
+        assert main(args) == 0
+    assert "never saw the word(s) golden, retriever, beret" in caplog.text

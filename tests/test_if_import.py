@@ -214,3 +214,30 @@ def test_fine_tune_an_imported_stage_resume_and_export(tiny_if, tmp_path):
         ]
     )
     assert out == 0 and (tmp_path / "s" / "0000.png").is_file()
+
+
+def test_negative_prompt_matches_diffusers_and_edits_run(tiny_if):
+    """A negative prompt is T5(negative) as in diffusers (10 leading steps here); image-to-
+    image and inpainting run on the imported stages."""
+    from diffusers import IFPipeline
+
+    from imagen.pipeline import ImagenPipeline
+
+    base, _, model = tiny_if
+    pipe = ImagenPipeline.from_pretrained(model)
+    kw = dict(steps=[10, 4], seed=5, return_all_stages=True, negative_prompt="a blue sofa")
+    ours = pipe(PROMPTS[0], **kw).stages[0][0]
+    ref = IFPipeline.from_pretrained(base)(
+        PROMPTS[0],
+        negative_prompt="a blue sofa",
+        num_inference_steps=10,
+        generator=torch.Generator().manual_seed(5),
+        output_type="pt",
+    ).images[0]
+    assert np.abs(np.asarray(ours).astype(int) - _pixels(ref).astype(int)).max() <= 1
+    init = Image.new("RGB", (SR_SIZE, SR_SIZE), (200, 30, 30))
+    mask = Image.new("L", (SR_SIZE, SR_SIZE), 0)
+    mask.paste(255, (0, 0, SR_SIZE // 2, SR_SIZE))
+    out = pipe(PROMPTS[0], steps=[6, 4], init_image=init, strength=0.5, mask=mask).images[0]
+    right = np.asarray(out)[:, SR_SIZE // 2 + 2 :].astype(int)
+    assert np.abs(right - [200, 30, 30]).max() <= 2  # the kept half is the input

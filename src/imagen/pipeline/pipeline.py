@@ -20,10 +20,12 @@ from torch import Tensor
 from imagen.data.shapes import pil_to_tensor, tensor_to_pil
 from imagen.diffusion.samplers import ProgressCallback
 from imagen.models.cascade import Cascade, load_cascade
+from imagen.models.model_dir import read_index
 from imagen.models.stage import Edit, SamplingConfig, resize
 from imagen.pipeline.hub import resolve_model
 from imagen.pipeline.settings import PerStage, SamplingOverrides
 from imagen.text.encoders import TextEmbedding
+from imagen.text.vocabulary import unknown_words
 from imagen.utils.compile import CompileFallback
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class PipelineOutput:
     stages: list[list[Image.Image]] = field(default_factory=list)  # every stage, on request
     sampling: list[SamplingConfig] = field(default_factory=list)  # each stage run: its settings
     negative_prompts: list[str] = field(default_factory=list)  # per image; empty if none
+    warnings: list[str] = field(default_factory=list)  # e.g. words the model never saw
 
 
 @dataclass
@@ -69,10 +72,17 @@ class ImagenPipeline:
     """Sampling from a cascade with per-call settings, batching and per-image seeds."""
 
     def __init__(
-        self, cascade: Cascade, autocast_dtype: torch.dtype | None = None, compile: bool = False
+        self,
+        cascade: Cascade,
+        autocast_dtype: torch.dtype | None = None,
+        compile: bool = False,
+        vocabulary: list[str] | None = None,
     ) -> None:
         self.cascade = cascade.eval()
         self.autocast_dtype = autocast_dtype
+        # the words of the model's training captions (None: unknown, as for imported models)
+        self.vocabulary = None if vocabulary is None else frozenset(vocabulary)
+        self._warned: set[str] = set()
         if compile:
             compile_unets(cascade)
 
@@ -88,7 +98,11 @@ class ImagenPipeline:
         local cache when offline) or, when ``path`` is None, the bundled Shapes cascade.
         ``dtype`` (for example torch.bfloat16) runs the U-Nets under autocast; ``compile`` uses
         torch.compile where it works."""
-        return cls(load_model(resolve_model(path), device), dtype, compile)
+        root = resolve_model(path)
+        vocab = read_index(root).get("vocabulary")
+        return cls(
+            load_model(root, device), dtype, compile, vocab if isinstance(vocab, list) else None
+        )
 
     @property
     def num_stages(self) -> int:
@@ -244,6 +258,7 @@ class ImagenPipeline:
         start_stage: int = 0,
     ) -> PipelineOutput:
         """Sample ``work`` in batches, each image with its own generator."""
+        warnings = self.check_words(work.prompts)
         text, rows = self._encode(work.prompts + (work.negatives or []))
         total = len(work.prompts)
         per_stage: list[list[Image.Image]] = [[] for _ in range(self.num_stages - start_stage)]
@@ -271,7 +286,26 @@ class ImagenPipeline:
             per_stage if return_all_stages else [],
             sampling[start_stage:],
             work.negatives or [],
+            warnings,
         )
+
+    def check_words(self, prompts: list[str]) -> list[str]:
+        """A warning naming the prompts' words that no training caption of this model had
+        (logged once per word per pipeline); none for models without a recorded vocabulary."""
+        if self.vocabulary is None:
+            return []
+        unknown = unknown_words(prompts, self.vocabulary)
+        if not unknown:
+            return []
+        message = (
+            f"this model never saw the word(s) {', '.join(unknown)} in training, so it will "
+            "ignore them (the bundled Shapes model knows colours, shapes and places only); "
+            'for photographs from text, import DeepFloyd IF (README: "DeepFloyd IF")'
+        )
+        if not set(unknown) <= self._warned:
+            log.warning("%s", message)
+            self._warned.update(unknown)
+        return [message]
 
     def _encode(self, texts: list[str]) -> tuple[TextEmbedding, dict[str, int]]:
         """Every distinct text encoded once (one padded length), and each text's row."""

@@ -45,6 +45,7 @@ class StageSource:
     weights: StageWeights
     training: dict[str, Any]
     null_text: tuple[torch.Tensor, torch.Tensor] | None = None  # the stage's stored null caption
+    vocabulary: list[str] | None = None  # the words of its training captions, where known
 
 
 def _from_run(rd: RunDirectory, weights: str) -> StageSource:
@@ -54,8 +55,9 @@ def _from_run(rd: RunDirectory, weights: str) -> StageSource:
     opts = rd.read_options()
     init = opts["config"]["stages"][opts["stage_index"]].get("init")
     null = read_null_text(init_stage_dir(init)) if init else None
+    record = rd.training_record(ckpt)
     return StageSource(
-        rd.path, rd.stage_config(), rd.text_encoder(), state, rd.training_record(ckpt), null
+        rd.path, rd.stage_config(), rd.text_encoder(), state, record, null, rd.vocabulary()
     )
 
 
@@ -77,6 +79,7 @@ def _from_model(stage_dir: Path) -> StageSource:
         stage_dir,
         record,
         read_null_text(stage_dir),
+        index.get("vocabulary"),
     )
 
 
@@ -151,6 +154,8 @@ def export_model(
         "exported_weights": weights,
         "platform": platform.platform(),
     }
+    if all(s.vocabulary is not None for s in sources):  # a prompt's unknown words are named
+        extra["vocabulary"] = sorted({w for s in sources for w in s.vocabulary or []})
     extra.update(notes or {})
     return save_model_dir(
         out_dir,

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 OPTIONS_FILE = "training_options.json"
 LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "summary.json"
+VOCABULARY_FILE = "vocabulary.json"  # the words of the training captions, where known
 CHECKPOINTS = "checkpoints"
 
 
@@ -221,6 +222,19 @@ class RunDirectory:
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.materialize()
         write_json_atomically(self.path / SUMMARY_FILE, summary)
+
+    def write_vocabulary(self, words: list[str]) -> None:
+        """Record the words of the run's training captions (exported with the model)."""
+        self.materialize()
+        write_json_atomically(self.path / VOCABULARY_FILE, {"vocabulary": words})
+
+    def vocabulary(self) -> list[str] | None:
+        """The run's training vocabulary, or None when its captions were not known ahead."""
+        path = self.path / VOCABULARY_FILE
+        if not path.is_file():
+            return None
+        words = json.loads(path.read_text()).get("vocabulary")
+        return [str(w) for w in words] if isinstance(words, list) else None
 
     def sample_grid_path(self, step: int) -> Path:
         """Where the sample grid of ``step`` goes (the directory exists once this is asked)."""

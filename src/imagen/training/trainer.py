@@ -35,6 +35,7 @@ from imagen.text.encoders import (
     check_encoder_matches,
     load_text_encoder,
 )
+from imagen.text.vocabulary import vocabulary
 from imagen.training.captions import caption_lookup
 from imagen.training.config import CascadeRunConfig, TrainConfig, init_stage_dir
 from imagen.training.data import DrawSpec, draw_batch, training_batches
@@ -278,17 +279,13 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to ``max_steps`` (or the time budget); returns the run's summary."""
         cfg, d = self.cfg, self.d
-        batches, dataset = training_batches(
-            self.data,
-            self.scfg,
-            cfg,
-            d,
-            self.step,
-            pin_memory=self.dev.type == "cuda",
-        )
+        pin = self.dev.type == "cuda"
+        batches, dataset = training_batches(self.data, self.scfg, cfg, d, self.step, pin_memory=pin)
         self.embed = caption_lookup(
             dataset, self.encoder, self.embedding_cache, self.dev, fixed=cfg.compile
         )
+        if d.main and hasattr(dataset, "captions"):  # known ahead: the model's vocabulary
+            self.run_dir.write_vocabulary(vocabulary(dataset.captions()))
         self.logf = self.run_dir.open_log() if d.main else None
         self.tb = tensorboard_writer(self.run_dir.path) if d.main else None
         sample_here = cfg.sample_every and (d.main or self.par.sharded)
