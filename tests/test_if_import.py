@@ -241,3 +241,26 @@ def test_negative_prompt_matches_diffusers_and_edits_run(tiny_if):
     out = pipe(PROMPTS[0], steps=[6, 4], init_image=init, strength=0.5, mask=mask).images[0]
     right = np.asarray(out)[:, SR_SIZE // 2 + 2 :].astype(int)
     assert np.abs(right - [200, 30, 30]).max() <= 2  # the kept half is the input
+
+
+def test_low_memory_holds_one_part_at_a_time(tiny_if):
+    """Low-memory mode: nothing loaded up front, each part released after use; with float32
+    weights it gives exactly the images of the ordinary load, with bf16 it runs."""
+    from imagen.models.cascade import load_cascade
+    from imagen.pipeline import ImagenPipeline
+
+    model = tiny_if[2]
+    want = ImagenPipeline(load_cascade(model))(PROMPTS[0], steps=[3, 2], seed=2).images[0]
+    lean = load_cascade(model, low_memory=True, weights_dtype=torch.float32)
+    assert lean._text_encoder is None and all(
+        next(s.unet.parameters()).is_meta for s in lean.stages
+    )
+    got = ImagenPipeline(lean)(PROMPTS[0], steps=[3, 2], seed=2).images[0]
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert lean._text_encoder is None and all(
+        next(s.unet.parameters()).is_meta for s in lean.stages
+    )
+    bf16 = ImagenPipeline.from_pretrained(model, low_memory=True)
+    out = bf16(PROMPTS[0], steps=[2, 2], seed=2).images[0]
+    assert out.size == (SR_SIZE, SR_SIZE)
+    assert bf16.cascade.encoder_record()["padding"] == "max_length"

@@ -172,6 +172,13 @@ def add_model_options(p: argparse.ArgumentParser, default_device: str | None = "
         "only where the CPU or GPU supports it)",
     )
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    p.add_argument(
+        "--low-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hold one part of the cascade in memory at a time, weights in bf16 (default: for "
+        "models over 2 GiB of weights, such as DeepFloyd IF)",
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) -> None:
@@ -234,7 +241,10 @@ def load_pipeline(args: argparse.Namespace, model: Path | None = None) -> Imagen
         dtype = torch.bfloat16
     elif getattr(args, "fp32", False):
         dtype = torch.float32
-    return ImagenPipeline.from_pretrained(model or args.model, args.device or "cpu", dtype)
+    low_memory = getattr(args, "low_memory", None)
+    return ImagenPipeline.from_pretrained(
+        model or args.model, args.device or "cpu", dtype, low_memory=low_memory
+    )
 
 
 def checked_configs(pipe: ImagenPipeline, args: argparse.Namespace) -> list[SamplingConfig]:

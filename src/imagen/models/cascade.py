@@ -4,6 +4,8 @@ Saved and loaded as a model directory (:mod:`imagen.models.model_dir`)."""
 
 from __future__ import annotations
 
+import gc
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from imagen.diffusion.samplers import Generators, Progress, ProgressCallback
-from imagen.models.model_dir import check_text_encoder, load_stage, read_index, save_model_dir
+from imagen.models.model_dir import (
+    check_text_encoder,
+    load_stage,
+    meta_stage,
+    read_index,
+    save_model_dir,
+)
 from imagen.models.stage import Edit, SamplingConfig, Stage, StageConfig
 from imagen.text.encoders import (
     TextEmbedding,
@@ -20,6 +28,9 @@ from imagen.text.encoders import (
     check_encoder_matches,
     load_text_encoder,
 )
+from imagen.utils.lowmem import compute_in_float32
+from imagen.utils.system import bf16_supported
+from imagen.utils.tensors import load_weights
 
 
 def check_stage_chain(configs: list[StageConfig]) -> None:
@@ -43,16 +54,60 @@ def stage_generators(seeds: list[int]) -> list[torch.Generator]:
 
 class Cascade(nn.Module):
     """A text encoder and its stages, base first. Stages are trained independently and
-    assembled here; each stage's text-encoder record must match the encoder."""
+    assembled here; each stage's text-encoder record must match the encoder. A cascade
+    loaded with ``low_memory`` (:class:`LowMemory`) holds one part at a time."""
 
-    def __init__(self, text_encoder: TextEncoder, stages: list[Stage]) -> None:
+    def __init__(
+        self,
+        text_encoder: TextEncoder | None,
+        stages: list[Stage],
+        low_memory: LowMemory | None = None,
+    ) -> None:
         super().__init__()
         check_stage_chain([s.config for s in stages])
+        if text_encoder is None and low_memory is None:
+            raise ValueError("a cascade needs its text encoder")
         for st in stages:
-            if st.config.text_encoder:
+            if st.config.text_encoder and text_encoder is not None:
                 check_encoder_matches(st.config.text_encoder, text_encoder)
-        self.text_encoder = text_encoder
+        self._text_encoder = text_encoder
         self.stages = nn.ModuleList(stages)
+        self.low_memory = low_memory
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The text encoder (loaded again first if a low-memory cascade released it)."""
+        if self._text_encoder is None:
+            assert self.low_memory is not None
+            self._text_encoder = self.low_memory.load_encoder()
+        return self._text_encoder
+
+    def encoder_record(self) -> dict[str, Any]:
+        """The text encoder's record (name, width, length), without loading it."""
+        if self._text_encoder is None and self.low_memory is not None:
+            return dict(self.low_memory.encoder_record)
+        return self.text_encoder.config()
+
+    def encode(self, texts: list[str]) -> TextEmbedding:
+        """Encode captions; a low-memory cascade releases its encoder afterwards (unless
+        told to keep it)."""
+        emb = self.text_encoder.encode(texts)
+        if self.low_memory is not None and not self.low_memory.keep_text_encoder:
+            self._text_encoder = None
+            gc.collect()
+        return emb
+
+    def _stage(self, k: int) -> Stage:
+        """Stage k, with its weights in memory."""
+        st = self.stages[k]
+        if self.low_memory is not None:
+            self.low_memory.materialise(st, k)
+        return st
+
+    def _done(self, k: int) -> None:
+        if self.low_memory is not None:
+            self.stages[k].unet.to("meta")  # weights released; loaded again when next needed
+            gc.collect()
 
     @torch.no_grad()
     def sample(
@@ -94,7 +149,7 @@ class Cascade(nn.Module):
         b = text.tokens.shape[0]
         run = range(start_stage, len(self.stages))
         for k in run:
-            st = self.stages[k]
+            st = self._stage(k)
             s = sampling[k] if sampling is not None else st.config.sampling
             at = Progress(
                 stage=k - start_stage,
@@ -105,9 +160,9 @@ class Cascade(nn.Module):
                 images_total=b,
             )
             gen = generator if seeds is None else stage_generators(seeds)
-            images = st.sample(text, images, s, gen, autocast_dtype, progress, edit, neg, at).clamp(
-                -1, 1
-            )
+            images = st.sample(text, images, s, gen, autocast_dtype, progress, edit, neg, at)
+            images = images.clamp(-1, 1)
+            self._done(k)
             outs.append(images)
         return outs if return_all_stages else outs[-1:]
 
@@ -119,15 +174,15 @@ class Cascade(nn.Module):
         if isinstance(negative, list) and not isinstance(prompts, TextEmbedding):
             if len(negative) != len(prompts):
                 raise ValueError(f"{len(negative)} negative prompts for {len(prompts)} prompts")
-            both = self.text_encoder.encode(list(prompts) + negative)
+            both = self.encode(list(prompts) + negative)
             n = len(prompts)
             return (
                 TextEmbedding(both.tokens[:n], both.mask[:n]),
                 TextEmbedding(both.tokens[n:], both.mask[n:]),
             )
-        text = prompts if isinstance(prompts, TextEmbedding) else self.text_encoder.encode(prompts)
+        text = prompts if isinstance(prompts, TextEmbedding) else self.encode(prompts)
         if isinstance(negative, list):
-            negative = self.text_encoder.encode(negative)
+            negative = self.encode(negative)
         if negative is not None and negative.tokens.shape[0] != text.tokens.shape[0]:
             raise ValueError(
                 f"{negative.tokens.shape[0]} negative prompts for {text.tokens.shape[0]} prompts"
@@ -147,6 +202,45 @@ class Cascade(nn.Module):
         )
 
 
+LOW_MEMORY_BYTES = 2 << 30  # stage weights above this load in low-memory mode by default
+
+
+@dataclass
+class LowMemory:
+    """How a cascade larger than memory runs: the text encoder is loaded for encoding and
+    released after it (unless ``keep_text_encoder``), and each stage's weights are loaded
+    from its directory when it samples and released after, all kept in ``dtype`` (bf16), and
+    computed in float32 where the device has no fast bf16 (utils/lowmem.py)."""
+
+    stage_dirs: list[Path]
+    encoder_record: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype = torch.bfloat16
+    keep_text_encoder: bool = False
+
+    def _fast_bf16(self) -> bool:
+        return self.dtype not in (torch.bfloat16, torch.float16) or bf16_supported(self.device)
+
+    def load_encoder(self) -> TextEncoder:
+        encoder = load_text_encoder(encoder_config(self.encoder_record), self.device, self.dtype)
+        return encoder if self._fast_bf16() else compute_in_float32(encoder)
+
+    def materialise(self, stage: Stage, k: int) -> None:
+        """Give ``stage`` (built on the meta device) its weights, if it has none now."""
+        if not next(stage.unet.parameters()).is_meta:
+            return
+        path = self.stage_dirs[k] / "model.safetensors"
+        stage.unet.load_state_dict(load_weights(path, self.dtype), strict=True, assign=True)
+        stage.unet.to(self.device)
+        if not self._fast_bf16() and getattr(stage.unet, "compute_dtype", None) is None:
+            compute_in_float32(stage.unet)
+
+
+def weights_bytes(root: Path, index: dict[str, Any]) -> int:
+    """The size of a model directory's stage weights."""
+    return sum((root / s / "model.safetensors").stat().st_size for s in index["stages"])
+
+
 def encoder_config(record: dict[str, Any]) -> TextEncoderConfig:
     """The text encoder a model directory's record names (its name, length and padding)."""
     keys = ("padding", "tokenizer", "clean_caption")
@@ -162,12 +256,24 @@ def load_cascade(
     device: str | torch.device = "cpu",
     text_encoder: TextEncoder | None = None,
     text_dtype: torch.dtype | None = None,
+    low_memory: bool | None = None,
+    keep_text_encoder: bool = False,
+    weights_dtype: torch.dtype = torch.bfloat16,
 ) -> Cascade:
-    """Load a model directory; the text encoder is the one recorded there unless given."""
+    """Load a model directory; the text encoder is the one recorded there unless given.
+    ``low_memory`` (default: when the stage weights exceed 2 GiB, as DeepFloyd IF's do) loads
+    nothing up front and one part at a time when sampling, with weights in ``weights_dtype``
+    (see :class:`LowMemory`)."""
     root = Path(directory)
     index = read_index(root)
+    te = check_text_encoder(index["text_encoder"], root)
+    if low_memory is None:
+        low_memory = weights_bytes(root, index) > LOW_MEMORY_BYTES
+    if low_memory:
+        dirs = [root / name for name in index["stages"]]
+        lm = LowMemory(dirs, te, torch.device(device), weights_dtype, keep_text_encoder)
+        return Cascade(text_encoder, [meta_stage(d) for d in dirs], lm)
     if text_encoder is None:
-        te = check_text_encoder(index["text_encoder"], root)
         text_encoder = load_text_encoder(encoder_config(te), device, text_dtype)
     stages = [load_stage(root / name, device) for name in index["stages"]]
     return Cascade(text_encoder, stages)

@@ -39,7 +39,8 @@ class DiffusersUNet(UNet2DConditionModel):
         aug_level: Tensor | None = None,
     ) -> Tensor:
         del mask
-        dtype = self.dtype  # weights kept in bf16 take bf16 inputs; the output is float32
+        # bf16 weights take bf16 inputs, unless they are computed in float32 (utils/lowmem.py)
+        dtype = getattr(self, "compute_dtype", None) or self.dtype
         if lowres is not None:
             x = torch.cat([x, lowres], dim=1)
         out = super().forward(

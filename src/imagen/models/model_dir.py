@@ -288,6 +288,19 @@ def init_stage(stage: Stage, directory: str | Path) -> None:
     stage.null_text = read_null_text(d)
 
 
+def meta_stage(directory: str | Path) -> Stage:
+    """A stage directory's stage with its network on the meta device (no weights: a
+    low-memory cascade loads them when the stage samples) and its null caption."""
+    d = Path(directory)
+    for f in STAGE_FILES:  # the multi-GB weights are hashed by import and verify, not here
+        if not (d / f).is_file():
+            raise FileNotFoundError(f"{d} has no {f}")
+    with torch.device("meta"):
+        stage = Stage(read_stage_config(d))
+    stage.null_text = read_null_text(d)
+    return stage.eval()
+
+
 def load_stage(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Stage:

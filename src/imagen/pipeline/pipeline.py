@@ -93,16 +93,18 @@ class ImagenPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         compile: bool = False,
+        low_memory: bool | None = None,
     ) -> ImagenPipeline:
         """Load a model: a model directory, a Hugging Face Hub repo id (``ORG/NAME``, from the
         local cache when offline) or, when ``path`` is None, the bundled Shapes cascade.
         ``dtype`` (for example torch.bfloat16) runs the U-Nets under autocast; ``compile`` uses
-        torch.compile where it works."""
+        torch.compile where it works. ``low_memory`` (default: for models whose weights pass
+        2 GiB, such as DeepFloyd IF) holds one part of the cascade in memory at a time, in
+        bf16 (see :class:`~imagen.models.cascade.LowMemory`)."""
         root = resolve_model(path)
         vocab = read_index(root).get("vocabulary")
-        return cls(
-            load_model(root, device), dtype, compile, vocab if isinstance(vocab, list) else None
-        )
+        cascade = load_model(root, device, low_memory)
+        return cls(cascade, dtype, compile, vocab if isinstance(vocab, list) else None)
 
     @property
     def num_stages(self) -> int:
@@ -310,7 +312,7 @@ class ImagenPipeline:
     def _encode(self, texts: list[str]) -> tuple[TextEmbedding, dict[str, int]]:
         """Every distinct text encoded once (one padded length), and each text's row."""
         unique = list(dict.fromkeys(texts))
-        return self.cascade.text_encoder.encode(unique), {p: i for i, p in enumerate(unique)}
+        return self.cascade.encode(unique), {p: i for i, p in enumerate(unique)}
 
     @staticmethod
     def make_edit(
@@ -339,12 +341,14 @@ def _in_call(progress: ProgressCallback | None, start: int, total: int) -> Progr
     return lambda p: progress(replace(p, batch_start=start, images_total=total))
 
 
-def load_model(directory: Path, device: str | torch.device = "cpu") -> Cascade:
+def load_model(
+    directory: Path, device: str | torch.device = "cpu", low_memory: bool | None = None
+) -> Cascade:
     """Load a model directory; a damaged weights file is a ValueError naming the file."""
     from safetensors import SafetensorError
 
     try:
-        return load_cascade(directory, device)
+        return load_cascade(directory, device, low_memory=low_memory)
     except SafetensorError as e:
         raise ValueError(f"{damaged_weights(directory) or directory}: damaged weights ({e})") from e
 
