@@ -14,16 +14,20 @@ directory records the sources and the weights' licence notice.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from imagen.diffusion.guidance import ThresholdConfig
 from imagen.diffusion.schedules import DiffusionConfig
+from imagen.models.cascade import LOW_MEMORY_BYTES, LowMemory
 from imagen.models.model_dir import WeightsFile, save_model_dir
 from imagen.models.networks import DiffusersUNetConfig
 from imagen.models.stage import SamplingConfig, StageConfig
 from imagen.pipeline.hub import REPO_ID, hub_snapshot
-from imagen.text.encoders import TextEncoderConfig, load_text_encoder
+from imagen.text.encoders import TextEncoder, TextEncoderConfig, load_text_encoder
 
 BASE, SR = "IFPipeline", "IFSuperResolutionPipeline"
 IF_NOISE_LEVEL = 250  # the SR pipelines' default augmentation timestep
@@ -136,6 +140,15 @@ def _text_encoder(root: Path, given: str | None) -> TextEncoderConfig:
     )
 
 
+def _load_encoder(config: TextEncoderConfig) -> TextEncoder:
+    """The T5 encoder, held as a low-memory cascade holds it when its weights are large
+    (T5-XXL: bf16, computed in float32 where the CPU has no fast bf16)."""
+    files = Path(config.name).glob("*.safetensors")
+    if sum(f.stat().st_size for f in files) <= LOW_MEMORY_BYTES:
+        return load_text_encoder(config)
+    return LowMemory([], asdict(config), torch.device("cpu")).load_encoder()
+
+
 def import_if(
     sources: list[str],
     out: str | Path,
@@ -154,7 +167,7 @@ def import_if(
     for root, _ in resolved:
         configs.append(if_stage_config(root, configs[-1].resolution if configs else None))
     te_config = _text_encoder(resolved[0][0], text_encoder)
-    encoder = load_text_encoder(te_config)  # in its stored dtype; released on return
+    encoder = _load_encoder(te_config)  # for the null caption and the record; released here
     null = encoder.encode([""])
     null_text = (null.tokens[0].cpu(), null.mask[0].cpu())
     record = {**encoder.config(), "dim": encoder.dim}
