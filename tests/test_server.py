@@ -1,4 +1,5 @@
 import base64
+import collections
 import contextlib
 import io
 import shutil
@@ -6,6 +7,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,15 @@ def pipe():
     return ImagenPipeline(make_cascade())
 
 
+def quick_pipe():
+    """The tiny cascade with per-stage defaults that differ (steps 2/1/1, guidance 3/1/1), as
+    the bundled model's do (8/6/4, 3/1/1): fast, and a stage-0-for-all bug shows."""
+    cascade = make_cascade()
+    for st, steps, guidance in zip(cascade.stages, (2, 1, 1), (3.0, 1.0, 1.0), strict=True):
+        st.config.sampling = replace(st.config.sampling, steps=steps, guidance=guidance)
+    return ImagenPipeline(cascade)
+
+
 def png_b64(img):
     buf = io.BytesIO()
     img.save(buf, "PNG")
@@ -34,7 +45,7 @@ PNG_1PX = png_b64(Image.new("L", (1, 1), 255))
 
 def client_for(pipe, **limits):
     cfg = ServerConfig(**{"max_steps": 6, "max_images": 3, **limits})
-    return TestClient(create_app(pipe, cfg, "tiny"))
+    return TestClient(create_app(pipe, cfg, "tiny"), base_url="http://localhost")
 
 
 def test_health_model_and_schema(pipe):
@@ -270,13 +281,15 @@ def test_a_cancelled_request_never_reaches_the_model(pipe, monkeypatch):
     loop.close()
 
 
-def test_schema_fuzz_finds_no_server_errors(pipe):
+def test_schema_fuzz_finds_no_server_errors():
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
 
-    app = create_app(pipe, ServerConfig(max_steps=2, max_images=1, max_prompt_chars=40), "tiny")
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    failures, calls = [], []
+    cfg = ServerConfig(
+        max_steps=2, max_images=1, max_prompt_chars=40, allowed_hosts=("testserver",)
+    )
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(quick_pipe(), cfg, "tiny"))
+    failures, calls, paths = [], [], collections.Counter()
     for op in schema.get_all_operations():
         operation = op.ok()
         modes = [schemathesis.GenerationMode.POSITIVE]
@@ -294,11 +307,14 @@ def test_schema_fuzz_finds_no_server_errors(pipe):
             def check(case):
                 response = case.call()
                 calls.append(response.status_code)
+                paths[(case.path, response.status_code)] += 1
                 if response.status_code >= 500:
                     failures.append((case.method, case.path, case.body, response.status_code))
 
             check()
     assert not failures
+    for route in ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations"):
+        assert paths[(route, 400)] > 0, paths  # the OpenAI routes were fuzzed too
     assert len(calls) > 50 and 200 in calls and 422 in calls  # valid and invalid requests were sent
 
 

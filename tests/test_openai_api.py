@@ -1,0 +1,249 @@
+"""The OpenAI Images API of ``imagen serve``, driven by the official ``openai`` SDK against a
+uvicorn server on 127.0.0.1 (one per module, with an API key), plus plain-HTTP edge cases."""
+
+import asyncio
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from test_server import blocked, free_port, quick_pipe, wait_for
+
+from imagen.server.app import ServerConfig, create_app
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key-0123456789"
+MODEL = "imagen-tiny"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return quick_pipe()
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    """The base URL of a server with one API key and a queue of two."""
+    import uvicorn
+
+    cfg = ServerConfig(max_queue=2, max_images=2, max_steps=4, api_keys=(KEY,), url_ttl_s=60)
+    port = free_port()
+    app = create_app(pipe, cfg, "tiny")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started)
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def png(img):
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def decoded(b64):
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def noise(size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def test_generate_two_images_as_base64_and_as_urls(client, server):
+    out = client.images.generate(
+        model=MODEL, prompt="a red circle", n=2, size="64x64", extra_body={"seed": 7}
+    )
+    assert len(out.data) == 2 and out.size == "64x64" and out.output_format == "png"
+    first, second = (decoded(d.b64_json) for d in out.data)
+    assert first.size == second.size == (64, 64) and first.tobytes() != second.tobytes()
+    by_url = client.images.generate(
+        prompt="a red circle", n=1, response_format="url", extra_body={"seed": 7}
+    )
+    url = by_url.data[0].url
+    assert url.startswith(server[0] + "/v1/images/files/")
+    assert httpx.get(url).status_code == 401  # the key guards served images too
+    got = httpx.get(url, headers={"Authorization": f"Bearer {KEY}"})
+    assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(got.content)).tobytes() == first.tobytes()  # seed 7 again
+    small = client.images.generate(prompt="a red circle", size="16x16", output_format="jpeg")
+    assert decoded(small.data[0].b64_json).size == (16, 16) and small.output_format == "jpeg"
+
+
+def test_edit_with_a_mask_keeps_the_opaque_pixels(client):
+    init = noise()
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))  # transparent = regenerate
+    out = client.images.edit(
+        image=("init.png", png(init), "image/png"),
+        mask=("mask.png", png(mask), "image/png"),
+        prompt="a blue square",
+        size="64x64",
+        extra_body={"seed": 1},
+    )
+    got = np.asarray(decoded(out.data[0].b64_json).convert("RGB")).astype(int)
+    want = np.asarray(init).astype(int)
+    keep = np.asarray(mask)[..., 3] == 255
+    assert np.abs(got[keep] - want[keep]).max() <= 1
+    assert np.abs(got[~keep] - want[~keep]).mean() > 5
+
+
+def test_variations_and_models(client):
+    out = client.images.create_variation(image=("a.png", png(noise()), "image/png"), n=2)
+    assert [decoded(d.b64_json).size for d in out.data] == [(64, 64)] * 2
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).owned_by == "imagen"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("dall-e-3")
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.images.generate(model="dall-e-3", prompt="x")
+
+
+def test_a_wrong_or_missing_key_is_refused_everywhere_but_health_and_the_page(server):
+    base = server[0]
+    wrong = openai.OpenAI(base_url=base + "/v1", api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        wrong.images.generate(prompt="x")
+    assert e.value.body["code"] == "invalid_api_key" and "not-the-key" not in str(e.value)
+    for path in ("/v1/model", "/v1/models", "/openapi.json", "/docs", "/v1/progress/x"):
+        assert httpx.get(base + path).status_code == 401, path
+    r = httpx.post(base + "/v1/generate", json={"prompt": "x"})
+    assert r.status_code == 401 and r.json()["detail"].startswith("missing API key")
+    assert httpx.get(base + "/v1/health").status_code == 200
+    assert "<form" in httpx.get(base + "/").text
+
+
+def test_bad_parameters_get_openai_errors(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="")
+    body = e.value.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError, match="makes 16x16, 32x32, 64x64"):
+        client.images.generate(prompt="x", size="1024x1024")
+    with pytest.raises(openai.BadRequestError, match="n: "):
+        client.images.generate(prompt="x", n=3)
+    with pytest.raises(openai.BadRequestError, match="unknown parameter"):
+        client.images.generate(prompt="x", extra_body={"negative_promt": "typo"})
+    with pytest.raises(openai.BadRequestError, match="opaque"):
+        client.images.generate(prompt="x", background="transparent")
+
+
+def test_a_full_queue_is_a_rate_limit_error(client, server, pipe, monkeypatch):
+    gate, calls = blocked(pipe, monkeypatch)
+    worker = server[1].state.worker
+    with ThreadPoolExecutor(2) as ex:
+        held = [ex.submit(client.images.generate, prompt=f"p{i}", size="64x64") for i in range(2)]
+        wait_for(lambda: worker.admitted == 2)
+        try:
+            with pytest.raises(openai.RateLimitError) as e:
+                client.images.generate(prompt="one too many")
+            assert e.value.response.headers["retry-after"] == "2"
+            assert e.value.body["code"] == "rate_limit_exceeded"
+        finally:
+            gate.set()
+        assert all(len(f.result().data) == 1 for f in held)
+
+
+def form_post(base, files, data=None):
+    return httpx.post(
+        base + "/v1/images/edits",
+        files=files,
+        data={"prompt": "x", **(data or {})},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+
+
+def test_multipart_edge_cases(server):
+    base = server[0]
+    image = ("a.png", png(noise()), "image/png")
+    opaque_mask = ("m.png", png(Image.new("L", (64, 64), 0)), "image/png")
+    small_mask = ("m.png", png(Image.new("RGBA", (32, 32))), "image/png")
+    cases = [
+        ({"mask": small_mask}, {}, "image", "image: an image file is required"),
+        ({"image": image, "mask": small_mask}, {}, "mask", "32x32 is not the image's size 64x64"),
+        ({"image": image, "mask": opaque_mask}, {}, "mask", "needs an alpha channel"),
+        ({"image": ("a.txt", b"just text", "text/plain")}, {}, "image", "image: not a PNG"),
+        (
+            {"image": ("a.png", png(noise(64)).replace(b"IDAT", b"IDAX"), "image/png")},
+            {},
+            "image",
+            "",
+        ),
+        ({"image": ("a.png", png(Image.new("RGB", (64, 32))), "image/png")}, {}, "image", "square"),
+        ({"image": image}, {"strength": "2"}, "strength", "less than or equal to 1"),
+        ({"image": image}, {"n": "many"}, "n", "integer"),
+    ]
+    for files, data, param, words in cases:
+        r = form_post(base, files, data)
+        assert r.status_code == 400, (param, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and words in err["message"], err
+    r = httpx.post(
+        base + "/v1/images/edits",
+        json={"prompt": "x"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    assert r.status_code == 400 and "multipart/form-data" in r.json()["error"]["message"]
+
+
+def test_a_header_claiming_a_huge_image_is_refused_before_any_decoding(server):
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+    started = time.monotonic()
+    r = form_post(server[0], {"image": ("bomb.png", bomb, "image/png")})
+    assert (
+        r.status_code == 400 and "12000 px is larger than 1024 px" in r.json()["error"]["message"]
+    )
+    assert time.monotonic() - started < 5
+
+
+def test_uploads_are_decoded_off_the_event_loop(server, monkeypatch):
+    import imagen.server.openai_api as api
+
+    on_loop, real = [], api.decode_upload
+
+    def watched(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "decode_upload", watched)
+    r = form_post(server[0], {"image": ("a.png", png(noise()), "image/png")}, {"size": "16x16"})
+    assert r.status_code == 200, r.text
+    assert on_loop and not any(on_loop)
+
+
+def test_foreign_host_headers_are_refused(server):
+    base, port = server[0], server[0].rsplit(":", 1)[1]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert httpx.get(base + "/v1/health", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
+        r = httpx.get(base + "/v1/models", headers={**auth, "Host": host})
+        assert r.status_code == 421 and r.json()["error"]["code"] == "host_not_allowed", host
