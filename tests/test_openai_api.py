@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_server import blocked, free_port, quick_pipe, wait_for
+from test_server import blocked, free_port, png_claiming, quick_pipe, wait_for
 
 from imagen.server.app import ServerConfig, create_app
 
@@ -202,16 +202,7 @@ def test_multipart_edge_cases(server):
 
 
 def test_a_header_claiming_a_huge_image_is_refused_before_any_decoding(server):
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    ihdr = struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0)
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+    bomb = png_claiming(12000, 12000)
     started = time.monotonic()
     r = form_post(server[0], {"image": ("bomb.png", bomb, "image/png")})
     assert (

@@ -438,3 +438,111 @@ def test_browser_inpaints_with_a_negative_prompt_and_reuses_a_seed(pipe, tmp_pat
         assert download.value.suggested_filename == f"imagen-seed-{seed}.png"
         assert Path(download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(tmp_path / "page.png").size[0] > 0
+
+
+def png_claiming(width, height):
+    """A PNG whose header claims width x height, with no pixel data (a bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_requests_without_settings_get_each_stages_defaults_as_on_the_command_line():
+    from imagen.cli.common import checked_configs
+    from imagen.cli.main import build_parser
+    from imagen.pipeline import sampling_summary
+
+    pipe = quick_pipe()
+    cli = sampling_summary(checked_configs(pipe, build_parser().parse_args(["sample", "x"])))
+    assert [s["steps"] for s in cli] == [2, 1, 1] and [s["guidance"] for s in cli] == [3, 1, 1]
+    with TestClient(create_app(pipe, ServerConfig(), "tiny"), base_url="http://localhost") as c:
+        r = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["settings"]["stages"] == cli and r.json()["settings"]["steps"] is None
+        one = c.post("/v1/generate", json={"prompt": "x", "steps": 1, "seed": 0}).json()
+        assert [s["steps"] for s in one["settings"]["stages"]] == [1, 1, 1]
+        assert [s["guidance"] for s in one["settings"]["stages"]] == [3, 1, 1]
+
+
+def test_init_images_are_checked_from_the_header_and_decoded_off_the_event_loop(monkeypatch):
+    import asyncio
+
+    import imagen.server.app as server_app
+
+    on_loop, real = [], server_app.decode_upload
+
+    def watched(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server_app, "decode_upload", watched)
+    bomb = base64.b64encode(png_claiming(12000, 12000)).decode()
+    with client_for(quick_pipe()) as c:
+        started = time.monotonic()
+        r = c.post("/v1/generate", json={"prompt": "x", "init_image": bomb})
+        assert r.status_code == 422 and "12000 px is larger than 1024 px" in r.json()["detail"]
+        assert time.monotonic() - started < 5 and on_loop == []  # refused before any decoding
+        init = png_b64(Image.new("RGB", (64, 64), (200, 0, 0)))
+        r = c.post("/v1/generate", json={"prompt": "x", "init_image": init, "mask": init})
+        assert r.status_code == 200, r.text
+    assert on_loop == [False, False]  # the image and the mask, both in a worker thread
+
+
+def test_the_host_header_allow_list(pipe):
+    from imagen.server.auth import allowed_hosts, host_allowed
+
+    app = create_app(pipe, ServerConfig(), "tiny")
+    with TestClient(app) as c:  # TestClient's Host is "testserver"
+        r = c.get("/v1/health")
+        assert r.status_code == 421 and "--allowed-host testserver" in r.json()["detail"]
+        assert c.get("/v1/health", headers={"Host": "localhost:8000"}).status_code == 200
+    allowed = create_app(pipe, ServerConfig(allowed_hosts=("testserver",)), "tiny")
+    with TestClient(allowed) as c:
+        assert c.get("/v1/health").status_code == 200
+    lan = allowed_hosts("192.168.1.5", ("imagen.lan:8000",))
+    assert host_allowed("192.168.1.5:8000", lan) and host_allowed("[::1]:1", lan)
+    assert host_allowed("imagen.lan:8000", lan) and not host_allowed("imagen.lan:9000", lan)
+    assert not host_allowed("evil.example", allowed_hosts("0.0.0.0"))
+    assert host_allowed("anything", allowed_hosts("0.0.0.0", ("*",)))
+
+
+def test_api_keys_guard_the_own_api_too(pipe, monkeypatch, capsys):
+    with client_for(pipe, api_keys=("k-123456789",)) as c:
+        assert c.post("/v1/generate", json={"prompt": "x", "steps": 1}).status_code == 401
+        auth = {"Authorization": "Bearer k-123456789"}
+        r = c.post("/v1/generate", json={"prompt": "x", "steps": 1}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert c.get("/v1/health").status_code == 200 and c.get("/").status_code == 200
+        info = c.get("/v1/model", headers=auth).json()
+        assert info["api_keys"] is True and "k-123456789" not in str(info)
+    import uvicorn
+
+    from imagen.cli.common import UsageError
+    from imagen.cli.main import build_parser
+    from imagen.cli.serve import api_keys
+    from imagen.pipeline import ImagenPipeline
+    from imagen.server.app import serve
+
+    monkeypatch.setenv("IMAGEN_API_KEY", "env-key-1234, env-key-5678")
+    args = build_parser().parse_args(["serve", "--api-key", "cli-key-1234"])
+    assert api_keys(args) == ("cli-key-1234", "env-key-1234", "env-key-5678")
+    monkeypatch.setenv("IMAGEN_API_KEY", "ok-key-1234,")
+    with pytest.raises(UsageError, match="empty"):
+        api_keys(args)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr(ImagenPipeline, "from_pretrained", lambda *a, **k: pipe)
+    serve(None, ServerConfig(host="0.0.0.0"))
+    assert "without API keys" in capsys.readouterr().out
+    serve(None, ServerConfig(host="0.0.0.0", api_keys=("k-123456789",)))
+    assert "without API keys" not in capsys.readouterr().out

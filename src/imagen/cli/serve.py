@@ -51,7 +51,7 @@ def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     """The keys of --api-key and IMAGEN_API_KEY (comma-separated), blanks refused."""
     keys = list(args.api_key)
     env = os.environ.get("IMAGEN_API_KEY")
-    if env is not None:
+    if env and env.strip():  # set but empty: no keys
         keys += env.split(",")
     keys = [k.strip() for k in keys]
     if any(not k for k in keys):
@@ -81,6 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from imagen.server.app import ServerConfig, serve
 
     keys = api_keys(args)
+    if any(not h.strip() or any(c.isspace() for c in h.strip()) for h in args.allowed_host):
+        raise UsageError("--allowed-host needs a host name (NAME, NAME:PORT or *)")
     check_port(args.host, args.port)
     serve(
         args.model,
