@@ -1,7 +1,6 @@
 """The OpenAI Images API of ``imagen serve``, driven by the official ``openai`` SDK against a
 uvicorn server on 127.0.0.1 (one per module, with an API key), plus plain-HTTP edge cases."""
 
-import asyncio
 import base64
 import io
 import threading
@@ -12,7 +11,14 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_server import blocked, free_port, png_claiming, quick_pipe, wait_for
+from test_server import (
+    blocked,
+    decodes_on_the_loop,
+    free_port,
+    png_claiming,
+    quick_pipe,
+    wait_for,
+)
 
 from imagen.server.app import ServerConfig, create_app
 
@@ -114,16 +120,22 @@ def test_variations_and_models(client):
 
 
 def test_a_wrong_or_missing_key_is_refused_everywhere_but_health_and_the_page(server):
-    base = server[0]
+    base, app = server
     wrong = openai.OpenAI(base_url=base + "/v1", api_key="not-the-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
         wrong.images.generate(prompt="x")
     assert e.value.body["code"] == "invalid_api_key" and "not-the-key" not in str(e.value)
-    for path in ("/v1/model", "/v1/models", "/openapi.json", "/docs", "/v1/progress/x"):
-        assert httpx.get(base + path).status_code == 401, path
+    routes = [(m.upper(), p) for p, ops in app.openapi()["paths"].items() for m in ops]
+    routes += [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/nowhere")]
+    assert len(routes) > 10
+    with httpx.Client(base_url=base) as http:
+        for method, path in routes:
+            url = path.replace("{", "").replace("}", "")  # any value for path parameters
+            for headers in ({}, {"Authorization": "Bearer not-the-key"}, {"Authorization": KEY}):
+                r = http.request(method, url, headers=headers)
+                assert r.status_code == (200 if path == "/v1/health" else 401), (method, path)
     r = httpx.post(base + "/v1/generate", json={"prompt": "x"})
     assert r.status_code == 401 and r.json()["detail"].startswith("missing API key")
-    assert httpx.get(base + "/v1/health").status_code == 200
     assert "<form" in httpx.get(base + "/").text
 
 
@@ -214,17 +226,7 @@ def test_a_header_claiming_a_huge_image_is_refused_before_any_decoding(server):
 def test_uploads_are_decoded_off_the_event_loop(server, monkeypatch):
     import imagen.server.openai_api as api
 
-    on_loop, real = [], api.decode_upload
-
-    def watched(*args, **kwargs):
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(api, "decode_upload", watched)
+    on_loop = decodes_on_the_loop(monkeypatch, api)
     r = form_post(server[0], {"image": ("a.png", png(noise()), "image/png")}, {"size": "16x16"})
     assert r.status_code == 200, r.text
     assert on_loop and not any(on_loop)
@@ -238,3 +240,22 @@ def test_foreign_host_headers_are_refused(server):
     for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example"):
         r = httpx.get(base + "/v1/models", headers={**auth, "Host": host})
         assert r.status_code == 421 and r.json()["error"]["code"] == "host_not_allowed", host
+
+
+def test_quality_steps_and_url_expiry():
+    from imagen.models.stage import SamplingConfig
+    from imagen.server.openai_schema import ImageStore, steps_for_quality
+
+    defaults = [SamplingConfig(steps=8), SamplingConfig(steps=6), SamplingConfig(steps=4)]
+    assert steps_for_quality(None, defaults, 100) is None  # each stage's default
+    assert steps_for_quality("medium", defaults, 100) is None
+    assert steps_for_quality("low", defaults, 100) == (4, 3, 2)
+    assert steps_for_quality("high", defaults, 100) == (12, 9, 6)
+    assert steps_for_quality("max", defaults, 10) == (10, 10, 8)
+    store = ImageStore(ttl_s=60, max_bytes=10)
+    a = store.put(b"123456", "image/png", "png")
+    assert store.get(a)[0] == b"123456"
+    b = store.put(b"7890123", "image/png", "png")  # over 10 bytes: the oldest goes
+    assert store.get(a) is None and store.get(b)[0] == b"7890123" and a != b
+    expired = ImageStore(ttl_s=0, max_bytes=100)
+    assert expired.get(expired.put(b"x", "image/png", "png")) is None

@@ -471,12 +471,11 @@ def test_requests_without_settings_get_each_stages_defaults_as_on_the_command_li
         assert [s["guidance"] for s in one["settings"]["stages"]] == [3, 1, 1]
 
 
-def test_init_images_are_checked_from_the_header_and_decoded_off_the_event_loop(monkeypatch):
+def decodes_on_the_loop(monkeypatch, module):
+    """Watch ``module.decode_upload``: the list gets, per call, whether it ran on an event loop."""
     import asyncio
 
-    import imagen.server.app as server_app
-
-    on_loop, real = [], server_app.decode_upload
+    on_loop, real = [], module.decode_upload
 
     def watched(*args, **kwargs):
         try:
@@ -486,7 +485,14 @@ def test_init_images_are_checked_from_the_header_and_decoded_off_the_event_loop(
             on_loop.append(False)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(server_app, "decode_upload", watched)
+    monkeypatch.setattr(module, "decode_upload", watched)
+    return on_loop
+
+
+def test_init_images_are_checked_from_the_header_and_decoded_off_the_event_loop(monkeypatch):
+    import imagen.server.app as server_app
+
+    on_loop = decodes_on_the_loop(monkeypatch, server_app)
     bomb = base64.b64encode(png_claiming(12000, 12000)).decode()
     with client_for(quick_pipe()) as c:
         started = time.monotonic()
@@ -540,6 +546,14 @@ def test_api_keys_guard_the_own_api_too(pipe, monkeypatch, capsys):
     monkeypatch.setenv("IMAGEN_API_KEY", "ok-key-1234,")
     with pytest.raises(UsageError, match="empty"):
         api_keys(args)
+    from imagen.cli.main import main
+
+    monkeypatch.delenv("IMAGEN_API_KEY")
+    capsys.readouterr()
+    assert main(["serve", "--api-key", "short"]) == 2  # before any model loads
+    assert main(["serve", "--allowed-host", " "]) == 2
+    err = capsys.readouterr().err
+    assert "8 printable characters" in err and "--allowed-host needs" in err and "short" not in err
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
     monkeypatch.setattr(ImagenPipeline, "from_pretrained", lambda *a, **k: pipe)
     serve(None, ServerConfig(host="0.0.0.0"))

@@ -43,7 +43,7 @@ from imagen.server.schema import (
     decode_upload,
     request_model,
 )
-from imagen.server.worker import ClientGone, Job, ModelWorker, QueueFull
+from imagen.server.worker import ClientGone, Job, ModelWorker, QueueFull, random_seed
 
 __all__ = ["Cancelled", "Job", "ModelWorker", "ServerConfig", "create_app", "serve"]
 
@@ -212,10 +212,6 @@ def add_info_routes(app: Any, pipe: ImagenPipeline, cfg: ServerConfig, model_nam
         return (
             resources.files("imagen").joinpath("server/web/index.html").read_text(encoding="utf-8")
         )
-
-
-def random_seed() -> int:
-    return int.from_bytes(uuid.uuid4().bytes[:4], "little")
 
 
 def edit_for(req: Any, cfg: ServerConfig) -> Any:

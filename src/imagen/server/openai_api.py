@@ -32,7 +32,7 @@ from imagen.server.openai_schema import (
     steps_for_quality,
 )
 from imagen.server.schema import ServerConfig, decode_upload, open_upload
-from imagen.server.worker import ClientGone, Job, ModelWorker, QueueFull
+from imagen.server.worker import ClientGone, Job, ModelWorker, QueueFull, random_seed
 
 
 @dataclass
@@ -140,7 +140,7 @@ async def run(route: Route, request: Any, req: Any, prompt: str, edit: Any = Non
         else steps_for_quality(req.quality, defaults, route.cfg.max_steps)
     )
     loop = asyncio.get_running_loop()
-    seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
+    seed = req.seed if req.seed is not None else random_seed()
     job = Job(
         prompt,
         req.n or 1,

@@ -6,6 +6,7 @@ import asyncio
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +50,11 @@ class Job:
                 self.future.set_result(result)
 
         self.loop.call_soon_threadsafe(set_result)
+
+
+def random_seed() -> int:
+    """A seed for a request that gives none (reported in the answer, so it can be reused)."""
+    return int.from_bytes(uuid.uuid4().bytes[:4], "little")
 
 
 class QueueFull(Exception):
