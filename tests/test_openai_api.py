@@ -259,3 +259,16 @@ def test_quality_steps_and_url_expiry():
     assert store.get(a) is None and store.get(b)[0] == b"7890123" and a != b
     expired = ImageStore(ttl_s=0, max_bytes=100)
     assert expired.get(expired.put(b"x", "image/png", "png")) is None
+
+
+def test_a_body_over_the_limit_is_413_in_openais_shape(pipe):
+    from fastapi.testclient import TestClient
+
+    app = create_app(pipe, ServerConfig(max_body_bytes=2000), "tiny")
+    with TestClient(app, base_url="http://localhost") as c:
+        r = c.post("/v1/images/generations", json={"prompt": "x" * 3000})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = c.post("/v1/images/edits", files={"image": ("a.png", b"x" * 3000, "image/png")})
+        assert r.status_code == 413 and "2000 bytes" in r.json()["error"]["message"]
+        r = c.get("/v1/images/nothing-here")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"

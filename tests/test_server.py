@@ -560,3 +560,70 @@ def test_api_keys_guard_the_own_api_too(pipe, monkeypatch, capsys):
     assert "without API keys" in capsys.readouterr().out
     serve(None, ServerConfig(host="0.0.0.0", api_keys=("k-123456789",)))
     assert "without API keys" not in capsys.readouterr().out
+
+
+PAGE_STUB = r"""
+const els = {};
+function el(id) {
+  if (!els[id]) els[id] = {id, value: "", hidden: false, placeholder: "", listeners: {}, style: {},
+    children: [], files: [], addEventListener(t, f) { this.listeners[t] = f; }, focus() {},
+    replaceChildren(...c) { this.children = c; }, prepend() {},
+    getContext() { return {clearRect() {}, fillRect() {}, drawImage() {}}; }};
+  return els[id];
+}
+el("keybox").hidden = true;
+const store = {}, calls = [], out = {};
+global.sessionStorage = {getItem: k => store[k] ?? null, setItem: (k, v) => { store[k] = v; },
+  removeItem: k => { delete store[k]; }};
+global.document = {getElementById: el, createElement: () => el("tmp" + Math.random())};
+global.Option = function (text, value) { this.text = text; this.value = value; };
+global.Image = function () {};
+global.setInterval = () => 0; global.clearInterval = () => {};
+const model = {limits: {max_image_side: 64}, samplers: {dpmpp: "", ddim: ""},
+  stages: [{sampling: {steps: 8, guidance: 3, sampler: "dpmpp"}},
+           {sampling: {steps: 6, guidance: 1, sampler: "dpmpp"}}]};
+global.fetch = (path, opts) => {
+  const auth = (opts.headers || {}).Authorization, ok = auth === "Bearer sekret-key";
+  calls.push([path, auth || null, opts.body ? JSON.parse(opts.body) : null]);
+  const data = path === "/v1/model" ? model : {images: [], settings: {seed: 1}, seconds: 0};
+  return Promise.resolve({ok, status: ok ? 200 : 401, json: () => Promise.resolve(data)});
+};
+eval(PAGE);
+const tick = () => new Promise(r => setTimeout(r, 10));
+(async () => {
+  await tick();
+  out.asked = !els.keybox.hidden;
+  els.api_key.value = "sekret-key";
+  els.save_key.listeners.click();
+  await tick();
+  out.stored = store["imagen-api-key"];
+  out.hidden_after = els.keybox.hidden;
+  out.steps_placeholder = els.steps.placeholder;
+  el("prompt").value = "a red circle"; el("num_images").value = "1";
+  await els.form.listeners.submit({preventDefault() {}});
+  out.calls = calls;
+  console.log(JSON.stringify(out));
+})();
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_page_asks_for_the_key_once_and_leaves_settings_to_the_stages(tmp_path):
+    """The page's script under node with a stub DOM and fetch (runs where Chromium does not)."""
+    import json
+    import subprocess
+
+    html = (Path(__file__).parents[1] / "src/imagen/server/web/index.html").read_text()
+    page = html[html.index("<script>") + 8 : html.index("</script>")]
+    script = tmp_path / "page.js"
+    script.write_text(f"const PAGE = {json.dumps(page)};\n{PAGE_STUB}")
+    run = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["asked"] and out["stored"] == "sekret-key" and out["hidden_after"]
+    assert out["steps_placeholder"] == "default 8/6"
+    assert out["calls"][0] == ["/v1/model", None, None]  # 401: the page asks for the key
+    assert out["calls"][1] == ["/v1/model", "Bearer sekret-key", None]
+    path, auth, body = out["calls"][-1]
+    assert path == "/v1/generate" and auth == "Bearer sekret-key"
+    assert body.pop("client_id") and body == {"prompt": "a red circle", "num_images": 1}

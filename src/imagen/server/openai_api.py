@@ -112,7 +112,9 @@ def read_images(
             raise ValueError("mask: needs an alpha channel (transparent pixels are regenerated)")
         alpha = decode_upload(mask_head, "RGBA", "mask").getchannel("A")
     regenerate = Image.eval(alpha, lambda a: 255 - a)
-    inpaint = regenerate.getbbox() is not None  # some pixel is (partly) transparent
+    # a mask always inpaints (an opaque one keeps everything); without one, an image with
+    # (partly) transparent pixels is inpainted there, an opaque one is image-to-image
+    inpaint = mask_head is not None or regenerate.getbbox() is not None
     init = decode_upload(head, "RGB", "image") if inpaint else rgba.convert("RGB")
     if strength is None:
         strength = 1.0 if inpaint else 0.7
@@ -288,7 +290,7 @@ def add_openai_routes(app: Any, pipe: ImagenPipeline, cfg: ServerConfig, model_n
         return route.model_card()
 
     @app.get("/v1/images/files/{name}", name="image_file", responses={404: ERRORS[404]})
-    def image_file(name: str) -> Response:
+    async def image_file(name: str) -> Response:  # on the event loop, as the store wants
         item = store.get(name)
         if item is None:
             raise OpenAIError(404, "no such image, or it has expired", "name", "not_found")
