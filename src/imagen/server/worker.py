@@ -3,6 +3,7 @@ compatible requests (same settings, no image input) run through the pipeline tog
 :meth:`ModelWorker.run`, the one way a route queues a job and waits for it."""
 
 import asyncio
+import copy
 import queue
 import threading
 import time
@@ -88,10 +89,11 @@ class ModelWorker:
         if stages in (0, n):
             return self.pipe
         if stages not in self._pipes:
-            cascade = Cascade(
+            part = copy.copy(self.pipe)  # the same settings, the first stages only
+            part.cascade = Cascade(
                 self.pipe.cascade.text_encoder, list(self.pipe.cascade.stages)[:stages]
             )
-            self._pipes[stages] = ImagenPipeline(cascade, self.pipe.autocast_dtype)
+            self._pipes[stages] = part
         return self._pipes[stages]
 
     async def run(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]]) -> Any:
