@@ -557,7 +557,8 @@ def test_api_keys_guard_the_own_api_too(pipe, monkeypatch, capsys):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
     monkeypatch.setattr(ImagenPipeline, "from_pretrained", lambda *a, **k: pipe)
     serve(None, ServerConfig(host="0.0.0.0"))
-    assert "without API keys" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "without API keys" in out and "localhost, 127.0.0.1, [::1]; others get 421" in out
     serve(None, ServerConfig(host="0.0.0.0", api_keys=("k-123456789",)))
     assert "without API keys" not in capsys.readouterr().out
 

@@ -320,5 +320,8 @@ def serve(model: str | None, config: ServerConfig, device: str = "cpu") -> None:
             f"warning: listening on {config.host} without API keys: anyone who can reach this "
             "machine can use it (set --api-key or IMAGEN_API_KEY)"
         )
+    if config.host not in LOOPBACK:
+        names = ", ".join(allowed_hosts(config.host, config.allowed_hosts))
+        print(f"answering the Host names {names}; others get 421 (add them with --allowed-host)")
     print(f"OpenAI-compatible API at /v1 (model id {model_id(model or 'bundled')!r})")
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
