@@ -153,7 +153,7 @@ async def run(route: Route, request: Any, req: Any, prompt: str, edit: Any = Non
         loop.create_future(),
         req.negative_prompt,
         edit,
-        stages,
+        0 if stages == len(route.resolutions) else stages,  # the whole cascade, as /v1/generate
     )
     try:
         result = await route.worker.run(job, request.is_disconnected)

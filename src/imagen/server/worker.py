@@ -80,21 +80,18 @@ class ModelWorker:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="imagen-model", daemon=True)
-        self._pipes: dict[int, ImagenPipeline] = {}
+        # the first k stages of the cascade, for k below all: made once, sharing the modules
+        self._pipes = {k: self._first_stages(k) for k in range(1, len(pipe.cascade.stages))}
+
+    def _first_stages(self, k: int) -> ImagenPipeline:
+        part = copy.copy(self.pipe)  # the same settings, the first k stages only
+        part.cascade = Cascade(self.pipe.cascade.text_encoder, list(self.pipe.cascade.stages)[:k])
+        return part
 
     def pipeline(self, stages: int = 0) -> ImagenPipeline:
-        """The pipeline that runs the first ``stages`` stages (0: all of them; shares the
-        modules, so it costs no memory)."""
-        n = len(self.pipe.cascade.stages)
-        if stages in (0, n):
-            return self.pipe
-        if stages not in self._pipes:
-            part = copy.copy(self.pipe)  # the same settings, the first stages only
-            part.cascade = Cascade(
-                self.pipe.cascade.text_encoder, list(self.pipe.cascade.stages)[:stages]
-            )
-            self._pipes[stages] = part
-        return self._pipes[stages]
+        """The pipeline that runs the first ``stages`` stages (0 or all: the model's own; fewer
+        share its modules, so they cost no memory)."""
+        return self._pipes.get(stages, self.pipe)
 
     async def run(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]]) -> Any:
         """Queue ``job`` and wait for its result, watching for the client to leave: QueueFull
