@@ -1,4 +1,5 @@
 import base64
+import collections
 import contextlib
 import io
 import shutil
@@ -6,6 +7,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,15 @@ def pipe():
     return ImagenPipeline(make_cascade())
 
 
+def quick_pipe():
+    """The tiny cascade with per-stage defaults that differ (steps 2/1/1, guidance 3/1/1), as
+    the bundled model's do (8/6/4, 3/1/1): fast, and a stage-0-for-all bug shows."""
+    cascade = make_cascade()
+    for st, steps, guidance in zip(cascade.stages, (2, 1, 1), (3.0, 1.0, 1.0), strict=True):
+        st.config.sampling = replace(st.config.sampling, steps=steps, guidance=guidance)
+    return ImagenPipeline(cascade)
+
+
 def png_b64(img):
     buf = io.BytesIO()
     img.save(buf, "PNG")
@@ -34,7 +45,7 @@ PNG_1PX = png_b64(Image.new("L", (1, 1), 255))
 
 def client_for(pipe, **limits):
     cfg = ServerConfig(**{"max_steps": 6, "max_images": 3, **limits})
-    return TestClient(create_app(pipe, cfg, "tiny"))
+    return TestClient(create_app(pipe, cfg, "tiny"), base_url="http://localhost")
 
 
 def test_health_model_and_schema(pipe):
@@ -270,13 +281,15 @@ def test_a_cancelled_request_never_reaches_the_model(pipe, monkeypatch):
     loop.close()
 
 
-def test_schema_fuzz_finds_no_server_errors(pipe):
+def test_schema_fuzz_finds_no_server_errors():
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
 
-    app = create_app(pipe, ServerConfig(max_steps=2, max_images=1, max_prompt_chars=40), "tiny")
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    failures, calls = [], []
+    cfg = ServerConfig(
+        max_steps=2, max_images=1, max_prompt_chars=40, allowed_hosts=("testserver",)
+    )
+    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(quick_pipe(), cfg, "tiny"))
+    failures, calls, paths = [], [], collections.Counter()
     for op in schema.get_all_operations():
         operation = op.ok()
         modes = [schemathesis.GenerationMode.POSITIVE]
@@ -294,11 +307,14 @@ def test_schema_fuzz_finds_no_server_errors(pipe):
             def check(case):
                 response = case.call()
                 calls.append(response.status_code)
+                paths[(case.path, response.status_code)] += 1
                 if response.status_code >= 500:
                     failures.append((case.method, case.path, case.body, response.status_code))
 
             check()
     assert not failures
+    for route in ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations"):
+        assert paths[(route, 400)] > 0, paths  # the OpenAI routes were fuzzed too
     assert len(calls) > 50 and 200 in calls and 422 in calls  # valid and invalid requests were sent
 
 
@@ -422,3 +438,193 @@ def test_browser_inpaints_with_a_negative_prompt_and_reuses_a_seed(pipe, tmp_pat
         assert download.value.suggested_filename == f"imagen-seed-{seed}.png"
         assert Path(download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(tmp_path / "page.png").size[0] > 0
+
+
+def png_claiming(width, height):
+    """A PNG whose header claims width x height, with no pixel data (a bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_requests_without_settings_get_each_stages_defaults_as_on_the_command_line():
+    from imagen.cli.common import checked_configs
+    from imagen.cli.main import build_parser
+    from imagen.pipeline import sampling_summary
+
+    pipe = quick_pipe()
+    cli = sampling_summary(checked_configs(pipe, build_parser().parse_args(["sample", "x"])))
+    assert [s["steps"] for s in cli] == [2, 1, 1] and [s["guidance"] for s in cli] == [3, 1, 1]
+    with TestClient(create_app(pipe, ServerConfig(), "tiny"), base_url="http://localhost") as c:
+        r = c.post("/v1/generate", json={"prompt": "a red circle", "seed": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["settings"]["stages"] == cli and r.json()["settings"]["steps"] is None
+        one = c.post("/v1/generate", json={"prompt": "x", "steps": 1, "seed": 0}).json()
+        assert [s["steps"] for s in one["settings"]["stages"]] == [1, 1, 1]
+        assert [s["guidance"] for s in one["settings"]["stages"]] == [3, 1, 1]
+
+
+def decodes_on_the_loop(monkeypatch, module):
+    """Watch ``module.decode_upload``: the list gets, per call, whether it ran on an event loop."""
+    import asyncio
+
+    on_loop, real = [], module.decode_upload
+
+    def watched(*args, **kwargs):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "decode_upload", watched)
+    return on_loop
+
+
+def test_init_images_are_checked_from_the_header_and_decoded_off_the_event_loop(monkeypatch):
+    import imagen.server.app as server_app
+
+    on_loop = decodes_on_the_loop(monkeypatch, server_app)
+    bomb = base64.b64encode(png_claiming(12000, 12000)).decode()
+    with client_for(quick_pipe()) as c:
+        started = time.monotonic()
+        r = c.post("/v1/generate", json={"prompt": "x", "init_image": bomb})
+        assert r.status_code == 422 and "12000 px is larger than 1024 px" in r.json()["detail"]
+        assert time.monotonic() - started < 5 and on_loop == []  # refused before any decoding
+        init = png_b64(Image.new("RGB", (64, 64), (200, 0, 0)))
+        r = c.post("/v1/generate", json={"prompt": "x", "init_image": init, "mask": init})
+        assert r.status_code == 200, r.text
+    assert on_loop == [False, False]  # the image and the mask, both in a worker thread
+
+
+def test_the_host_header_allow_list(pipe):
+    from imagen.server.auth import allowed_hosts, host_allowed
+
+    app = create_app(pipe, ServerConfig(), "tiny")
+    with TestClient(app) as c:  # TestClient's Host is "testserver"
+        r = c.get("/v1/health")
+        assert r.status_code == 421 and "--allowed-host testserver" in r.json()["detail"]
+        assert c.get("/v1/health", headers={"Host": "localhost:8000"}).status_code == 200
+    allowed = create_app(pipe, ServerConfig(allowed_hosts=("testserver",)), "tiny")
+    with TestClient(allowed) as c:
+        assert c.get("/v1/health").status_code == 200
+    lan = allowed_hosts("192.168.1.5", ("imagen.lan:8000",))
+    assert host_allowed("192.168.1.5:8000", lan) and host_allowed("[::1]:1", lan)
+    assert host_allowed("imagen.lan:8000", lan) and not host_allowed("imagen.lan:9000", lan)
+    assert not host_allowed("evil.example", allowed_hosts("0.0.0.0"))
+    assert host_allowed("anything", allowed_hosts("0.0.0.0", ("*",)))
+
+
+def test_api_keys_guard_the_own_api_too(pipe, monkeypatch, capsys):
+    with client_for(pipe, api_keys=("k-123456789",)) as c:
+        assert c.post("/v1/generate", json={"prompt": "x", "steps": 1}).status_code == 401
+        auth = {"Authorization": "Bearer k-123456789"}
+        r = c.post("/v1/generate", json={"prompt": "x", "steps": 1}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert c.get("/v1/health").status_code == 200 and c.get("/").status_code == 200
+        info = c.get("/v1/model", headers=auth).json()
+        assert info["api_keys"] is True and "k-123456789" not in str(info)
+    import uvicorn
+
+    from imagen.cli.common import UsageError
+    from imagen.cli.main import build_parser
+    from imagen.cli.serve import api_keys
+    from imagen.pipeline import ImagenPipeline
+    from imagen.server.app import serve
+
+    monkeypatch.setenv("IMAGEN_API_KEY", "env-key-1234, env-key-5678")
+    args = build_parser().parse_args(["serve", "--api-key", "cli-key-1234"])
+    assert api_keys(args) == ("cli-key-1234", "env-key-1234", "env-key-5678")
+    monkeypatch.setenv("IMAGEN_API_KEY", "ok-key-1234,")
+    with pytest.raises(UsageError, match="empty"):
+        api_keys(args)
+    from imagen.cli.main import main
+
+    monkeypatch.delenv("IMAGEN_API_KEY")
+    capsys.readouterr()
+    assert main(["serve", "--api-key", "short"]) == 2  # before any model loads
+    assert main(["serve", "--allowed-host", " "]) == 2
+    err = capsys.readouterr().err
+    assert "8 printable characters" in err and "--allowed-host needs" in err and "short" not in err
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    monkeypatch.setattr(ImagenPipeline, "from_pretrained", lambda *a, **k: pipe)
+    serve(None, ServerConfig(host="0.0.0.0"))
+    out = capsys.readouterr().out
+    assert "without API keys" in out and "localhost, 127.0.0.1, [::1]; others get 421" in out
+    serve(None, ServerConfig(host="0.0.0.0", api_keys=("k-123456789",)))
+    assert "without API keys" not in capsys.readouterr().out
+
+
+PAGE_STUB = r"""
+const els = {};
+function el(id) {
+  if (!els[id]) els[id] = {id, value: "", hidden: false, placeholder: "", listeners: {}, style: {},
+    children: [], files: [], addEventListener(t, f) { this.listeners[t] = f; }, focus() {},
+    replaceChildren(...c) { this.children = c; }, prepend() {},
+    getContext() { return {clearRect() {}, fillRect() {}, drawImage() {}}; }};
+  return els[id];
+}
+el("keybox").hidden = true;
+const store = {}, calls = [], out = {};
+global.sessionStorage = {getItem: k => store[k] ?? null, setItem: (k, v) => { store[k] = v; },
+  removeItem: k => { delete store[k]; }};
+global.document = {getElementById: el, createElement: () => el("tmp" + Math.random())};
+global.Option = function (text, value) { this.text = text; this.value = value; };
+global.Image = function () {};
+global.setInterval = () => 0; global.clearInterval = () => {};
+const model = {limits: {max_image_side: 64}, samplers: {dpmpp: "", ddim: ""},
+  stages: [{sampling: {steps: 8, guidance: 3, sampler: "dpmpp"}},
+           {sampling: {steps: 6, guidance: 1, sampler: "dpmpp"}}]};
+global.fetch = (path, opts) => {
+  const auth = (opts.headers || {}).Authorization, ok = auth === "Bearer sekret-key";
+  calls.push([path, auth || null, opts.body ? JSON.parse(opts.body) : null]);
+  const data = path === "/v1/model" ? model : {images: [], settings: {seed: 1}, seconds: 0};
+  return Promise.resolve({ok, status: ok ? 200 : 401, json: () => Promise.resolve(data)});
+};
+eval(PAGE);
+const tick = () => new Promise(r => setTimeout(r, 10));
+(async () => {
+  await tick();
+  out.asked = !els.keybox.hidden;
+  els.api_key.value = "sekret-key";
+  els.save_key.listeners.click();
+  await tick();
+  out.stored = store["imagen-api-key"];
+  out.hidden_after = els.keybox.hidden;
+  out.steps_placeholder = els.steps.placeholder;
+  el("prompt").value = "a red circle"; el("num_images").value = "1";
+  await els.form.listeners.submit({preventDefault() {}});
+  out.calls = calls;
+  console.log(JSON.stringify(out));
+})();
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_the_page_asks_for_the_key_once_and_leaves_settings_to_the_stages(tmp_path):
+    """The page's script under node with a stub DOM and fetch (runs where Chromium does not)."""
+    import json
+    import subprocess
+
+    html = (Path(__file__).parents[1] / "src/imagen/server/web/index.html").read_text()
+    page = html[html.index("<script>") + 8 : html.index("</script>")]
+    script = tmp_path / "page.js"
+    script.write_text(f"const PAGE = {json.dumps(page)};\n{PAGE_STUB}")
+    run = subprocess.run(["node", str(script)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert out["asked"] and out["stored"] == "sekret-key" and out["hidden_after"]
+    assert out["steps_placeholder"] == "default 8/6"
+    assert out["calls"][0] == ["/v1/model", None, None]  # 401: the page asks for the key
+    assert out["calls"][1] == ["/v1/model", "Bearer sekret-key", None]
+    path, auth, body = out["calls"][-1]
+    assert path == "/v1/generate" and auth == "Bearer sekret-key"
+    assert body.pop("client_id") and body == {"prompt": "a red circle", "num_images": 1}

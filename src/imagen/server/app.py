@@ -6,13 +6,17 @@ The worker batches queued requests with the same settings into one forward pass,
 Retry-After; an accepted request is always answered; a request whose client has gone is
 dropped before it reaches the model, and a running batch whose clients have all gone stops at
 the next denoiser step (its progress callback returns False). Bodies over ``max_body_bytes``
-get 413; unknown fields, blank prompts and values out of range get 422.
+get 413; unknown fields, blank prompts and values out of range get 422. A setting a request
+leaves out takes each stage's stored default, as on the command line.
+
+The OpenAI Images API (:mod:`imagen.server.openai_api`) runs on the same worker and limits.
+A Host header outside the allow-list gets 421, and with API keys every route but the page and
+``/v1/health`` needs ``Authorization: Bearer KEY`` (:mod:`imagen.server.auth`).
 """
 
 import asyncio
 import base64
 import io
-import json
 import uuid
 from dataclasses import asdict
 from importlib import resources
@@ -20,18 +24,28 @@ from typing import Any
 
 from imagen.diffusion.samplers import SAMPLERS, Cancelled
 from imagen.pipeline import ImagenPipeline, SamplingOverrides, sampling_summary
+from imagen.server.auth import ApiKeys, HostAllowList, allowed_hosts
+from imagen.server.errors import (
+    DISCONNECTED,
+    OpenAIError,
+    describe_errors,
+    is_openai_path,
+    openai_error,
+    send_error,
+)
+from imagen.server.openai_api import add_openai_routes, model_id
 from imagen.server.schema import (
+    LOOPBACK,
     GenerateResponse,
     ImageOut,
     ServerConfig,
-    decode_image,
+    b64_upload,
+    decode_upload,
     request_model,
 )
-from imagen.server.worker import Job, ModelWorker
+from imagen.server.worker import ClientGone, Job, ModelWorker, QueueFull, random_seed
 
 __all__ = ["Cancelled", "Job", "ModelWorker", "ServerConfig", "create_app", "serve"]
-
-DISCONNECTED = 499  # nginx's "client closed request"
 
 
 def png_base64(img: Any) -> str:
@@ -52,13 +66,13 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            return await self.too_large(send)
+            return await self.too_large(scope, send)
         chunks, size, message = [], 0, await receive()
         while message["type"] == "http.request":
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await self.too_large(send)
+                return await self.too_large(scope, send)
             if not message.get("more_body", False):
                 break
             message = await receive()
@@ -71,11 +85,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def too_large(self, send: Any) -> None:
-        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def too_large(self, scope: dict, send: Any) -> None:
+        message = f"request body over {self.max_bytes} bytes"
+        await send_error(send, scope["path"], 413, message, "request_too_large")
 
 
 def create_app(
@@ -101,31 +113,48 @@ def create_app(
         description="Text-to-image generation with a cascaded diffusion model.",
     )
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    if cfg.api_keys:  # checked before the body is read
+        app.add_middleware(ApiKeys, keys=cfg.api_keys)
+    app.add_middleware(HostAllowList, allowed=allowed_hosts(cfg.host, cfg.allowed_hosts))
     app.state.worker = worker
     add_error_handlers(app)
     add_info_routes(app, pipe, cfg, model_name)
     add_generate_route(app, pipe, cfg)
+    add_openai_routes(app, pipe, cfg, model_name)
     return app
 
 
 def add_error_handlers(app: Any) -> None:
-    """422 answers that name the fields: ``{"detail": "steps: ...; prompt: ..."}``."""
+    """422 answers that name the fields: ``{"detail": "steps: ...; prompt: ..."}``; on the
+    OpenAI routes, 400 (or the error's status) in OpenAI's shape."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(OpenAIError)
+    async def openai_failed(_request: Request, exc: OpenAIError) -> JSONResponse:
+        return JSONResponse(exc.content(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(exc, "headers", None)
+        if is_openai_path(request.url.path):
+            body = openai_error(exc.status_code, str(exc.detail))
+        else:
+            body = {"detail": exc.detail}
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        names = []
-        for e in errors:
-            loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-            msg = str(e.get("msg", "")).removeprefix("Value error, ")
-            names.append(f"{'.'.join(loc) or 'body'}: {msg}")
+        message, param = describe_errors(errors)
+        if is_openai_path(request.url.path):
+            return JSONResponse(openai_error(400, message, param), status_code=400)
         return JSONResponse(
             status_code=422,
             content={
-                "detail": "; ".join(names),
+                "detail": message,
                 "errors": [{"loc": e.get("loc"), "msg": e.get("msg")} for e in errors],
             },
         )
@@ -167,7 +196,8 @@ def add_info_routes(app: Any, pipe: ImagenPipeline, cfg: ServerConfig, model_nam
             "text_encoder": pipe.cascade.text_encoder.config(),
             "stages": stages,
             "samplers": {name: s.help for name, s in SAMPLERS.items()},
-            "limits": asdict(cfg),
+            "limits": cfg.limits(),
+            "api_keys": bool(cfg.api_keys),
         }
 
     @app.get("/v1/progress/{client_id}")
@@ -184,19 +214,26 @@ def add_info_routes(app: Any, pipe: ImagenPipeline, cfg: ServerConfig, model_nam
         )
 
 
-def make_job(req: Any, pipe: ImagenPipeline, loop: asyncio.AbstractEventLoop) -> Job:
-    """The worker's job for a validated request."""
-    seed = req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little")
-    edit = None
-    if req.init_image is not None:
-        init = decode_image(req.init_image)
-        mask = decode_image(req.mask, "L") if req.mask is not None else None
-        edit = pipe.make_edit(init, req.strength, mask)
+def edit_for(req: Any, cfg: ServerConfig) -> Any:
+    """The image-to-image or inpainting input of a validated request, decoded (slow for large
+    images: the routes run it off the event loop)."""
+    if req.init_image is None:
+        return None
+    init = decode_upload(b64_upload(req.init_image, cfg.max_image_side, "init_image"))
+    mask = None
+    if req.mask is not None:
+        mask = decode_upload(b64_upload(req.mask, cfg.max_image_side, "mask"), "L", "mask")
+    return ImagenPipeline.make_edit(init, req.strength, mask)
+
+
+def make_job(req: Any, loop: asyncio.AbstractEventLoop, edit: Any = None) -> Job:
+    """The worker's job for a validated request (settings it leaves out stay None: each stage
+    then runs with its own default)."""
     return Job(
         req.prompt,
         req.num_images,
         SamplingOverrides(steps=req.steps, guidance=req.guidance, sampler=req.sampler),
-        seed,
+        req.seed if req.seed is not None else random_seed(),
         req.client_id or uuid.uuid4().hex,
         loop,
         loop.create_future(),
@@ -206,7 +243,8 @@ def make_job(req: Any, pipe: ImagenPipeline, loop: asyncio.AbstractEventLoop) ->
 
 
 def response_for(req: Any, job: Job, result: dict[str, Any]) -> GenerateResponse:
-    """The answer to a finished request: its PNGs and the settings they were made with."""
+    """The answer to a finished request: its PNGs and the settings they were made with (as
+    asked, None where left out, and per stage as run)."""
     images = [
         ImageOut(png_base64=png_base64(img), seed=job.seed + i, width=img.width, height=img.height)
         for i, img in enumerate(result["images"])
@@ -237,7 +275,8 @@ def add_generate_route(app: Any, pipe: ImagenPipeline, cfg: ServerConfig) -> Non
     from fastapi.responses import JSONResponse
 
     worker: ModelWorker = app.state.worker
-    GenerateRequest = request_model(cfg, pipe.cascade.stages[0].config.sampling)  # noqa: N806
+    defaults = [st.config.sampling for st in pipe.cascade.stages]
+    GenerateRequest = request_model(cfg, defaults)  # noqa: N806
     gone = {"status_code": DISCONNECTED, "content": {"detail": "client disconnected"}}
 
     @app.post(
@@ -249,21 +288,20 @@ def add_generate_route(app: Any, pipe: ImagenPipeline, cfg: ServerConfig) -> Non
         },
     )
     async def generate(req: GenerateRequest, request: Request) -> Any:  # type: ignore[valid-type]
-        job = make_job(req, pipe, asyncio.get_running_loop())
-        if not worker.submit(job):
+        try:
+            edit = await asyncio.to_thread(edit_for, req, cfg)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+        job = make_job(req, asyncio.get_running_loop(), edit)
+        try:
+            result = await worker.run(job, request.is_disconnected)
+        except QueueFull:
             raise HTTPException(
                 429,
                 "the queue is full; retry later",
                 headers={"Retry-After": str(cfg.retry_after_s)},
-            )
-        while not job.future.done():
-            await asyncio.wait({job.future}, timeout=0.25)
-            if not job.future.done() and await request.is_disconnected():
-                job.cancelled.set()  # the worker drops it, or stops its batch
-                return JSONResponse(**gone)
-        try:
-            result = job.future.result()
-        except Cancelled:
+            ) from None
+        except ClientGone:
             return JSONResponse(**gone)
         except Exception as e:  # noqa: BLE001 - reported to the client, not swallowed
             raise HTTPException(500, f"generation failed: {type(e).__name__}: {e}") from e
@@ -277,6 +315,13 @@ def serve(model: str | None, config: ServerConfig, device: str = "cpu") -> None:
 
     pipe = ImagenPipeline.from_pretrained(model, device)
     app = create_app(pipe, config, model or "bundled")
-    if config.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {config.host}, reachable from other machines")
+    if config.host not in LOOPBACK and not config.api_keys:
+        print(
+            f"warning: listening on {config.host} without API keys: anyone who can reach this "
+            "machine can use it (set --api-key or IMAGEN_API_KEY)"
+        )
+    if config.host not in LOOPBACK:
+        names = ", ".join(allowed_hosts(config.host, config.allowed_hosts))
+        print(f"answering the Host names {names}; others get 421 (add them with --allowed-host)")
+    print(f"OpenAI-compatible API at /v1 (model id {model_id(model or 'bundled')!r})")
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")

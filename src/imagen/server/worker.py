@@ -1,14 +1,19 @@
 """The one model thread of the server: a bounded admission count, a queue, and batches of
-compatible requests (same settings, no image input) run through the pipeline together."""
+compatible requests (same settings, no image input) run through the pipeline together; and
+:meth:`ModelWorker.run`, the one way a route queues a job and waits for it."""
 
 import asyncio
+import copy
 import queue
 import threading
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from imagen.diffusion.samplers import Cancelled, Progress
+from imagen.models.cascade import Cascade
 from imagen.models.stage import Edit
 from imagen.pipeline import ImagenPipeline, SamplingOverrides
 from imagen.server.schema import ServerConfig
@@ -27,13 +32,14 @@ class Job:
     future: asyncio.Future
     negative_prompt: str = ""
     edit: Edit | None = None  # image-to-image or inpainting input: never batched with others
+    stages: int = 0  # run the first this many stages only (0: all); a stage's size is its output
     cancelled: threading.Event = field(default_factory=threading.Event)
     progress: dict[str, Any] = field(default_factory=lambda: {"state": "queued"})
 
     @property
-    def key(self) -> tuple[SamplingOverrides, int]:
+    def key(self) -> tuple[SamplingOverrides, int, int]:
         """Jobs with equal keys can share a forward pass."""
-        return (self.overrides, 0 if self.edit is None else id(self))
+        return (self.overrides, self.stages, 0 if self.edit is None else id(self))
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         def set_result() -> None:
@@ -45,6 +51,19 @@ class Job:
                 self.future.set_result(result)
 
         self.loop.call_soon_threadsafe(set_result)
+
+
+def random_seed() -> int:
+    """A seed for a request that gives none (reported in the answer, so it can be reused)."""
+    return int.from_bytes(uuid.uuid4().bytes[:4], "little")
+
+
+class QueueFull(Exception):
+    """``max_queue`` requests are waiting or running already."""
+
+
+class ClientGone(Exception):
+    """The client went away before its answer was ready."""
 
 
 class ModelWorker:
@@ -61,6 +80,34 @@ class ModelWorker:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="imagen-model", daemon=True)
+        # the first k stages of the cascade, for k below all: made once, sharing the modules
+        self._pipes = {k: self._first_stages(k) for k in range(1, len(pipe.cascade.stages))}
+
+    def _first_stages(self, k: int) -> ImagenPipeline:
+        part = copy.copy(self.pipe)  # the same settings, the first k stages only
+        part.cascade = Cascade(self.pipe.cascade.text_encoder, list(self.pipe.cascade.stages)[:k])
+        return part
+
+    def pipeline(self, stages: int = 0) -> ImagenPipeline:
+        """The pipeline that runs the first ``stages`` stages (0 or all: the model's own; fewer
+        share its modules, so they cost no memory)."""
+        return self._pipes.get(stages, self.pipe)
+
+    async def run(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]]) -> Any:
+        """Queue ``job`` and wait for its result, watching for the client to leave: QueueFull
+        when the queue is full, ClientGone when the client left (the job is then dropped, or
+        its batch stopped), the generation's own exception when it failed."""
+        if not self.submit(job):
+            raise QueueFull
+        while not job.future.done():
+            await asyncio.wait({job.future}, timeout=0.25)
+            if not job.future.done() and await is_disconnected():
+                job.cancelled.set()  # the worker drops it, or stops its batch
+                raise ClientGone
+        try:
+            return job.future.result()
+        except Cancelled:
+            raise ClientGone from None
 
     def start(self) -> None:
         """Start the worker thread (idempotent)."""
@@ -155,8 +202,9 @@ class ModelWorker:
 
         started = time.time()
         try:
-            sampling = self.pipe.sampling_configs(batch[0].overrides)
-            out = self.pipe.generate(
+            pipe = self.pipeline(batch[0].stages)
+            sampling = pipe.sampling_configs(batch[0].overrides)
+            out = pipe.generate(
                 prompts,
                 seeds,
                 sampling,
