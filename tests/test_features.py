@@ -140,7 +140,7 @@ def test_a_hub_repo_id_resolves_offline_from_the_cache(model_dir, tmp_path, monk
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
     serve("someone/tiny-cascade", ServerConfig(port=1234))
     assert ran["port"] == 1234 and ran["host"] == "127.0.0.1"
-    with TestClient(ran["app"]) as c:
+    with TestClient(ran["app"], base_url="http://127.0.0.1") as c:
         assert c.get("/v1/model").json()["name"] == "someone/tiny-cascade"
 
 

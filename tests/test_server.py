@@ -628,3 +628,13 @@ def test_the_page_asks_for_the_key_once_and_leaves_settings_to_the_stages(tmp_pa
     path, auth, body = out["calls"][-1]
     assert path == "/v1/generate" and auth == "Bearer sekret-key"
     assert body.pop("client_id") and body == {"prompt": "a red circle", "num_images": 1}
+
+
+def test_a_response_names_words_the_model_never_saw():
+    pipe = ImagenPipeline(make_cascade(), vocabulary=["a", "red", "circle"])
+    with client_for(pipe) as c:
+        body = {"prompt": "a red dog", "steps": 1, "seed": 1}
+        warned = c.post("/v1/generate", json=body).json()["warnings"]
+        body["prompt"] = "a red circle"
+        assert c.post("/v1/generate", json=body).json()["warnings"] == []
+    assert len(warned) == 1 and "dog" in warned[0]

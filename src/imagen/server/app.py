@@ -193,7 +193,7 @@ def add_info_routes(app: Any, pipe: ImagenPipeline, cfg: ServerConfig, model_nam
             )
         return {
             "name": model_name,
-            "text_encoder": pipe.cascade.text_encoder.config(),
+            "text_encoder": pipe.cascade.encoder_record(),
             "stages": stages,
             "samplers": {name: s.help for name, s in SAMPLERS.items()},
             "limits": cfg.limits(),
@@ -266,6 +266,7 @@ def response_for(req: Any, job: Job, result: dict[str, Any]) -> GenerateResponse
         batch_size=result["batch_size"],
         seconds=round(result["seconds"], 3),
         settings=settings,
+        warnings=result.get("warnings", []),
     )
 
 

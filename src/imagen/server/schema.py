@@ -212,3 +212,4 @@ class GenerateResponse(BaseModel):
     settings: dict[str, Any]
     batch_size: int
     seconds: float
+    warnings: list[str] = []  # e.g. words of the prompt the model never saw in training

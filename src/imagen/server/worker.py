@@ -230,5 +230,6 @@ class ModelWorker:
                     "batch_size": len(prompts),
                     "seconds": elapsed,
                     "sampling": out.sampling,
+                    "warnings": out.warnings,
                 },
             )
