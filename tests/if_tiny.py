@@ -18,14 +18,15 @@ CORPUS = [
 BASE_SIZE, SR_SIZE = 16, 32
 
 
-def make_t5(root: Path) -> tuple[object, object]:
-    """A 2-layer T5 encoder (d_model 32) and a unigram tokenizer trained on ``CORPUS``."""
+def make_t5(root: Path, corpus: list[str] = CORPUS, d_model: int = 32) -> tuple[object, object]:
+    """A 2-layer random T5 encoder and a unigram tokenizer trained on ``corpus`` (its files in
+    ``root``)."""
     import sentencepiece as spm
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 4),
+        sentence_iterator=iter(corpus * 4),
         model_prefix=str(root / "spiece"),
         vocab_size=48,
         model_type="unigram",
@@ -42,9 +43,9 @@ def make_t5(root: Path) -> tuple[object, object]:
     torch.manual_seed(0)
     config = T5Config(
         vocab_size=len(tokenizer),
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
         num_layers=2,
         num_heads=4,
         feed_forward_proj="gated-gelu",

@@ -30,38 +30,13 @@ CORPUS = [
 def tiny_t5_dir(tmp_path_factory):
     """A tiny random T5 encoder and a sentencepiece tokenizer trained here, saved as a checkpoint
     directory, so the real T5 loading path runs with no network."""
-    sentencepiece = pytest.importorskip("sentencepiece")
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    pytest.importorskip("sentencepiece")
+    from if_tiny import make_t5
 
     d = tmp_path_factory.mktemp("t5")
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
-        model_prefix=str(d / "spiece"),
-        vocab_size=48,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        pad_piece="<pad>",
-        eos_piece="</s>",
-        unk_piece="<unk>",
-        minloglevel=2,
-    )
-    T5Tokenizer.from_pretrained(str(d)).save_pretrained(str(d))
-    torch.manual_seed(0)
-    cfg = T5Config(
-        vocab_size=48,
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    T5EncoderModel(cfg).save_pretrained(str(d))
+    model, tokenizer = make_t5(d, CORPUS, d_model=64)
+    tokenizer.save_pretrained(str(d))
+    model.save_pretrained(str(d))
     return d
 
 
