@@ -121,6 +121,8 @@ def int_list(text: str) -> list[int]:
 
 def device(text: str) -> str:
     """A torch device that exists here: cpu, cuda, cuda:N, mps."""
+    if text == "cpu":  # the default: no need to import torch to parse the command line
+        return text
     import torch
 
     try:
@@ -177,7 +179,7 @@ def add_model_options(p: argparse.ArgumentParser, default_device: str | None = "
 def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) -> None:
     """The sampling overrides: --steps, --guidance, --sampler, --threshold, --aug-level (and,
     with ``per_stage``, --steps-per-stage and --guidance-per-stage)."""
-    from imagen.diffusion.samplers import SAMPLERS
+    from imagen.diffusion.sampler_names import SAMPLER_HELP
 
     p.add_argument("--steps", type=positive_int, help="sampling steps for every stage")
     if per_stage:
@@ -189,8 +191,8 @@ def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) ->
         )
     p.add_argument(
         "--sampler",
-        choices=list(SAMPLERS),
-        help="sampler for every stage: " + "; ".join(f"{k}: {s.help}" for k, s in SAMPLERS.items()),
+        choices=list(SAMPLER_HELP),
+        help="sampler for every stage: " + "; ".join(f"{k}: {h}" for k, h in SAMPLER_HELP.items()),
     )
     p.add_argument(
         "--threshold",
