@@ -96,9 +96,10 @@ def test_the_lean_minilm_matches_transformers(minilm_path):
     lean = load_text_encoder("minilm")
     assert isinstance(lean, MiniLMEncoder) and (lean.name, lean.dim) == ("minilm", 384)
     ref = HFTextEncoder("minilm", minilm_path, 32)
-    assert lean.token_ids(CAPTIONS) == ref.tokenizer(CAPTIONS, truncation=True, max_length=32)[
-        "input_ids"
-    ]
+    assert (
+        lean.token_ids(CAPTIONS)
+        == ref.tokenizer(CAPTIONS, truncation=True, max_length=32)["input_ids"]
+    )
     for batch in (CAPTIONS, CAPTIONS[:1]):  # padded, and one caption (no mask at all)
         a, b = lean.encode(batch), ref.encode(batch)
         assert torch.equal(a.mask, b.mask)
@@ -125,3 +126,23 @@ def test_the_cold_start_breakdown_runs(tmp_path, capsys, monkeypatch, minilm_pat
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(row) == {"start", *PHASES[1:]} and all(row[k] >= 0 for k in PHASES[1:])
     assert (tmp_path / "out" / "0000.png").is_file() and (tmp_path / "out" / "grid.png").is_file()
+
+
+def test_no_weight_init_skips_init_on_its_own_thread_only():
+    import threading
+
+    from torch import nn
+
+    from imagen.utils.tensors import no_weight_init
+
+    original = nn.init.constant_
+    other: list[float] = []
+    with no_weight_init():
+        t = nn.init.constant_(torch.zeros(3), 1.0)
+        worker = threading.Thread(
+            target=lambda: other.append(nn.init.constant_(torch.zeros(1), 2.0).item())
+        )
+        worker.start()
+        worker.join()
+    assert t.tolist() == [0.0, 0.0, 0.0] and other == [2.0]  # skipped here, not elsewhere
+    assert nn.init.constant_ is original and nn.init.constant_(torch.zeros(1), 3.0).item() == 3.0

@@ -27,6 +27,7 @@ from imagen.utils.tensors import (
     fsync_dir,
     load_strict,
     load_tensors,
+    no_weight_init,
     quantize_int8,
     save_tensors,
 )
@@ -226,7 +227,9 @@ def read_stage_config(directory: str | Path) -> StageConfig:
 def load_stage(directory: str | Path, device: str | torch.device = "cpu") -> Stage:
     """Load one stage directory (config.json + model.safetensors), strictly."""
     d = Path(directory)
-    stage = Stage(read_stage_config(d))
+    config = read_stage_config(d)
+    with no_weight_init():  # every weight is loaded from the file, strictly, below
+        stage = Stage(config)
     state = dequantize(load_tensors(d / "model.safetensors"))
     load_strict(stage.unet, state, str(d / "model.safetensors"))
     return stage.to(device).eval()

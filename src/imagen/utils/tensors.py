@@ -4,7 +4,11 @@ match the model is a clear error listing the differences, never a silent partial
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,6 +42,45 @@ def check_state(model: nn.Module, state: dict[str, Tensor], source: str = "check
             f"{source} does not match the model configuration ({len(diffs)} difference(s)):\n"
             f"  {shown}{more}"
         )
+
+
+_INIT_LOCK = threading.Lock()
+_SKIP_INIT_THREADS: set[int] = set()
+
+
+def _skipping(init_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``init_fn`` (a torch.nn.init function), doing nothing on the threads in
+    ``no_weight_init``."""
+
+    def maybe_init(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if threading.get_ident() in _SKIP_INIT_THREADS:
+            return tensor
+        return init_fn(tensor, *args, **kwargs)
+
+    maybe_init.__wrapped__ = init_fn  # type: ignore[attr-defined]
+    return maybe_init
+
+
+@contextmanager
+def no_weight_init() -> Iterator[None]:
+    """Build modules without ``torch.nn.init``'s random initialisation, on this thread only,
+    for a model whose every weight is loaded (strictly) right after: building a U-Net then
+    costs its module objects, not random numbers that are overwritten at once (most of its
+    loading time). Other threads initialise as usual meanwhile."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    with _INIT_LOCK:
+        if not _SKIP_INIT_THREADS:
+            for n in names:
+                setattr(nn.init, n, _skipping(getattr(nn.init, n)))
+        _SKIP_INIT_THREADS.add(threading.get_ident())
+    try:
+        yield
+    finally:
+        with _INIT_LOCK:
+            _SKIP_INIT_THREADS.discard(threading.get_ident())
+            if not _SKIP_INIT_THREADS:
+                for n in names:
+                    setattr(nn.init, n, getattr(nn.init, n).__wrapped__)
 
 
 def fsync_dir(path: Path) -> None:
