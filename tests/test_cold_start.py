@@ -146,3 +146,16 @@ def test_no_weight_init_skips_init_on_its_own_thread_only():
         worker.join()
     assert t.tolist() == [0.0, 0.0, 0.0] and other == [2.0]  # skipped here, not elsewhere
     assert nn.init.constant_ is original and nn.init.constant_(torch.zeros(1), 3.0).item() == 3.0
+
+
+def test_main_leaves_the_garbage_collector_on_and_unfrozen(tmp_path, minilm_path):
+    """main() pauses the collector during a quick command's start-up and freezes what start-up
+    made; called from Python it must give the caller a normal heap back, on success or error."""
+    import gc
+
+    from imagen.cli.main import main
+
+    assert main(["sample"]) == 2  # ends before any model is loaded
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert main(["sample", "a red circle", "--steps", "1", "--out", str(tmp_path / "s")]) == 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0

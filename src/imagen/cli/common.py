@@ -4,6 +4,7 @@ class, argument types and the sampling options."""
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -229,7 +230,17 @@ def load_pipeline(args: argparse.Namespace, model: Path | None = None) -> Imagen
         dtype = torch.bfloat16
     elif getattr(args, "fp32", False):
         dtype = torch.float32
-    return ImagenPipeline.from_pretrained(model or args.model, args.device or "cpu", dtype)
+    pipe = ImagenPipeline.from_pretrained(model or args.model, args.device or "cpu", dtype)
+    startup_done()
+    return pipe
+
+
+def startup_done() -> None:
+    """The end of a command's start-up (its imports done, its model loaded): the objects made
+    so far live until the process ends, so the garbage collector stops walking them
+    (``gc.freeze``), and it runs again if :func:`imagen.cli.main.main` paused it for start-up."""
+    gc.freeze()
+    gc.enable()
 
 
 def checked_configs(pipe: ImagenPipeline, args: argparse.Namespace) -> list[SamplingConfig]:
