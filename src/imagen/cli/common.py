@@ -4,6 +4,7 @@ class, argument types and the sampling options."""
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -121,6 +122,8 @@ def int_list(text: str) -> list[int]:
 
 def device(text: str) -> str:
     """A torch device that exists here: cpu, cuda, cuda:N, mps."""
+    if text == "cpu":  # the default: no need to import torch to parse the command line
+        return text
     import torch
 
     try:
@@ -184,7 +187,7 @@ def add_model_options(p: argparse.ArgumentParser, default_device: str | None = "
 def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) -> None:
     """The sampling overrides: --steps, --guidance, --sampler, --threshold, --aug-level (and,
     with ``per_stage``, --steps-per-stage and --guidance-per-stage)."""
-    from imagen.diffusion.samplers import SAMPLERS
+    from imagen.diffusion.sampler_names import SAMPLER_HELP
 
     p.add_argument("--steps", type=positive_int, help="sampling steps for every stage")
     if per_stage:
@@ -196,8 +199,8 @@ def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) ->
         )
     p.add_argument(
         "--sampler",
-        choices=list(SAMPLERS),
-        help="sampler for every stage: " + "; ".join(f"{k}: {s.help}" for k, s in SAMPLERS.items()),
+        choices=list(SAMPLER_HELP),
+        help="sampler for every stage: " + "; ".join(f"{k}: {h}" for k, h in SAMPLER_HELP.items()),
     )
     p.add_argument(
         "--threshold",
@@ -242,9 +245,19 @@ def load_pipeline(args: argparse.Namespace, model: Path | None = None) -> Imagen
     elif getattr(args, "fp32", False):
         dtype = torch.float32
     low_memory = getattr(args, "low_memory", None)
-    return ImagenPipeline.from_pretrained(
+    pipe = ImagenPipeline.from_pretrained(
         model or args.model, args.device or "cpu", dtype, low_memory=low_memory
     )
+    startup_done()
+    return pipe
+
+
+def startup_done() -> None:
+    """The end of a command's start-up (its imports done, its model loaded): the objects made
+    so far live until the process ends, so the garbage collector stops walking them
+    (``gc.freeze``), and it runs again if :func:`imagen.cli.main.main` paused it for start-up."""
+    gc.freeze()
+    gc.enable()
 
 
 def checked_configs(pipe: ImagenPipeline, args: argparse.Namespace) -> list[SamplingConfig]:

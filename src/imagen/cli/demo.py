@@ -14,15 +14,15 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Any
-
-from PIL import Image
+from typing import TYPE_CHECKING, Any
 
 from imagen.cli.common import MODEL_HELP, command, positive_float, positive_int
 from imagen.cli.output import check_output_dir
-from imagen.data.checker import check_image, score
-from imagen.pipeline import ImagenPipeline, sampling_summary
-from imagen.utils.grid import captioned_grid
+
+if TYPE_CHECKING:  # imported where used, so that `imagen --help` needs no torch
+    from PIL import Image
+
+    from imagen.pipeline import ImagenPipeline
 
 DEMO_PROMPTS = [
     "a red circle on the left",
@@ -53,6 +53,8 @@ def _section(
     prompts: list[str],
     info: dict[str, Any],
 ) -> str:
+    from imagen.data.checker import check_image
+
     rows = []
     for img, p in zip(images, prompts, strict=True):
         v = check_image(img, p)
@@ -71,6 +73,10 @@ def _section(
 def sample_section(
     pipe: ImagenPipeline, title: str, seed: int, extra: dict[str, Any]
 ) -> tuple[str, dict]:
+    from imagen.data.checker import score
+    from imagen.pipeline import sampling_summary
+    from imagen.utils.grid import captioned_grid
+
     t0 = time.time()
     out = pipe(DEMO_PROMPTS, seed=seed)
     report = score(out.images, DEMO_PROMPTS)
@@ -114,6 +120,10 @@ def run_demo(
     out_dir: str | Path, model: str | None = None, train_minutes: float | None = None, seed: int = 0
 ) -> Path:
     """Write ``OUT/demo.html`` (and the grids as PNG); returns the report's path."""
+    from PIL import Image
+
+    from imagen.pipeline import ImagenPipeline
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sections = []

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from imagen.diffusion.guidance import Denoiser, learned_variance
+from imagen.diffusion.sampler_names import SAMPLER_HELP, SAMPLER_NAMES
 
 Callback = Callable[[int, Tensor], None]
 """A sampler's per-step callback: ``callback(i, x)`` after step i (0-based) with the new x."""
@@ -266,7 +267,7 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler(
             "ddpm",
             sample_ddpm,
-            "ancestral DDPM (stochastic)",
+            SAMPLER_HELP["ddpm"],
             (
                 SamplerOption(
                     "variance",
@@ -280,18 +281,23 @@ SAMPLERS: dict[str, Sampler] = {
         Sampler(
             "ddim",
             sample_ddim,
-            "DDIM (deterministic with eta 0)",
+            SAMPLER_HELP["ddim"],
             (
                 SamplerOption(
                     "eta", "eta", 0.0, "DDIM noise: 0 deterministic, 1 ancestral", minimum=0.0
                 ),
             ),
         ),
-        Sampler("dpmpp", sample_dpmpp_2m, "DPM-Solver++(2M), deterministic, good in 10-20 steps"),
+        Sampler("dpmpp", sample_dpmpp_2m, SAMPLER_HELP["dpmpp"]),
     )
 }
 """Every sampler by short name: the one list the configs, the command line, the server and
-the evaluation take their choices from."""
+the evaluation take their choices from (the command line takes the same names and descriptions
+from the torch-free :mod:`imagen.diffusion.sampler_names`)."""
+if tuple(SAMPLERS) != SAMPLER_NAMES:  # one list of names: a sampler must be added to both
+    raise ImportError(
+        f"SAMPLERS {tuple(SAMPLERS)} and sampler_names.SAMPLER_NAMES {SAMPLER_NAMES} differ"
+    )
 
 
 def sampler_names() -> tuple[str, ...]:

