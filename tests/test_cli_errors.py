@@ -51,6 +51,7 @@ def paths(tmp_path_factory, model_dir):  # noqa: F811
     cfg = json.loads((m / "stage0" / "config.json").read_text())
     cfg["sampling"]["guidance"] = "fast"
     (m / "stage0" / "config.json").write_text(json.dumps(cfg))
+    reseal(m)
     p["bad-stage-config"] = str(m)
     configs = {
         "lr-fast": {"stages": [{"preset": "tiny-base", "train": {"lr": "fast"}}]},
@@ -76,6 +77,16 @@ def paths(tmp_path_factory, model_dir):  # noqa: F811
     Image.new("RGB", (32, 32), (200, 30, 30)).save(d / "red.png")
     p["red.png"] = str(d / "red.png")
     return p
+
+
+def reseal(model):
+    """Record the current sha256 of every file of ``model`` in its index (an edit made on
+    purpose, so that the checks behind the checksums are reached)."""
+    from imagen.models.validate import file_sha256
+
+    index = json.loads((model / "model_index.json").read_text())
+    index["checksums"] = {k: file_sha256(model / k) for k in index["checksums"]}
+    (model / "model_index.json").write_text(json.dumps(index))
 
 
 def fill(argv, paths):
@@ -120,11 +131,11 @@ CASES = [
     (sample("--model", "{dir}"), "not an imagen model directory"),
     (sample("--model", "nowhere/at-all/deep"), "not an imagen model directory"),
     (sample("--model", "nobody/no-such-model"), "Hugging Face Hub"),
-    (sample("--model", "{bad-index}"), "not valid JSON"),
+    (sample("--model", "{bad-index}"), "invalid JSON"),
     (sample("--model", "{truncated}"), "damaged weights"),
     (sample("--model", "{garbage}"), "damaged weights"),
     (sample("--model", "{empty-weights}"), "damaged weights"),
-    (sample("--model", "{no-weights}"), "weights file not found"),
+    (sample("--model", "{no-weights}"), "has no model.safetensors"),
     (sample("--model", "{bad-stage-config}"), "sampling.guidance: expected a number"),
     # outputs that cannot be written
     (sample("--out", "{file}"), "not a directory"),

@@ -156,10 +156,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def read_notes(path: str) -> dict:
     """The JSON object of ``--notes`` (recorded in the model's index)."""
-    import json
+    from imagen.utils.config import load_json_file
 
-    try:
-        notes = json.loads(Path(path).read_text())
+    try:  # bounded: size, nesting and value count (a config's limits)
+        notes = load_json_file(Path(path), "--notes file")
     except (OSError, ValueError) as e:
         raise UsageError(f"--notes {path}: {e}") from None
     if not isinstance(notes, dict):

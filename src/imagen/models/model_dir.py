@@ -10,7 +10,6 @@ working directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from imagen.models import validate
 from imagen.models.stage import Stage, StageConfig
+from imagen.models.validate import file_sha256
+from imagen.utils.config import load_json_file
 from imagen.utils.tensors import (
     fsync_dir,
     load_strict,
@@ -50,15 +52,6 @@ class WeightsFile:
 # a stage's weights: a state dict, a stage directory whose file is copied byte for byte, or a
 # weights file to link
 StageWeights = dict[str, Tensor] | Path | WeightsFile
-
-
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---- text encoder paths --------------------------------------------------------------------
@@ -230,17 +223,8 @@ def read_index(directory: str | Path) -> dict[str, Any]:
     path = root / INDEX_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{root} is not an imagen model directory (no {INDEX_FILE})")
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(index, dict) or index.get("format") != FORMAT or not index.get("stages"):
-        raise ValueError(f"{path} is not an {FORMAT} index")
-    stages, te = index["stages"], index.get("text_encoder")
-    if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
-        raise ValueError(f"{path}: stages must be a list of stage directory names")
-    if not isinstance(te, dict) or not isinstance(te.get("name"), str):
-        raise ValueError(f"{path}: text_encoder must be a record with a name")
+    index = load_json_file(path, INDEX_FILE)
+    validate.check_index(index, path)  # schema, version, stage paths, checksum entries
     return index
 
 
@@ -248,13 +232,13 @@ def verify_stage(directory: str | Path) -> None:
     """Check a stage directory of a model: its files are there and match the sha256 recorded
     in the model's index (models written before checksums are checked for presence only)."""
     d = Path(directory)
-    checksums = read_index(d.parent).get("checksums") or {}
-    for f in STAGE_FILES:
+    checksums = read_index(d.parent).get("checksums")
+    null_text = (NULL_TEXT_FILE,) if (d / NULL_TEXT_FILE).is_file() else ()
+    for f in STAGE_FILES + null_text:
         if not (d / f).is_file():
             raise FileNotFoundError(f"{d} has no {f}")
-        want = checksums.get(f"{d.name}/{f}")
-        if want is not None and file_sha256(d / f) != want:
-            raise ValueError(f"{d / f} does not match its sha256 in {INDEX_FILE} (damaged)")
+        want = validate.recorded_sha256(checksums, f"{d.name}/{f}", d.parent / INDEX_FILE)
+        validate.verify_file(d / f, want, d.parent / INDEX_FILE)
 
 
 def read_stage_config(directory: str | Path) -> StageConfig:
@@ -262,7 +246,9 @@ def read_stage_config(directory: str | Path) -> StageConfig:
     cfg_path = Path(directory) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{Path(directory)} has no config.json")
-    return StageConfig.from_dict(json.loads(cfg_path.read_text()))
+    cfg = StageConfig.from_dict(load_json_file(cfg_path, "stage config"))
+    validate.check_stage_config(cfg, str(cfg_path))
+    return cfg
 
 
 def read_null_text(directory: str | Path) -> tuple[Tensor, Tensor] | None:
@@ -292,11 +278,10 @@ def meta_stage(directory: str | Path) -> Stage:
     """A stage directory's stage with its network on the meta device (no weights: a
     low-memory cascade loads them when the stage samples) and its null caption."""
     d = Path(directory)
-    for f in STAGE_FILES:  # the multi-GB weights are hashed by import and verify, not here
-        if not (d / f).is_file():
-            raise FileNotFoundError(f"{d} has no {f}")
+    verify_stage(d)  # multi-GB weights are hashed once, then known by a stamp (validate.py)
     with torch.device("meta"):
         stage = Stage(read_stage_config(d))
+    validate.check_weights(stage.unet, d / "model.safetensors")
     stage.null_text = read_null_text(d)
     return stage.eval()
 
@@ -306,11 +291,16 @@ def load_stage(
 ) -> Stage:
     """Load one stage directory (config.json + model.safetensors), strictly. The network is
     built on the meta device and takes the file's tensors, in ``dtype`` (float32 by default):
-    a large stage is never held twice, and bf16 weights loaded in bf16 are not copied."""
+    a large stage is never held twice, and bf16 weights loaded in bf16 are not copied. In a
+    model directory its files are verified against the index's sha256 first, and the weights'
+    names, shapes and dtypes against the network before any tensor is read."""
     d = Path(directory)
+    if (d.parent / INDEX_FILE).is_file():
+        verify_stage(d)
     config = read_stage_config(d)
     with torch.device("meta"):
         stage = Stage(config)
+    validate.check_weights(stage.unet, d / "model.safetensors")
     state = load_weights(d / "model.safetensors", dtype or torch.float32)
     load_strict(stage.unet, state, str(d / "model.safetensors"), assign=True)
     stage.null_text = read_null_text(d)

@@ -14,13 +14,10 @@ its fields and the training settings::
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from imagen.data.config import DataConfig
 from imagen.models.cascade import encoder_config
@@ -28,7 +25,7 @@ from imagen.models.model_dir import read_index, read_stage_config
 from imagen.models.presets import get_preset
 from imagen.models.stage import StageConfig
 from imagen.text.encoders import TextEncoderConfig
-from imagen.utils.config import config_from_dict
+from imagen.utils.config import config_from_dict, load_config_file
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -102,6 +99,27 @@ class TrainConfig:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if not 0.0 <= self.aug_max < 1.0:
             raise ValueError(f"aug_max must be in [0, 1), got {self.aug_max}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """The optimiser's and the EMA's numbers: in the ranges where they mean something."""
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.ema_halflife_images is not None and self.ema_halflife_images <= 0:
+            raise ValueError(f"ema_halflife_images must be > 0, got {self.ema_halflife_images}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("warmup_steps", "sample_every", "num_val", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip", "time_budget_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -145,37 +163,13 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML, TOML or JSON file into a dict; a syntax error is a one-line ValueError
+    """Parse a YAML, TOML or JSON file into a dict, within the size, nesting and alias limits
+    of :func:`~imagen.utils.config.load_config_file`; a syntax error is a one-line ValueError
     naming the file and the line."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    if p.suffix not in (".json", ".toml", ".yaml", ".yml"):
-        raise ValueError(f"config must be .yaml, .yml, .toml or .json, got {p.name}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{p}: not UTF-8 text") from None
-    if p.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: line {e.lineno}: invalid JSON: {e.msg}") from None
-    elif p.suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{p}: invalid TOML: {e}") from None
-    else:
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"line {mark.line + 1}: " if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ValueError(f"{p}: {where}invalid YAML: {problem}") from None
+    data = load_config_file(p)
     if not isinstance(data, dict):
         raise ValueError(f"{p} must hold a mapping at the top level")
     return data
@@ -191,22 +185,19 @@ def parse_cascade_config(data: dict[str, Any]) -> CascadeRunConfig:
     data_dict = data.get("data", {})
     dc = config_from_dict(DataConfig, data_dict, "data")
     stages = []
-    for i, entry in enumerate(data.get("stages", [])):
-        extra = set(entry) - {"preset", "stage", "train", "data", "init"}
-        if extra:
-            raise ValueError(f"stage {i}: unknown key(s) {', '.join(sorted(extra))}")
-        if "preset" in entry and "init" in entry:
-            raise ValueError(f"stage {i}: give a preset or an init model, not both")
+    entries = data.get("stages", [])
+    if not isinstance(entries, list):
+        raise ValueError(f"stages: expected a list of stage entries, got {_show(entries)}")
+    for i, entry in enumerate(entries):
+        _check_stage_entry(i, entry)
         init = entry.get("init")
-        if init is not None and not isinstance(init, str):
-            raise ValueError(f"stage {i}: init must be MODEL_DIR or MODEL_DIR:K")
         base = get_preset(entry["preset"]).to_dict() if "preset" in entry else {}
         if init is not None:
             base = read_stage_config(init_stage_dir(init)).to_dict()
-        stage_dict = deep_merge(base, entry.get("stage", {}))
+        stage_dict = deep_merge(base, entry.get("stage") or {})
         try:
             stage = config_from_dict(StageConfig, stage_dict, "stage")
-            train = config_from_dict(TrainConfig, entry.get("train", {}), "train")
+            train = config_from_dict(TrainConfig, entry.get("train") or {}, "train")
             own = entry.get("data")
             merged = deep_merge(data_dict, own) if own else None
             stage_data = config_from_dict(DataConfig, merged, "data") if merged else None
@@ -228,6 +219,34 @@ def init_stage_dir(init: str) -> Path:
     if int(k) >= len(index["stages"]):
         raise ValueError(f"init {init}: {root} has {len(index['stages'])} stage(s)")
     return Path(root) / index["stages"][int(k)]
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_stage_entry(i: int, entry: Any) -> None:
+    """Raise unless stage entry ``i`` is a mapping of known keys of the right kinds."""
+    if not isinstance(entry, dict):
+        raise ValueError(
+            f"stages[{i}]: expected a mapping (preset, stage, train, data, init), "
+            f"got {_show(entry)}"
+        )
+    extra = set(map(str, entry)) - {"preset", "stage", "train", "data", "init"}
+    if extra:
+        raise ValueError(f"stage {i}: unknown key(s) {', '.join(sorted(extra))}")
+    if "preset" in entry and "init" in entry:
+        raise ValueError(f"stage {i}: give a preset or an init model, not both")
+    if "preset" in entry and not isinstance(entry["preset"], str):
+        raise ValueError(
+            f"stages[{i}].preset: expected a preset name, got {_show(entry['preset'])}"
+        )
+    if entry.get("init") is not None and not isinstance(entry["init"], str):
+        raise ValueError(f"stage {i}: init must be MODEL_DIR or MODEL_DIR:K")
+    for key in ("stage", "train", "data"):
+        if entry.get(key) is not None and not isinstance(entry[key], dict):
+            raise ValueError(f"stages[{i}].{key}: expected a mapping, got {_show(entry[key])}")
 
 
 def load_cascade_config(path: str | Path) -> CascadeRunConfig:

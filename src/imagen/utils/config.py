@@ -9,6 +9,7 @@ import math
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
@@ -158,3 +159,153 @@ def _fail(path: str, expected: str, value: Any) -> typing.NoReturn:
         except ValueError:
             pass
     raise ConfigError(f"{path}: expected {expected}, got {_show(value)}{hint}")
+
+
+# ---- reading config text, bounded ------------------------------------------------------------
+# Configs, model indexes and notes are small: the largest real one is a few kB. The limits keep
+# a hostile file from costing more than about a second and a few hundred MB whatever it holds:
+MAX_CONFIG_BYTES = 4 << 20  # 4 MiB of text
+MAX_DEPTH = 32  # nesting of lists and mappings (real configs: 5)
+MAX_NODES = 200_000  # values after YAML aliases are expanded (real configs: a few hundred)
+FORMATS = {".json": "JSON", ".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
+
+
+def read_config_text(path: str | Path, what: str = "config") -> str:
+    """The UTF-8 text of a config file (a leading BOM dropped), or a ConfigError if it is
+    larger than :data:`MAX_CONFIG_BYTES` or not UTF-8; checked before it is read whole."""
+    p = Path(path)
+    size = p.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{p}: {size / 2**20:.1f} MiB is too large for a {what} "
+            f"(the limit is {MAX_CONFIG_BYTES >> 20} MiB)"
+        )
+    with open(p, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text") from None
+
+
+def parse_config_text(text: str, kind: str, source: str) -> Any:
+    """Parse ``text`` as ``kind`` (JSON, TOML or YAML) within the limits above: too deep, too
+    many values (YAML aliases counted as expanded) or a syntax error is a one-line
+    ConfigError naming ``source`` (and the line, where the parser knows it)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: too large (the limit is {MAX_CONFIG_BYTES >> 20} MiB)")
+    try:
+        if kind == "JSON":
+            data = _parse_json(text, source)
+        elif kind == "TOML":
+            data = _parse_toml(text, source)
+        else:
+            data = _parse_yaml(text, source)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep") from None
+    check_bounds(data, source)
+    return data
+
+
+def _parse_json(text: str, source: str) -> Any:
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{source}: line {e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def _parse_toml(text: str, source: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where present
+    try:
+        _check_yaml_events(yaml.parse(text, Loader=loader), source)
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
+
+
+def _check_yaml_events(events: Any, source: str) -> None:
+    """Refuse a YAML stream before it is built: its nesting and its size with every alias
+    expanded (what a "billion laughs" file hides), from the parser's events alone."""
+    import yaml
+
+    anchors: dict[str, tuple[int, int]] = {}  # anchor -> (values, depth) of its node
+    stack: list[list[Any]] = []  # open collections: [anchor, values, depth below]
+
+    def add(values: int, depth: int) -> None:
+        if not stack:
+            return
+        top = stack[-1]
+        top[1] += values
+        top[2] = max(top[2], depth)
+        if len(stack) + depth > MAX_DEPTH:
+            raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep")
+        if top[1] > MAX_NODES:
+            raise ConfigError(
+                f"{source}: more than {MAX_NODES} values (YAML aliases counted as expanded)"
+            )
+
+    for ev in events:
+        if isinstance(ev, yaml.AliasEvent):
+            add(*anchors.get(ev.anchor, (1, 0)))
+        elif isinstance(ev, yaml.ScalarEvent):
+            if ev.anchor:
+                anchors[ev.anchor] = (1, 0)
+            add(1, 0)
+        elif isinstance(ev, yaml.CollectionStartEvent):
+            stack.append([ev.anchor, 1, 0])
+            if len(stack) > MAX_DEPTH:
+                raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep")
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            anchor, values, depth = stack.pop()
+            if anchor:
+                anchors[anchor] = (values, depth + 1)
+            add(values, depth + 1)
+
+
+def check_bounds(data: Any, source: str) -> None:
+    """Raise a ConfigError if parsed ``data`` nests deeper than :data:`MAX_DEPTH` or holds more
+    than :data:`MAX_NODES` values (walked without recursion)."""
+    todo: list[tuple[Any, int]] = [(data, 0)]
+    count = 0
+    while todo:
+        value, depth = todo.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ConfigError(f"{source}: more than {MAX_NODES} values")
+        if isinstance(value, dict | list | tuple):
+            if depth >= MAX_DEPTH:
+                raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep")
+            items = value.values() if isinstance(value, dict) else value
+            todo.extend((v, depth + 1) for v in items)
+
+
+def load_config_file(path: str | Path, what: str = "config") -> Any:
+    """Read and parse a .json, .toml, .yaml or .yml file within the limits above."""
+    p = Path(path)
+    kind = FORMATS.get(p.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"{what} must be .yaml, .yml, .toml or .json, got {p.name}")
+    return parse_config_text(read_config_text(p, what), kind, str(p))
+
+
+def load_json_file(path: str | Path, what: str = "JSON file") -> Any:
+    """Read and parse a JSON file within the limits above (model indexes, stage configs,
+    notes); every error is a one-line ConfigError naming the file."""
+    p = Path(path)
+    return parse_config_text(read_config_text(p, what), "JSON", str(p))
