@@ -115,7 +115,7 @@ CASES = [
     (sample("--steps", "abc"), "positive integer"),
     (sample("--steps-per-stage", "2,x"), "integers"),
     (sample("--steps-per-stage", "2,2"), "3 stages"),
-    (sample("--seed", "1.5"), "invalid int"),
+    (sample("--seed", "1.5"), "integer seed"),
     (sample("--num-images", "0"), "positive integer"),
     (sample("--sampler", "euler"), "invalid choice"),
     (sample("--device", "bogus"), "unknown device"),

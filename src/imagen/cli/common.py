@@ -77,6 +77,32 @@ def unit_float(text: str) -> float:
     return value
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
+
+def seed(text: str) -> int:
+    """A seed the torch generator takes: an integer in [0, 2**64 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer seed in [0, 2**64 - 1], got {text!r}"
+        ) from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer seed in [0, 2**64 - 1], got {value}")
+    return value
+
+
+def check_seeds(first: int, count: int, flag: str = "--seed") -> None:
+    """Raise a UsageError unless seeds ``first`` .. ``first + count - 1`` (one per image) all
+    fit the generator."""
+    if first + count - 1 > MAX_SEED:
+        raise UsageError(
+            f"{flag} {first}: {count} images need seeds up to {first + count - 1}, over the "
+            f"generator's 2**64 - 1; use a smaller {flag}"
+        )
+
+
 def port(text: str) -> int:
     value = positive_int(text)
     if value > 65535:

@@ -3,14 +3,28 @@
 :class:`StagedOutput` writes a run's files into a hidden staging directory beside the target
 and moves them into place only when the run succeeded (the manifest last), so an output
 directory never holds half a run: after a failure (a full disk, an interrupt) the staging
-directory is removed and the target is as it was.
+directory is removed and the target is as it was. SIGTERM (what ``timeout``, ``kill`` and job
+schedulers send) ends a run like Ctrl-C does, so the staging directory is removed then too;
+one left by a run that was killed outright (SIGKILL, a power cut) is removed by the next run
+that writes beside it.
+
+A command that names its own files (``run_files``) never overwrites an earlier run: an output
+directory that holds one is refused up front unless ``--overwrite`` is given, and then the
+earlier run's files (only those: its images, grid and manifest) are replaced as a whole, so
+the manifest always lists exactly the images beside it. Other files there are never touched.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -26,6 +40,11 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
         raise UsageError(f"{flag} {path}: exists and is not a directory")
     existing = target
     while not existing.exists():
+        if existing.is_symlink():  # a dangling link: writing there fails only at the end
+            raise UsageError(
+                f"{flag} {path}: {existing} is a symlink to {os.readlink(existing)}, "
+                f"which does not exist"
+            )
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is a file, not a directory")
@@ -36,6 +55,50 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     return target
 
 
+@contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While inside: SIGTERM unwinds the program as Ctrl-C does (every ``finally`` and
+    ``__exit__`` runs, so staged files are removed), then exits with status 143. Only the main
+    thread can take signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+        print("imagen: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return True
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove staging directories beside ``target`` left by runs whose process is gone."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[^.]+\.partial")
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 class StagedOutput:
     """A run's output directory, written atomically (see the module docstring).
 
@@ -44,18 +107,47 @@ class StagedOutput:
     file by file with the names in ``last`` at the end); leaving the block without a commit
     removes everything staged."""
 
-    def __init__(self, target: str | Path, flag: str = "--out") -> None:
+    def __init__(
+        self,
+        target: str | Path,
+        flag: str = "--out",
+        run_files: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
         self.target = check_output_dir(target, flag)
+        self.flag, self.overwrite = flag, overwrite
+        self.run_files = re.compile(run_files) if run_files else None
+        earlier = self.earlier_run()
+        if earlier and not overwrite:
+            shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+            raise UsageError(
+                f"{flag} {target} already holds an earlier run ({len(earlier)} file(s): "
+                f"{shown}); choose another {flag}, or pass --overwrite to replace that run"
+            )
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_staging(self.target)
             self.staging = Path(
                 tempfile.mkdtemp(
-                    prefix=f".{self.target.name}.", suffix=".partial", dir=self.target.parent
+                    prefix=f".{self.target.name}.{os.getpid()}.",
+                    suffix=".partial",
+                    dir=self.target.parent,
                 )
             )
         except OSError as e:
             raise UsageError(f"{flag} {target}: cannot write there ({e.strerror})") from None
         self.committed = False
+        self._sigterm = sigterm_exits()
+
+    def earlier_run(self) -> list[str]:
+        """The names of an earlier run's files in the target (those ``run_files`` matches)."""
+        if self.run_files is None or not self.target.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.target.iterdir()
+            if self.run_files.fullmatch(p.name) and not p.is_dir()
+        )
 
     def path(self, name: str) -> Path:
         """Where to write the output file ``name`` during the run."""
@@ -67,7 +159,19 @@ class StagedOutput:
             os.replace(self.staging, self.target)
         else:
             names = sorted(p.name for p in self.staging.iterdir())
-            for name in [n for n in names if n not in last] + [n for n in last if n in names]:
+            earlier = self.earlier_run()
+            if earlier and not self.overwrite:  # another run finished there meanwhile
+                raise UsageError(
+                    f"{self.flag} {self.target}: an earlier run appeared there during this one; "
+                    f"nothing was written"
+                )
+            for name in [n for n in last if n in earlier]:  # no manifest lists missing images
+                os.unlink(self.target / name)
+            for name in [n for n in names if n not in last]:
+                os.replace(self.staging / name, self.target / name)
+            for name in set(earlier) - set(names) - set(last):
+                os.unlink(self.target / name)
+            for name in [n for n in last if n in names]:
                 os.replace(self.staging / name, self.target / name)
             self.staging.rmdir()
         self.committed = True
@@ -78,6 +182,7 @@ class StagedOutput:
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def __enter__(self) -> StagedOutput:
+        self._sigterm.__enter__()
         return self
 
     def __exit__(
@@ -86,5 +191,8 @@ class StagedOutput:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if not self.committed:
-            self.discard()
+        try:
+            if not self.committed:
+                self.discard()
+        finally:
+            self._sigterm.__exit__(kind, error, trace)

@@ -2,6 +2,13 @@
 ``imagen upscale`` (images -> the model's super-resolution stages -> PNGs and a manifest).
 
 The option names are a contract other tools rely on; keep them.
+
+Work is streamed: prompts are read from ``--prompts-file`` as they are needed, and images are
+generated, written and let go of one batch at a time, so memory depends on ``--batch-size``,
+not on ``--num-images`` or the file's length (``grid.png`` shows the first
+:data:`GRID_IMAGES`). An output directory holding an earlier run (its numbered PNGs,
+grid.png or manifest.jsonl) is refused unless ``--overwrite`` is given; with it, that run's
+files are replaced as a whole and other files there are kept.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from imagen.cli.common import (
 from imagen.cli.output import StagedOutput
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from PIL import Image
 
     from imagen.models.stage import SamplingConfig
@@ -40,8 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--negative-prompt", default="", help="what guidance steers away from")
     s.add_argument("--out", default="samples", help="output directory (default: samples)")
     add_sampling_options(s, per_stage=True)
+    from imagen.cli.common import seed
+
     s.add_argument(
-        "--seed", type=int, default=0, help="seed of the first image (image j: seed + j)"
+        "--seed", type=seed, default=0, help="seed of the first image (image j: seed + j)"
     )
     s.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     s.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
@@ -49,6 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--strength", type=unit_float, default=0.7, help="img2img strength in [0, 1]")
     s.add_argument("--mask", help="inpainting mask (white = regenerate)")
     s.add_argument("--save-stages", action="store_true", help="also save every stage's images")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     add_model_options(s)
 
     u = sub.add_parser("upscale", help="run images through the model's super-resolution stages")
@@ -59,44 +71,88 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--steps", type=positive_int, help="sampling steps of every SR stage")
     u.add_argument("--guidance", type=finite_float, help="guidance scale of every SR stage")
     u.add_argument("--aug-level", type=finite_float, help="noise-augmentation level of the input")
-    u.add_argument("--seed", type=int, default=0, help="seed of the first image")
+    u.add_argument("--seed", type=seed, default=0, help="seed of the first image")
     u.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
+    u.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     u.set_defaults(sampler=None, threshold=None)
     add_model_options(u)
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = [p for p in args.prompts if p.strip()]
+OVERWRITE_HELP = "replace an earlier run in --out (its images, grid and manifest; nothing else)"
+RUN_FILES = r"\d{4,}(_stage\d+)?\.png|grid\.png|manifest\.jsonl"  # what a run writes
+GRID_IMAGES = 64  # grid.png shows the first 64 images (a grid of a million would not fit)
+
+
+def _file_prompts(path: Path) -> Iterator[str]:
+    """The non-empty lines of a prompts file, stripped (a UTF-8 BOM too), read lazily."""
+    with open(path, encoding="utf-8-sig") as f:
+        for line in f:
+            if line.strip():
+                yield line.strip()
+
+
+def count_prompts(args: argparse.Namespace) -> int:
+    """How many prompts the command line and ``--prompts-file`` give (the file is read once,
+    streamed, so a UsageError for an unreadable or empty file comes before any work)."""
+    count = sum(1 for p in args.prompts if p.strip())
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise UsageError(f"prompts file not found: {path}")
         try:
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            in_file = sum(1 for _ in _file_prompts(path))
         except UnicodeDecodeError:
             raise UsageError(f"prompts file is not UTF-8 text: {path}") from None
-        from_file = [ln for ln in lines if ln]
-        if not from_file:
+        if not in_file:
             raise UsageError(f"prompts file is empty: {path}")
-        prompts += from_file
-    if not prompts:
+        count += in_file
+    if not count:
         raise UsageError("no prompt given (pass PROMPT ... or --prompts-file FILE)")
-    return prompts
+    return count
+
+
+def iter_prompts(args: argparse.Namespace) -> Iterator[str]:
+    """The prompts in order: the command line's, then the file's (read lazily)."""
+    yield from (p for p in args.prompts if p.strip())
+    if args.prompts_file:
+        yield from _file_prompts(Path(args.prompts_file))
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """Every prompt, as a list (after the checks of :func:`count_prompts`)."""
+    count_prompts(args)
+    return list(iter_prompts(args))
+
+
+def work_batches(args: argparse.Namespace) -> Iterator[tuple[list[str], list[int]]]:
+    """(prompts, seeds) of each batch of ``--batch-size`` images: ``--num-images`` of each
+    prompt, image j with seed ``--seed + j``; nothing beyond the current batch is held."""
+    batch: tuple[list[str], list[int]] = ([], [])
+    j = args.seed
+    for prompt in iter_prompts(args):
+        for _ in range(args.num_images):
+            batch[0].append(prompt)
+            batch[1].append(j)
+            j += 1
+            if len(batch[0]) == args.batch_size:
+                yield batch
+                batch = ([], [])
+    if batch[0]:
+        yield batch
 
 
 def open_image(path: str | None, flag: str, mode: str = "RGB") -> Image.Image | None:
     """The image at ``path`` (None if no path), or a UsageError naming ``flag``."""
     if not path:
         return None
-    from PIL import Image, UnidentifiedImageError
+    from imagen.data.images import decode_user_image
 
     if not Path(path).is_file():
         raise UsageError(f"{flag} file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.convert(mode)
-    except (UnidentifiedImageError, OSError) as e:
-        raise UsageError(f"{flag} {path}: not a readable image ({e})") from None
+    try:  # the header's size is checked before decoding: bombs and huge images are refused
+        return decode_user_image(Path(path), f"{flag} {path}", mode)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 class ProgressBars:
@@ -130,7 +186,10 @@ def progress_bars(
 
 @command("sample")
 def cmd_sample(args: argparse.Namespace) -> int:
-    prompts = read_prompts(args)
+    from imagen.cli.common import check_seeds
+
+    total = count_prompts(args) * args.num_images
+    check_seeds(args.seed, total)
     init = open_image(args.init_image, "--init-image")
     mask = open_image(args.mask, "--mask", "L")
     if mask and not init:
@@ -138,103 +197,132 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from imagen.pipeline import resolve_model
 
     model = resolve_model(args.model)
-    with StagedOutput(args.out) as staged:
+    with StagedOutput(args.out, run_files=RUN_FILES, overwrite=args.overwrite) as staged:
         pipe = load_pipeline(args, model)
         configs = checked_configs(pipe, args)
-        bars = progress_bars(pipe, configs, len(prompts) * args.num_images)
-        out = pipe(
-            prompts,
-            args.num_images,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            return_all_stages=args.save_stages,
-            init_image=init,
-            strength=args.strength,
-            mask=mask,
-            progress=bars,
-            negative_prompt=args.negative_prompt,
-            overrides=sampling_overrides(args),
-        )
-        bars.close()
-        write_outputs(staged, out, str(model), args.save_stages)
-        write_grid(staged, out)
+        edit = pipe.make_edit(init, args.strength, mask)
+        bars = progress_bars(pipe, configs, total)
+        writer = RunWriter(staged, str(model), args.save_stages)
+        try:
+            for prompts, seeds in work_batches(args):
+                negatives = [args.negative_prompt] * len(prompts) if args.negative_prompt else None
+                out = pipe.generate(
+                    prompts,
+                    seeds,
+                    configs,
+                    args.batch_size,
+                    args.save_stages,
+                    edit,
+                    bars,
+                    negatives,
+                )
+                writer.add(out)
+        finally:
+            bars.close()
+            writer.close()
+        writer.write_grid()
         target = staged.commit()
-    print(f"wrote {len(out.images)} image(s), manifest.jsonl and grid.png to {target}")
+    print(f"wrote {writer.count} image(s), manifest.jsonl and grid.png to {target}")
     return 0
 
 
 @command("upscale")
 def cmd_upscale(args: argparse.Namespace) -> int:
-    images = [open_image(p, "IMAGE") for p in args.images]
+    from imagen.cli.common import check_seeds
+
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
+    check_seeds(args.seed, len(args.images))
+    first = open_image(args.images[0], "IMAGE")  # each is decoded when its batch runs
+    assert first is not None
+    for path in args.images:
+        if not Path(path).is_file():
+            raise UsageError(f"IMAGE file not found: {path}")
     from imagen.pipeline import resolve_model
 
     model = resolve_model(args.model)
-    with StagedOutput(args.out) as staged:
+    with StagedOutput(args.out, run_files=RUN_FILES, overwrite=args.overwrite) as staged:
         pipe = load_pipeline(args, model)
         configs = checked_configs(pipe, args)
-        start = pipe.upscale_start(max(images[0].size))
-        bars = progress_bars(pipe, configs, len(images), start)
-        out = pipe.upscale(
-            images,
-            args.prompt,
-            sampling_overrides(args),
-            seed=args.seed,
-            batch_size=args.batch_size,
-            negative_prompt=args.negative_prompt,
-            progress=bars,
-        )
-        bars.close()
-        write_outputs(staged, out, str(model), sources=args.images)
+        start = pipe.upscale_start(max(first.size))
+        bars = progress_bars(pipe, configs, len(args.images), start)
+        writer = RunWriter(staged, str(model))
+        size = first.size
+        try:
+            for b in range(0, len(args.images), args.batch_size):
+                paths = args.images[b : b + args.batch_size]
+                out = pipe.upscale(
+                    [open_image(p, "IMAGE") for p in paths],  # type: ignore[misc]
+                    args.prompt,
+                    sampling_overrides(args),
+                    seed=args.seed + b,
+                    batch_size=args.batch_size,
+                    negative_prompt=args.negative_prompt,
+                    progress=bars,
+                )
+                writer.add(out, sources=paths)
+                size = out.images[0].size
+        finally:
+            bars.close()
+            writer.close()
         target = staged.commit()
-    print(f"upscaled {len(out.images)} image(s) to {out.images[0].size[0]} px in {target}")
+    print(f"upscaled {writer.count} image(s) to {size[0]} px in {target}")
     return 0
 
 
-def write_outputs(
-    staged: StagedOutput,
-    out: PipelineOutput,
-    model: str,
-    save_stages: bool = False,
-    sources: list[str] | None = None,
-) -> None:
-    """The PNGs and manifest.jsonl of a run (one row per image, with its settings)."""
-    from imagen.pipeline import sampling_summary
+class RunWriter:
+    """Writes a run's PNGs and manifest.jsonl (one row per image, with its settings) batch
+    by batch as they finish, keeping only the first :data:`GRID_IMAGES` for grid.png."""
 
-    settings = sampling_summary(out.sampling)
-    with open(staged.path("manifest.jsonl"), "w", encoding="utf-8") as f:
-        for j, (img, prompt, seed) in enumerate(
+    def __init__(self, staged: StagedOutput, model: str, save_stages: bool = False) -> None:
+        self.staged, self.model, self.save_stages = staged, model, save_stages
+        self.manifest = open(staged.path("manifest.jsonl"), "w", encoding="utf-8")  # noqa: SIM115
+        self.count = 0
+        self.grid: list[tuple[Image.Image, str]] = []
+
+    def add(self, out: PipelineOutput, sources: list[str] | None = None) -> None:
+        """Write the images of one finished batch (``sources``: the input file of each)."""
+        from imagen.pipeline import sampling_summary
+
+        settings = sampling_summary(out.sampling)
+        for i, (img, prompt, seed) in enumerate(
             zip(out.images, out.prompts, out.seeds, strict=True)
         ):
-            name = f"{j:04d}.png"
-            img.save(staged.path(name))
+            name = f"{self.count:04d}.png"
+            img.save(self.staged.path(name))
             rec: dict[str, Any] = {
                 "prompt": prompt,
                 "seed": seed,
                 "path": name,
                 "size": list(img.size),
-                "model": model,
+                "model": self.model,
                 "stages": settings,
             }
             if out.negative_prompts:
-                rec["negative_prompt"] = out.negative_prompts[j]
+                rec["negative_prompt"] = out.negative_prompts[i]
             if sources is not None:
-                rec["source"] = sources[j]
-            if save_stages:
+                rec["source"] = sources[i]
+            if self.save_stages:
                 rec["stage_paths"] = []
                 for k, imgs in enumerate(out.stages[:-1]):
-                    sname = f"{j:04d}_stage{k}.png"
-                    imgs[j].save(staged.path(sname))
+                    sname = f"{self.count:04d}_stage{k}.png"
+                    imgs[i].save(self.staged.path(sname))
                     rec["stage_paths"].append(sname)
-            f.write(json.dumps(rec) + "\n")
+            self.manifest.write(json.dumps(rec) + "\n")
+            if len(self.grid) < GRID_IMAGES:
+                self.grid.append((img, f"{prompt} (seed {seed})"))
+            self.count += 1
 
+    def close(self) -> None:
+        """Finish the manifest."""
+        self.manifest.close()
 
-def write_grid(staged: StagedOutput, out: PipelineOutput) -> None:
-    from imagen.utils.grid import captioned_grid
+    def write_grid(self) -> None:
+        """Write grid.png of the first images (after a run that succeeded)."""
+        if self.grid:
+            from imagen.utils.grid import captioned_grid
 
-    captioned_grid(
-        out.images,
-        [f"{p} (seed {s})" for p, s in zip(out.prompts, out.seeds, strict=True)],
-        columns=min(6, len(out.images)),
-    ).save(staged.path("grid.png"))
+            images, captions = zip(*self.grid, strict=True)
+            captioned_grid(list(images), list(captions), columns=min(6, len(images))).save(
+                self.staged.path("grid.png")
+            )

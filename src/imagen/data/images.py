@@ -138,3 +138,42 @@ def load_image_record(
     if img is None:
         return None, notes
     return pil_to_tensor(resize_and_crop(img, prep, rng)), notes
+
+
+def decode_user_image(
+    data: bytes | Path, name: str, mode: str = "RGB", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """An image a user hands in (``--init-image``, ``--mask``, ``upscale`` inputs, a request),
+    decoded under the same pixel limit as training data, checked from the header before any
+    pixel is decoded: a ValueError of one line naming ``name`` if it is too large or
+    unreadable. ``mode`` RGB converts as training data does (16-bit scaled, alpha on white);
+    other modes (``L`` for masks) convert directly (16-bit scaled)."""
+    try:
+        img = _open(data)
+    except Image.DecompressionBombError:
+        raise ValueError(f"{name}: {_too_large(None, max_pixels)}") from None
+    except DECODE_ERRORS as e:
+        raise ValueError(f"{name}: not a readable image ({e})") from None
+    with img:
+        if img.size[0] * img.size[1] > max_pixels:
+            raise ValueError(f"{name}: {_too_large(img.size, max_pixels)}")
+        try:
+            img.load()
+            if mode == "RGB":
+                out = to_rgb(img)[0]
+            elif img.mode in SIXTEEN_BIT or img.mode in ("I", "F"):
+                out = _scaled_to_8bit(img).convert(mode)
+            else:
+                out = img.convert(mode)
+            out.load()
+        except DECODE_ERRORS as e:
+            raise ValueError(f"{name}: not a readable image ({e})") from None
+    return out
+
+
+def _too_large(size: tuple[int, int] | None, max_pixels: int) -> str:
+    claim = f"{size[0]} x {size[1]} pixels" if size else "far more pixels than Pillow allows"
+    return (
+        f"image too large: its header claims {claim}, over the limit of "
+        f"{max_pixels / 1e6:g} megapixels (refused before decoding)"
+    )
