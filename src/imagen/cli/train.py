@@ -147,9 +147,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         "int8": torch.int8,
     }[args.dtype]
     notes = read_notes(args.notes) if args.notes else None
-    root = export_model(
-        args.runs, args.out, args.weights, dtype, notes, sampling=sampling_changes(args)
-    )
+    from imagen.cli.output import sigterm_exits
+
+    with sigterm_exits():  # SIGTERM removes the half-written model beside --out, as Ctrl-C does
+        root = export_model(
+            args.runs, args.out, args.weights, dtype, notes, sampling=sampling_changes(args)
+        )
     print(f"wrote model directory {root}")
     return 0
 

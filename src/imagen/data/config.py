@@ -26,6 +26,8 @@ class DataConfig:
     seed: int = 0  # seed of random crops
     max_pixels: int = DEFAULT_MAX_PIXELS  # skip images whose header claims more (bombs);
     # Pillow's own limit (2 x PIL.Image.MAX_IMAGE_PIXELS, about 179 MP) applies above this
+    allow_pipe: bool = False  # webdataset: allow ``pipe:CMD`` shards, which run CMD in a shell
+    # (e.g. ``pipe:curl -s URL``); off, so a config file cannot run a command unasked
 
     def __post_init__(self) -> None:
         if isinstance(self.shapes, dict):
@@ -44,6 +46,10 @@ class DataConfig:
                 )
         if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
             raise ValueError(f"data.max_pixels must be an integer >= 1, got {self.max_pixels!r}")
+        if self.kind == "webdataset" and self.path:
+            from imagen.data.webdataset import check_pipe_shards
+
+            check_pipe_shards(self.path, self.allow_pipe)
 
     def preprocess(self, size: int, training: bool = True) -> Preprocess:
         """How this data's images become inputs of a stage of resolution ``size`` (random crops

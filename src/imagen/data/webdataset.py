@@ -1,6 +1,8 @@
 """WebDataset shards, the way LAION is consumed (img2dataset's ``webdataset`` output): tar
 files holding ``jpg``/``png``/``webp`` + ``txt`` (+ ``json``) per sample, from local paths,
-URLs or ``pipe:`` commands, streamed with a shuffle buffer.
+URLs or ``pipe:`` commands, streamed with a shuffle buffer. A ``pipe:CMD`` shard runs CMD in a
+shell and reads the tar from its output: a config that names one runs that command, so it is
+refused unless the config opts in with ``data.allow_pipe: true`` (:func:`check_pipe_shards`).
 
 Shards are dealt round-robin to processes (rank r of W takes shards r, r + W, ...) and then
 to data-loader workers, so no sample is read twice in an epoch; that needs at least
@@ -48,6 +50,22 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     if not out:
         raise ValueError(f"no shards match {spec!r}")
     return out
+
+
+def check_pipe_shards(spec: str | list[str], allowed: bool) -> None:
+    """Raise unless ``spec`` names no ``pipe:`` shard (a shell command), or ``allowed``."""
+    if allowed:
+        return
+    try:
+        urls = expand_shards(spec)
+    except ValueError:
+        return  # no shards at all: reported where the data are opened
+    pipes = [u for u in urls if u.lstrip().startswith("pipe:")]
+    if pipes:
+        raise ValueError(
+            f"data.path {pipes[0]!r} is a pipe: shard, which runs a shell command; set "
+            f"data.allow_pipe: true in the config if you mean to run it"
+        )
 
 
 def _open_tar(url: str) -> tuple[tarfile.TarFile, IO[bytes] | None]:

@@ -165,6 +165,15 @@ def _check_target(root: Path) -> None:
             f"refusing to replace {root}: it is not empty and not a model directory "
             f"(no {INDEX_FILE})"
         )
+    if (root / INDEX_FILE).is_file():  # replace the model, never files the user keeps there
+        extra = validate.foreign_files(root, (*STAGE_FILES, NULL_TEXT_FILE))
+        if extra:
+            shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+            raise FileExistsError(
+                f"refusing to replace the model at {root}: it also holds {len(extra)} file(s) "
+                f"that are not part of the model ({shown}); move them out, or choose another "
+                f"directory"
+            )
 
 
 def _swap_into_place(tmp: Path, root: Path) -> None:

@@ -243,3 +243,28 @@ def check_weights(module: torch.nn.Module, path: Path) -> None:
     only names, shapes and dtypes are compared); a missing file is left to the loader."""
     if Path(path).is_file():
         check_weights_file(expected_tensors(module.state_dict()), Path(path))
+
+
+# ---- replacing a model directory -----------------------------------------------------------
+def foreign_files(root: Path, stage_files: tuple[str, ...]) -> list[str]:
+    """Files and directories in the model directory ``root`` that are not the model's own
+    (its index, and ``stage_files`` in each stage its index lists), relative to ``root``:
+    what replacing the model would delete. With an unreadable index, everything but the index
+    counts as foreign."""
+    import json
+
+    index_path = root / "model_index.json"
+    try:
+        stages = json.loads(index_path.read_text()).get("stages")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        stages = None
+    stages = {s for s in stages if isinstance(s, str)} if isinstance(stages, list) else set()
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.name == index_path.name:
+            continue
+        if p.name in stages and p.is_dir() and not p.is_symlink():
+            out += [f"{p.name}/{q.name}" for q in sorted(p.iterdir()) if q.name not in stage_files]
+        else:
+            out.append(p.name)
+    return out

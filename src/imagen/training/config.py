@@ -24,6 +24,7 @@ from imagen.models.cascade import encoder_config
 from imagen.models.model_dir import read_index, read_stage_config
 from imagen.models.presets import get_preset
 from imagen.models.stage import StageConfig
+from imagen.models.validate import check_stage_config
 from imagen.text.encoders import TextEncoderConfig
 from imagen.utils.config import config_from_dict, load_config_file
 
@@ -197,6 +198,7 @@ def parse_cascade_config(data: dict[str, Any]) -> CascadeRunConfig:
         stage_dict = deep_merge(base, entry.get("stage") or {})
         try:
             stage = config_from_dict(StageConfig, stage_dict, "stage")
+            check_stage_config(stage, "stage")  # sizes a network can be built from
             train = config_from_dict(TrainConfig, entry.get("train") or {}, "train")
             own = entry.get("data")
             merged = deep_merge(data_dict, own) if own else None

@@ -167,7 +167,10 @@ class RunDirectory:
                 )
             return None
         if ckpts:
-            return self.latest_checkpoint()
+            ckpt = self.latest_checkpoint()
+            if os.environ.get("RANK", "0") == "0":  # one process rewrites the log
+                self.truncate_log(verify_checkpoint(ckpt, ())["step"])
+            return ckpt
         if before:
             raise FileNotFoundError(
                 f"cannot resume {self.path}: it holds a previous run ({', '.join(before)}) but no "
@@ -218,6 +221,29 @@ class RunDirectory:
         if bad:
             log.warning("%s: %d line(s) that are not JSON records skipped", path, bad)
         return rows
+
+    def truncate_log(self, step: int) -> int:
+        """Drop the log's records after ``step`` (the checkpoint a resumed run restarts from:
+        the steps after it are run, and logged, again), so the log and its curves never go
+        back in steps. Rewritten atomically; returns how many records were dropped."""
+        path = self.path / LOG_FILE
+        if not path.is_file():
+            return 0
+        rows = self.read_log()
+        keep = [r for r in rows if r["step"] <= step]
+        lines = path.read_text(errors="replace").splitlines()
+        if len(keep) == len(rows) == len([ln for ln in lines if ln.strip()]):
+            return 0
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        log.info(
+            "%s: %d record(s) after step %d dropped (resumed)", path, len(rows) - len(keep), step
+        )
+        return len(rows) - len(keep)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.materialize()
