@@ -233,11 +233,17 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
     check_seeds(args.seed, len(args.images))
-    first = open_image(args.images[0], "IMAGE")  # each is decoded when its batch runs
-    assert first is not None
-    for path in args.images:
+    from imagen.data.images import check_user_image
+
+    for path in args.images:  # every header now; each image is decoded when its batch runs
         if not Path(path).is_file():
             raise UsageError(f"IMAGE file not found: {path}")
+        try:
+            check_user_image(Path(path), f"IMAGE {path}")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    first = open_image(args.images[0], "IMAGE")
+    assert first is not None
     from imagen.pipeline import resolve_model
 
     model = resolve_model(args.model)

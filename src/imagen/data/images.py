@@ -171,6 +171,23 @@ def decode_user_image(
     return out
 
 
+def check_user_image(
+    data: bytes | Path, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
+    """The size an image's header claims, after checking it as :func:`decode_user_image`
+    does, without decoding any pixel (to check every input before any work starts)."""
+    try:
+        with _open(data) as img:
+            size = img.size
+    except Image.DecompressionBombError:
+        raise ValueError(f"{name}: {_too_large(None, max_pixels)}") from None
+    except DECODE_ERRORS as e:
+        raise ValueError(f"{name}: not a readable image ({e})") from None
+    if size[0] * size[1] > max_pixels:
+        raise ValueError(f"{name}: {_too_large(size, max_pixels)}")
+    return size
+
+
 def _too_large(size: tuple[int, int] | None, max_pixels: int) -> str:
     claim = f"{size[0]} x {size[1]} pixels" if size else "far more pixels than Pillow allows"
     return (
