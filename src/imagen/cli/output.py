@@ -64,9 +64,11 @@ def sigterm_exits() -> Iterator[None]:
         yield
         return
 
+    got: list[int] = []
+
     def terminated(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
-        print("imagen: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
+        got.append(signum)
         raise SystemExit(128 + signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, terminated)
@@ -74,6 +76,8 @@ def sigterm_exits() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if got:  # after the cleanup inside (progress bars too), so it is the last line
+            print("imagen: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
 
 
 def _alive(pid: int) -> bool:
