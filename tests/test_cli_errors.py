@@ -135,7 +135,7 @@ CASES = [
     (sample("--model", "{truncated}"), "damaged weights"),
     (sample("--model", "{garbage}"), "damaged weights"),
     (sample("--model", "{empty-weights}"), "damaged weights"),
-    (sample("--model", "{no-weights}"), "has no model.safetensors"),
+    (sample("--model", "{no-weights}"), "no-weights/stage2"),  # names the missing file
     (sample("--model", "{bad-stage-config}"), "sampling.guidance: expected a number"),
     # outputs that cannot be written
     (sample("--out", "{file}"), "not a directory"),

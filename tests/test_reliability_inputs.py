@@ -248,7 +248,10 @@ CASES = [
     (upscale("{bomb.png}"), "image too large"),
     (upscale("{red.png}", "{huge.png}"), "image too large: its header claims 12000 x 12000"),
     # configs: shapes, types, ranges, sizes
-    (train("stages-5.json"), "stages[0]: expected a mapping (preset, stage, train, data), got 5"),
+    (
+        train("stages-5.json"),
+        "stages[0]: expected a mapping (preset, stage, train, data, init), got 5",
+    ),
     (train("stages-null.json"), "stages[0]: expected a mapping"),
     (train("stages-map.json"), "stages: expected a list of stage entries"),
     (train("preset-list.json"), "stages[0].preset: expected a preset name, got ['tiny-base']"),
@@ -339,3 +342,26 @@ def test_hashing_the_bundled_model_is_cheap():
     index = json.loads((Path(BUNDLED_MODEL) / "model_index.json").read_text())
     for name, digest in index["checksums"].items():
         assert file_sha256(Path(BUNDLED_MODEL) / name) == digest
+
+
+def test_large_weights_are_hashed_once_then_known_by_a_stamp(tmp_path, monkeypatch):
+    from imagen.models import validate
+
+    monkeypatch.setenv("IMAGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(validate, "STAMP_BYTES", 1000)
+    monkeypatch.setattr(validate, "_HASHED", {})
+    big, small = tmp_path / "big.safetensors", tmp_path / "small.json"
+    big.write_bytes(b"x" * 5000)
+    small.write_bytes(b"y" * 10)
+    reads = []
+    real = validate.file_sha256
+    monkeypatch.setattr(validate, "file_sha256", lambda p: reads.append(p) or real(p))
+    digest = real(big)
+    for _ in range(2):
+        assert validate.checked_sha256(big) == digest and validate.checked_sha256(small)
+    monkeypatch.setattr(validate, "_HASHED", {})  # a new process: the stamp stands in
+    assert validate.checked_sha256(big) == digest
+    assert reads == [big, small, small]  # big: once; small: every time
+    big.write_bytes(b"z" * 5000)  # an edit (a new mtime) is hashed again and caught
+    with pytest.raises(ValueError, match="does not match its sha256"):
+        validate.verify_file(big, digest, tmp_path / "model_index.json")

@@ -124,7 +124,7 @@ def file_sha256(path: str | Path) -> str:
 
 def verify_file(path: Path, want: str | None, index: Path) -> None:
     """Raise unless the file at ``path`` has the sha256 ``want`` (None: not recorded)."""
-    if want is not None and file_sha256(path) != want:
+    if want is not None and checked_sha256(path) != want:
         what = "damaged weights" if path.suffix == ".safetensors" else "damaged"
         raise ValueError(f"{path} does not match its sha256 in {index.name} ({what})")
 
@@ -142,7 +142,24 @@ def check_stage_config(cfg: StageConfig, source: str) -> None:
     """Raise unless the sizes and numbers of ``cfg`` (read from ``source``) are ones a network
     can be built from: positive, within the bounds above (so building the U-Net cannot be
     asked for absurd memory), diffusion constants in their ranges."""
-    u, d = cfg.unet, cfg.diffusion
+    from imagen.models.unet import UNetConfig
+
+    if isinstance(cfg.unet, UNetConfig):
+        _check_unet(cfg.unet, source)
+    else:  # another network kind (an imported diffusers U-Net): its sizes, where it has them
+        record = getattr(cfg.unet, "config", {})
+        _at_least(
+            source, "unet.config.sample_size", record.get("sample_size", 1), 1, MAX_IMAGE_SIZE
+        )
+        widths = record.get("block_out_channels") or ()
+        if isinstance(widths, list | tuple) and all(isinstance(w, int) for w in widths):
+            _at_least(source, "unet.config.block_out_channels", widths, 1, MAX_WIDTH)
+    if cfg.lowres_size is not None:
+        _at_least(source, "lowres_size", cfg.lowres_size, 1, MAX_IMAGE_SIZE)
+    _check_diffusion(cfg, source)
+
+
+def _check_unet(u: Any, source: str) -> None:
     _at_least(source, "unet.image_size", u.image_size, 1, MAX_IMAGE_SIZE)
     _at_least(source, "unet.in_channels", u.in_channels, 1, 64)
     _at_least(source, "unet.channels", u.channels, 1, MAX_WIDTH)
@@ -160,8 +177,10 @@ def check_stage_config(cfg: StageConfig, source: str) -> None:
     _at_least(source, "unet.norm_groups", u.norm_groups, 1, MAX_WIDTH)
     if not 0.0 <= u.dropout < 1.0:
         raise ValueError(f"{source}: unet.dropout must be in [0, 1), got {u.dropout}")
-    if cfg.lowres_size is not None:
-        _at_least(source, "lowres_size", cfg.lowres_size, 1, MAX_IMAGE_SIZE)
+
+
+def _check_diffusion(cfg: StageConfig, source: str) -> None:
+    d = cfg.diffusion
     _at_least(source, "diffusion.timesteps", d.timesteps, 2, MAX_TIMESTEPS)
     if not d.min_snr_gamma > 0:
         raise ValueError(f"{source}: diffusion.min_snr_gamma must be > 0, got {d.min_snr_gamma}")
@@ -268,3 +287,60 @@ def foreign_files(root: Path, stage_files: tuple[str, ...]) -> list[str]:
         else:
             out.append(p.name)
     return out
+
+
+# ---- hashing once --------------------------------------------------------------------------
+STAMP_BYTES = 256 << 20  # files this large are hashed in full once, then known by a stamp
+_HASHED: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime, inode) -> sha256
+
+
+def _stamp_file() -> Path:
+    root = os.environ.get("IMAGEN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "imagen"
+    )
+    return Path(root) / "verified-sha256.json"
+
+
+def _read_stamps() -> dict[str, str]:
+    import json
+
+    try:
+        stamps = json.loads(_stamp_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def _write_stamp(key: str, digest: str) -> None:
+    import json
+
+    path = _stamp_file()
+    try:
+        stamps = {**_read_stamps(), key: digest}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(stamps, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # no stamp: the file is hashed again next time
+
+
+def checked_sha256(path: Path) -> str:
+    """The sha256 of ``path``. A file under :data:`STAMP_BYTES` is hashed in full each time;
+    a larger one (multi-GB imported weights) in full once, after which its stamp (path, size,
+    mtime and inode with the digest, in ``$IMAGEN_CACHE_DIR`` or ``~/.cache/imagen``) stands
+    in while the file is unchanged: an edit shows, bit rot of a large file after its first
+    check does not."""
+    st = path.stat()
+    if st.st_size < STAMP_BYTES:  # small files are read in full every time (bit rot shows)
+        return file_sha256(path)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in _HASHED:
+        return _HASHED[key]
+    stamp = "|".join(map(str, key))
+    digest = _read_stamps().get(stamp)
+    if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+        digest = file_sha256(path)
+        _write_stamp(stamp, digest)
+    _HASHED[key] = digest
+    return digest
