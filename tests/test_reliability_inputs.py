@@ -209,6 +209,8 @@ def hostile(tmp_path_factory, paths, model_dir):  # noqa: F811
         (d / name).write_text(text)
     for name in ("bomb.png", "huge.png", *configs):
         p[name] = str(d / name)
+    (d / "one-line.txt").write_text("a red circle " * 100_000)  # 1.3 MB, no newline
+    p["one-line.txt"] = str(d / "one-line.txt")
     p["dangling"] = str(d / "dangling")
     os.symlink(d / "nowhere" / "at-all", d / "dangling")
     return p
@@ -290,6 +292,7 @@ CASES = [
     (sample("--seed", str(2**64 - 1), "--num-images", "2"), "need seeds up to"),
     (upscale("{red.png}", extra=("--seed", str(2**64))), "integer seed"),
     (sample("--out", "{dangling}"), "which does not exist"),
+    (["sample", "--prompts-file", "{one-line.txt}", "--out", "{out}"], "longer than 10000"),
 ]
 
 

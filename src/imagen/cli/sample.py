@@ -83,10 +83,18 @@ RUN_FILES = r"\d{4,}(_stage\d+)?\.png|grid\.png|manifest\.jsonl"  # what a run w
 GRID_IMAGES = 64  # grid.png shows the first 64 images (a grid of a million would not fit)
 
 
+MAX_PROMPT_CHARS = 10_000  # a line longer than this is not a prompt (text encoders keep <= 512)
+
+
 def _file_prompts(path: Path) -> Iterator[str]:
-    """The non-empty lines of a prompts file, stripped (a UTF-8 BOM too), read lazily."""
+    """The non-empty lines of a prompts file, stripped (a UTF-8 BOM too), read lazily; a line
+    over :data:`MAX_PROMPT_CHARS` is a UsageError (a file without newlines is never read whole)."""
     with open(path, encoding="utf-8-sig") as f:
-        for line in f:
+        for n, line in enumerate(iter(lambda: f.readline(MAX_PROMPT_CHARS + 1), ""), 1):
+            if len(line) > MAX_PROMPT_CHARS and not line.endswith("\n"):
+                raise UsageError(
+                    f"prompts file {path}: line {n} is longer than {MAX_PROMPT_CHARS} characters"
+                )
             if line.strip():
                 yield line.strip()
 
