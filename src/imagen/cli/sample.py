@@ -334,9 +334,38 @@ class RunWriter:
     def write_grid(self) -> None:
         """Write grid.png of the first images (after a run that succeeded)."""
         if self.grid:
-            from imagen.utils.grid import captioned_grid
+            save_grid(self.staged, self.grid)
 
-            images, captions = zip(*self.grid, strict=True)
-            captioned_grid(list(images), list(captions), columns=min(6, len(images))).save(
-                self.staged.path("grid.png")
-            )
+
+def write_outputs(
+    staged: StagedOutput,
+    out: PipelineOutput,
+    model: str,
+    save_stages: bool = False,
+    sources: list[str] | None = None,
+) -> None:
+    """The PNGs and manifest.jsonl of a finished run held in memory (as the commands write
+    them batch by batch; for callers with one :class:`PipelineOutput`)."""
+    writer = RunWriter(staged, model, save_stages)
+    try:
+        writer.add(out, sources)
+    finally:
+        writer.close()
+
+
+def write_grid(staged: StagedOutput, out: PipelineOutput) -> None:
+    """grid.png of a run held in memory: its first :data:`GRID_IMAGES` images, captioned."""
+    n = min(GRID_IMAGES, len(out.images))
+    save_grid(
+        staged, [(out.images[j], f"{out.prompts[j]} (seed {out.seeds[j]})") for j in range(n)]
+    )
+
+
+def save_grid(staged: StagedOutput, items: list[tuple[Image.Image, str]]) -> None:
+    """grid.png of (image, caption) pairs, six columns at most."""
+    from imagen.utils.grid import captioned_grid
+
+    images, captions = zip(*items, strict=True)
+    captioned_grid(list(images), list(captions), columns=min(6, len(images))).save(
+        staged.path("grid.png")
+    )
