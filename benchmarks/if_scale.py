@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -252,57 +253,81 @@ print(json.dumps({"first_s": round(times[0], 2), "s_per_eval": round(sorted(time
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", help="folder for the weights (default: a temporary one)")
-    ap.add_argument("--steps", type=int, default=2, help="sampling steps per stage")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=1, help="timed evaluations after a warm-up")
-    ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per measurement")
-    ap.add_argument("--keep", action="store_true", help="keep the weights afterwards")
-    ap.add_argument("--tiny", action="store_true", help="tiny widths: checks the script only")
-    args = ap.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="if_scale-"))
-    t5, base, sr = (TINY_T5, TINY_I, TINY_II) if args.tiny else (T5_XXL, IF_I_XL, IF_II_L_STAND_IN)
-    t0 = time.perf_counter()
+PARTS = {
+    "t5_encoder": "t5/text_encoder/model.safetensors",
+    "stage_i": "IF-I-XL/unet/diffusion_pytorch_model.safetensors",
+    "stage_ii": "IF-II-L/unet/diffusion_pytorch_model.safetensors",
+}
+
+
+def count_params(path: Path) -> int:
+    """The number of parameters in a safetensors file (from its header)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+
+
+def build(work: Path, tiny: bool) -> dict[str, int]:
+    """Write the three parts' folders under ``work``; their parameter counts."""
+    t5, base, sr = (TINY_T5, TINY_I, TINY_II) if tiny else (T5_XXL, IF_I_XL, IF_II_L_STAND_IN)
     params = {"t5_encoder": write_t5(work / "t5", t5)}
     params["stage_i"] = write_pipeline(work / "IF-I-XL", False, base)
     params["stage_ii"] = write_pipeline(work / "IF-II-L", True, sr)
     for p in ("IF-I-XL", "IF-II-L"):  # each pipeline's own T5 folder: the one written above
         for part in ("text_encoder", "tokenizer"):
             os.symlink(work / "t5" / part, work / p / part)
+    return params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", help="folder for the weights (default: a temporary one)")
+    ap.add_argument("--steps", type=int, default=2, help="sampling steps per stage")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="timed evaluations after a warm-up")
+    ap.add_argument("--timeout", type=float, default=2400.0, help="seconds per measurement")
+    ap.add_argument("--keep", action="store_true", help="keep the weights afterwards")
+    ap.add_argument("--reuse", action="store_true", help="the folders in --work are built")
+    ap.add_argument("--tiny", action="store_true", help="tiny widths: checks the script only")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="if_scale-"))
+    t0 = time.perf_counter()
+    if args.reuse:
+        params = {k: count_params(work / p) for k, p in PARTS.items()}
+    else:
+        params = build(work, args.tiny)
     build_s = time.perf_counter() - t0
     imagen = [sys.executable, "-m", "imagen"]
     model = work / "model"
-    rows = {
-        "import": run_measured(
-            [*imagen, "import", str(work / "IF-I-XL"), str(work / "IF-II-L"), "--out", str(model)],
-            args.timeout,
-        )
-    }
+    shutil.rmtree(model, ignore_errors=True)
+    pipes = [str(work / "IF-I-XL"), str(work / "IF-II-L")]
+    rows = {"import": run_measured([*imagen, "import", *pipes, "--out", str(model)], args.timeout)}
     steps = f"{args.steps},{args.steps}"
     sample = [*imagen, "sample", PROMPT, "--model", str(model), "--steps-per-stage", steps]
+    shutil.rmtree(work / "out", ignore_errors=True)
     rows["sample_text_to_256"] = run_measured(
         [*sample, "--threads", str(args.threads), "--out", str(work / "out")], args.timeout
     )
+    unet = json.loads((work / "IF-I-XL" / "unet" / "config.json").read_text())
+    width = json.loads((work / "t5" / "text_encoder" / "config.json").read_text())["d_model"]
+    shape = (str(unet["sample_size"]), str(width))
     for kind, path in (("ours", model), ("diffusers_bf16", work / "IF-I-XL" / "unet")):
-        shape = (str(base["sample_size"]), str(t5["d_model"]))
         cmd = [sys.executable, "-c", EVAL, kind.split("_")[0], str(path), str(args.threads)]
-        cmd += [str(args.repeat), *shape]
-        rows[f"eval_{kind}"] = run_measured(cmd, args.timeout)
+        rows[f"eval_{kind}"] = run_measured([*cmd, str(args.repeat), *shape], args.timeout)
     ours = rows["eval_ours"].get("s_per_eval")
-    theirs = rows["eval_diffusers_bf16"].get("s_per_eval") or rows["eval_diffusers_bf16"].get(
-        "timed_out_after_s"
-    )
+    them = rows["eval_diffusers_bf16"]
+    theirs = them.get("s_per_eval") or them.get("timed_out_after_s")
     result = {
         "tiny": args.tiny,
         "parameters": params,
         "weights_gb_bf16": round(2 * sum(params.values()) / 1e9, 1),
         "build_s": round(build_s, 1),
         "steps_per_stage": args.steps,
+        "threads": args.threads,
         "rows": rows,
         "eval_ratio_diffusers_over_ours": round(theirs / ours, 2) if ours and theirs else None,
-        "ratio_is_lower_bound": "timed_out_after_s" in rows["eval_diffusers_bf16"],
+        "ratio_is_lower_bound": "timed_out_after_s" in them,
     }
     print(json.dumps(result, indent=2))
     print("wrote", write("if_scale-cpu", result))

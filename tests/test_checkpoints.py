@@ -128,7 +128,14 @@ def test_no_usable_checkpoint_is_a_one_line_error(tmp_path, capsys):
 def test_resume_refuses_a_previous_run_without_checkpoints(tmp_path, leftover):
     run = tmp_path / "r"
     train_stage(config(steps=3), 0, run, progress=False)
-    for item in ("training_options.json", "log.jsonl", "checkpoints", "summary.json", "curves.png"):
+    for item in (
+        "training_options.json",
+        "log.jsonl",
+        "checkpoints",
+        "summary.json",
+        "curves.png",
+        "vocabulary.json",
+    ):
         if item != leftover:
             p = run / item
             shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -117,7 +117,7 @@ CASES = [
     (sample("--steps-per-stage", "2,2"), "3 stages"),
     (sample("--seed", "1.5"), "integer seed"),
     (sample("--num-images", "0"), "positive integer"),
-    (sample("--sampler", "euler"), "invalid choice"),
+    (sample("--sampler", "euler"), "unknown sampler 'euler'"),
     (sample("--device", "bogus"), "unknown device"),
     (sample("--device", "cuda:99"), "cuda:99"),
     (sample("--device", "meta"), "unsupported device"),

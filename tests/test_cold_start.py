@@ -56,8 +56,9 @@ def test_the_cli_sampler_choices_are_the_registered_samplers():
     from imagen.diffusion.samplers import SAMPLERS
 
     sample = [a for a in build_parser()._actions if a.dest == "command"][0].choices["sample"]
-    choices = [a for a in sample._actions if a.dest == "sampler"][0].choices
-    assert list(choices) == list(SAMPLERS)
+    action = [a for a in sample._actions if a.dest == "sampler"][0]
+    assert action.metavar == "{" + ",".join(SAMPLERS) + "}"
+    assert [action.type(name) for name in SAMPLERS] == list(SAMPLERS)
 
 
 def test_public_names_resolve_lazily():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -210,6 +211,20 @@ def add_model_options(p: argparse.ArgumentParser, default_device: str | None = "
     )
 
 
+def sampler_name(name: str) -> str:
+    """A sampler's name, checked without importing torch: the built-in ones, or, in a process
+    that has imported the registry (and may have registered more), the registry's."""
+    from imagen.diffusion.sampler_names import SAMPLER_HELP
+
+    registry = sys.modules.get("imagen.diffusion.samplers")
+    known = list(registry.SAMPLERS) if registry is not None else list(SAMPLER_HELP)
+    if name not in known:
+        raise argparse.ArgumentTypeError(
+            f"unknown sampler {name!r}; choose one of {', '.join(known)}"
+        )
+    return name
+
+
 def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) -> None:
     """The sampling overrides: --steps, --guidance, --sampler, --threshold, --aug-level (and,
     with ``per_stage``, --steps-per-stage and --guidance-per-stage)."""
@@ -225,7 +240,8 @@ def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) ->
         )
     p.add_argument(
         "--sampler",
-        choices=list(SAMPLER_HELP),
+        type=sampler_name,
+        metavar="{" + ",".join(SAMPLER_HELP) + "}",
         help="sampler for every stage: " + "; ".join(f"{k}: {h}" for k, h in SAMPLER_HELP.items()),
     )
     p.add_argument(

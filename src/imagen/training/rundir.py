@@ -79,6 +79,7 @@ class RunDirectory:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._pending_options: dict[str, Any] | None = None
+        self._pending_vocabulary: dict[str, Any] | None = None
 
     # ---- options -------------------------------------------------------------------------
     @property
@@ -96,6 +97,9 @@ class RunDirectory:
         if self._pending_options is not None:
             write_json_atomically(self.options_path, self._pending_options)
             self._pending_options = None
+        if self._pending_vocabulary is not None:
+            write_json_atomically(self.path / VOCABULARY_FILE, self._pending_vocabulary)
+            self._pending_vocabulary = None
 
     def read_options(self) -> dict[str, Any]:
         if not self.options_path.is_file():
@@ -250,9 +254,11 @@ class RunDirectory:
         write_json_atomically(self.path / SUMMARY_FILE, summary)
 
     def write_vocabulary(self, words: list[str]) -> None:
-        """Record the words of the run's training captions (exported with the model)."""
-        self.materialize()
-        write_json_atomically(self.path / VOCABULARY_FILE, {"vocabulary": words})
+        """Record the words of the run's training captions (exported with the model), with the
+        run's first output (a run that fails to start leaves nothing)."""
+        self._pending_vocabulary = {"vocabulary": words}
+        if self.path.is_dir() and self._pending_options is None:
+            self.materialize()
 
     def vocabulary(self) -> list[str] | None:
         """The run's training vocabulary, or None when its captions were not known ahead."""
