@@ -52,6 +52,19 @@ def test_recorded_evaluation_reproduces(name):
         ImagenPipeline.from_pretrained(name), check["num_per_group"], seed=check["seed"]
     )
     assert report["accuracy"] == check["accuracy"]
+    assert report["accuracy_strict"] == check["accuracy_strict"]
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_recorded_evaluation_sees_geometry_at_every_stage(name):
+    evaluation = json.loads((BUNDLED[name] / "model_index.json").read_text())["evaluation"]
+    stages = ["stage0_32px", "stage1_64px", "stage2_128px"]
+    for key in ("per_stage", "per_stage_strict", "background_error", "shape_fidelity"):
+        assert list(evaluation[key]) == stages, key
+    for stage in stages:
+        detail = evaluation["shape_fidelity_detail"][stage]
+        assert 0.0 < detail["generated"] <= 1.0 and 0.9 < detail["renders"] <= 1.0
+        assert evaluation["shape_fidelity"][stage] == detail["generated"] / detail["renders"]
 
 
 def test_the_fast_cascade_samples_by_name_with_one_pass_per_base_step(tmp_path):

@@ -7,10 +7,14 @@ from PIL import Image, ImageDraw
 
 from imagen.data.checker import (
     FAILURE_KINDS,
+    STRICT_SQUARE_FILL,
+    UNCLEAR,
     background_error,
     check_image,
     detect_objects,
+    render_fidelity,
     score,
+    shape_fidelity,
 )
 from imagen.data.shapes import (
     BACKGROUND,
@@ -35,11 +39,16 @@ def rendered(size, n=400, seed=1):
     return [render_scene(s, size) for s in scenes], [s.caption for s in scenes]
 
 
-@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("size", [32, 64, 128])
 def test_checker_accepts_ground_truth(size):
-    images, captions = rendered(size)
-    acc = score(images, captions)["accuracy"]
-    assert acc["one"] >= 0.99 and acc["two"] >= 0.99, acc
+    # calibration of both shape decisions and of the fidelity on crisp renders, every resolution
+    images, captions = rendered(size, 400 if size < 128 else 80)
+    report = score(images, captions)
+    for acc in (report["accuracy"], report["accuracy_strict"]):
+        assert acc["one"] >= 0.99 and acc["two"] >= 0.99, acc
+    fidelity = report["shape_fidelity"]
+    assert fidelity["resolution"] == size and abs(fidelity["relative"] - 1) < 0.01, fidelity
+    assert fidelity["generated"]["objects"] == sum(len(parse_caption(c).objects) for c in captions)
 
 
 def test_checker_accepts_held_out_ground_truth():
@@ -220,6 +229,53 @@ def test_custom_holdout_and_caption_groups():
     assert len(groups["one"]) == 85 and all("purple triangle" in c for c in groups["heldout"])
     with pytest.raises(ValueError, match="not a Shapes caption"):
         parse_caption("a cat")
+
+
+def rounded_square(size, radius, color="yellow", blur=0.0):
+    """A square of side 0.3 of the image at its centre, corners rounded to ``radius`` of the
+    side, drawn like the dataset (supersampled, box-filtered), optionally blurred."""
+    from PIL import ImageFilter
+
+    big = size * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), BACKGROUND)
+    side = 0.3 * big
+    box = [big / 2 - side / 2, big / 2 - side / 2, big / 2 + side / 2, big / 2 + side / 2]
+    ImageDraw.Draw(img).rounded_rectangle(box, radius * side, fill=PALETTE[color])
+    img = img.resize((size, size), Image.BOX)
+    return img.filter(ImageFilter.GaussianBlur(blur)) if blur else img
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_the_strict_decision_and_the_fidelity_see_rounded_corners(size):
+    caption = "a yellow square in the center"
+    # corners rounded enough to fill 0.90-0.93 of the box on each pixel grid: still nearest
+    # the square template, but neither a square nor a circle to the strict decision
+    crisp, rounded = rounded_square(size, 0.0), rounded_square(size, 0.29 if size > 64 else 0.27)
+    for strict in (False, True):
+        assert check_image(crisp, caption, strict=strict).ok
+    assert check_image(rounded, caption).ok
+    v = check_image(rounded, caption, strict=True)
+    assert not v.ok and v.kind == "wrong shape" and v.objects[0].shape == UNCLEAR, v.reason
+    assert v.objects[0].shape_scores["square"] < STRICT_SQUARE_FILL
+    circle = render_scene(scene(("yellow", "circle", 0.5, 0.5, 0.3)), size)
+    assert check_image(circle, "a yellow circle in the center", strict=True).ok
+    ((shape, crisp_f),) = shape_fidelity(crisp, caption)
+    ((_, rounded_f),) = shape_fidelity(rounded, caption)
+    ((_, soft_f),) = shape_fidelity(rounded_square(size, 0.15, blur=size / 32), caption)
+    assert shape == "square" and crisp_f > 0.99 and rounded_f < crisp_f - 0.05, (crisp_f, rounded_f)
+    assert soft_f < crisp_f - 0.01, soft_f
+    assert score([crisp, rounded], [caption] * 2)["accuracy_strict"]["all"] == 0.5
+
+
+def test_render_fidelity_is_the_crisp_reference_and_rises_with_resolution():
+    caps = [c for g in all_captions().values() for c in g[:10]]
+    low, high = render_fidelity(caps, 32), render_fidelity(caps, 128)
+    assert 0.85 < low["mean"] < high["mean"] <= 1.0 and high["mean"] > 0.97
+    assert high["by_shape"]["square"] > 0.99 and set(low["by_shape"]) == {
+        "circle",
+        "square",
+        "triangle",
+    }
 
 
 def test_detect_objects_on_a_blank_image():

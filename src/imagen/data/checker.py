@@ -6,13 +6,18 @@ the template (circle, square, triangle) that best overlaps its mask within its b
 its position is its bounding-box centre. A caption is satisfied when exactly the named objects
 are present with the right colours and shapes, and the place or relation holds. Apart from
 that verdict, :func:`background_error` measures how far the background strays from its colour
-(a tint or noise that no caption check sees).
+(a tint or noise that no caption check sees), and :func:`shape_fidelity` how closely each
+object's mask matches a crisp rendering of its named shape at the object's position and size
+(rounded corners and soft edges lower it; the verdict, which only picks the nearest template,
+does not see them). With ``strict=True`` a square must fill its bounding box almost fully and a
+circle must not (thresholds below, calibrated on crisp renders at 32 to 128 px).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,12 +31,25 @@ from imagen.data.shapes import (
     RELATIONS,
     SHAPES,
     parse_caption,
+    render_scene,
+    scene_for_caption,
     shape_polygon,
 )
 
 _COLORS = list(PALETTE)
 _PAL = np.array([PALETTE[c] for c in _COLORS], dtype=np.float32)
 _BG = np.array(BACKGROUND, dtype=np.float32)
+
+# The strict square / circle decision, by the fraction of its bounding box an object fills
+# (the same at every resolution: a square with corners rounded to a radius r of its side s
+# fills 1 - 0.86 (r / s)^2). Crisp renders (tests/test_shapes.py; 1,000 scenes, seed 1) fill,
+# for squares, >= 0.960 at 32 px, >= 0.988 at 64 and >= 0.997 at 128 (a corner pixel can fall
+# below half coverage) and, for circles, <= 0.884, 0.846 and 0.814 (an ideal circle: pi / 4).
+# A square must fill >= 0.93 (corner radius at most 29% of its side); a circle <= 0.89; a fill
+# between is neither (a rounded square, or a squarish circle).
+STRICT_SQUARE_FILL = 0.93
+STRICT_CIRCLE_FILL = 0.89
+UNCLEAR = "unclear"  # the strict decision's shape for a fill between the thresholds
 
 
 @dataclass
@@ -80,8 +98,11 @@ def _template(shape: str, w: int, h: int) -> np.ndarray:
     return np.asarray(small) >= 128
 
 
-def classify_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
-    """Best-matching shape (by IoU with a template filling the mask's bounding box)."""
+def classify_shape(mask: np.ndarray, strict: bool = False) -> tuple[str, dict[str, float]]:
+    """Best-matching shape (by IoU with a template filling the mask's bounding box) and each
+    shape's IoU. With ``strict`` a square or circle is decided by how much of its bounding box
+    the mask fills (its IoU with the square template): square at >= STRICT_SQUARE_FILL,
+    circle at <= STRICT_CIRCLE_FILL, UNCLEAR between."""
     ys, xs = np.nonzero(mask)
     crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     h, w = crop.shape
@@ -91,20 +112,34 @@ def classify_shape(mask: np.ndarray) -> tuple[str, dict[str, float]]:
         inter = np.logical_and(t, crop).sum()
         union = np.logical_or(t, crop).sum()
         scores[shape] = float(inter / max(union, 1))
-    return max(scores, key=scores.get), scores
+    return decide_shape(scores, strict), scores
+
+
+def decide_shape(scores: dict[str, float], strict: bool = False) -> str:
+    """The shape an object's template IoUs (see :func:`classify_shape`) decide: the best match,
+    or with ``strict`` a square or circle by its fill (the square template's IoU)."""
+    best = max(scores, key=scores.get)
+    if not strict or best not in ("circle", "square"):
+        return best
+    fill = scores["square"]
+    if fill >= STRICT_SQUARE_FILL:
+        return "square"
+    return "circle" if fill <= STRICT_CIRCLE_FILL else UNCLEAR
 
 
 def detect_objects(
     image: Image.Image | np.ndarray,
     min_coverage: float = 0.5,
     min_area: float = 0.012,
+    strict: bool = False,
 ) -> list[Detected]:
     """Find the coloured objects in an RGB image.
 
     Each pixel is explained as a blend ``a * colour + (1 - a) * background`` for the palette
     colour whose blend line lies nearest (so anti-aliased edges keep their object's colour);
     it is foreground when its coverage ``a`` exceeds ``min_coverage``. Components smaller
-    than ``min_area`` (a fraction of the image) are noise.
+    than ``min_area`` (a fraction of the image) are noise. ``strict``: see
+    :func:`classify_shape`.
     """
     arr = _rgb(image)
     n_h, n_w = arr.shape[:2]
@@ -121,7 +156,7 @@ def detect_objects(
                 continue
             mask = labels == lab
             ys, xs = np.nonzero(mask)
-            shape, scores = classify_shape(mask)
+            shape, scores = classify_shape(mask, strict)
             found.append(
                 Detected(
                     color,
@@ -167,10 +202,15 @@ def nearest_place(cx: float, cy: float) -> str:
     return min(PLACES, key=lambda p: (PLACES[p][0] - cx) ** 2 + (PLACES[p][1] - cy) ** 2)
 
 
-def check_image(image: Image.Image | np.ndarray, caption: str) -> Verdict:
-    """Decide whether ``image`` matches ``caption``; the reason names the first failure."""
+def check_image(image: Image.Image | np.ndarray, caption: str, strict: bool = False) -> Verdict:
+    """Decide whether ``image`` matches ``caption``; the reason names the first failure.
+    ``strict``: squares and circles by the strict decision (see :func:`classify_shape`)."""
+    return check_objects(detect_objects(image, strict=strict), caption)
+
+
+def check_objects(objs: list[Detected], caption: str) -> Verdict:
+    """The verdict of :func:`check_image` on objects already detected."""
     parsed = parse_caption(caption)
-    objs = detect_objects(image)
     named_colors = [c for c, _ in parsed.objects]
     by_color = {c: [o for o in objs if o.color == c] for c in named_colors}
     for (color, shape), found in zip(parsed.objects, by_color.values(), strict=True):
@@ -210,31 +250,95 @@ def caption_group(caption: str, holdout: tuple[tuple[str, str], ...] = DEFAULT_H
     return parsed.kind
 
 
+def object_fidelity(objs: list[Detected], caption: str) -> list[tuple[str, float]]:
+    """Shape fidelity of each object ``caption`` names that was found exactly once (by its
+    colour): its named shape and the IoU of its mask with a crisp rendering of that shape
+    filling the mask's bounding box (1 for a perfect match; a square with rounded corners
+    scores its fill). Missing or duplicated objects are left to the verdict."""
+    out = []
+    for color, shape in parse_caption(caption).objects:
+        found = [o for o in objs if o.color == color]
+        if len(found) == 1:
+            out.append((shape, found[0].shape_scores[shape]))
+    return out
+
+
+def shape_fidelity(image: Image.Image | np.ndarray, caption: str) -> list[tuple[str, float]]:
+    """:func:`object_fidelity` of the objects detected in ``image``."""
+    return object_fidelity(detect_objects(image), caption)
+
+
+def _mean_fidelity(per_object: list[tuple[str, float]]) -> dict[str, Any]:
+    """Mean fidelity over all objects and per named shape (None where there are none)."""
+    by_shape = {
+        s: float(np.mean(v)) if (v := [f for n, f in per_object if n == s]) else None
+        for s in SHAPES
+    }
+    mean = float(np.mean([f for _, f in per_object])) if per_object else None
+    return {"mean": mean, "by_shape": by_shape, "objects": len(per_object)}
+
+
+def render_fidelity(captions: list[str], size: int, seed: int = 0) -> dict[str, Any]:
+    """Shape fidelity of crisp renders (at ``size`` px) of random scenes matching ``captions``:
+    the reference a generated image of the same resolution is compared to (a crisp render
+    scores below 1 where its edges fall between pixels, most at low resolution)."""
+    rng = np.random.default_rng(seed)
+    per_object = []
+    for cap in captions:
+        per_object += shape_fidelity(render_scene(scene_for_caption(cap, rng), size), cap)
+    return _mean_fidelity(per_object)
+
+
 def score(
     images: list[Image.Image],
     captions: list[str],
     holdout: tuple[tuple[str, str], ...] = DEFAULT_HOLDOUT,
-) -> dict[str, object]:
-    """Accuracy per group (one, two, heldout, all) with failure reasons counted, and the mean
-    :func:`background_error` of the images."""
+) -> dict[str, Any]:
+    """Accuracy per group (one, two, heldout, all) with failure reasons counted, by the
+    default and the strict shape decision; the mean :func:`background_error` of the images;
+    and their shape fidelity (mean over objects, and per shape), beside that of crisp renders
+    of the same captions at the same resolution (``relative``: the ratio of the two)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     totals: Counter[str] = Counter()
-    correct: Counter[str] = Counter()
-    reasons: dict[str, Counter[str]] = {}
+    correct = {"default": Counter(), "strict": Counter()}
+    reasons: dict[str, dict[str, Counter[str]]] = {"default": {}, "strict": {}}
     bg_error = 0.0
+    per_object: list[tuple[str, float]] = []
     for img, cap in zip(images, captions, strict=True):
         bg_error += background_error(img) / len(images)
         group = caption_group(cap, holdout)
-        v = check_image(img, cap)
-        for g in (group, "all"):
-            totals[g] += 1
-            correct[g] += int(v.ok)
-        if not v.ok:
-            reasons.setdefault(group, Counter())[v.kind] += 1
+        objs = detect_objects(img)
+        per_object += object_fidelity(objs, cap)
+        strict = [replace(o, shape=decide_shape(o.shape_scores, True)) for o in objs]
+        for mode, found in (("default", objs), ("strict", strict)):
+            v = check_objects(found, cap)
+            for g in (group, "all"):
+                totals[g] += int(mode == "default")
+                correct[mode][g] += int(v.ok)
+            if not v.ok:
+                reasons[mode].setdefault(group, Counter())[v.kind] += 1
     return {
-        "accuracy": {g: correct[g] / totals[g] for g in totals},
+        "accuracy": {g: correct["default"][g] / totals[g] for g in totals},
+        "accuracy_strict": {g: correct["strict"][g] / totals[g] for g in totals},
         "count": dict(totals),
-        "failures": {g: dict(c.most_common()) for g, c in reasons.items()},
+        "failures": {g: dict(c.most_common()) for g, c in reasons["default"].items()},
+        "failures_strict": {g: dict(c.most_common()) for g, c in reasons["strict"].items()},
         "background_error": bg_error,
+        "shape_fidelity": _fidelity_report(per_object, captions, images),
     }
+
+
+def _fidelity_report(
+    per_object: list[tuple[str, float]], captions: list[str], images: list[Image.Image]
+) -> dict[str, Any]:
+    """Generated images' fidelity beside crisp renders' at their resolution."""
+    generated = _mean_fidelity(per_object)
+    size = _rgb(images[0]).shape[0] if images else 0
+    renders = render_fidelity(captions, size) if images else _mean_fidelity([])
+    ratio = (
+        generated["mean"] / renders["mean"]
+        if generated["mean"] is not None and renders["mean"]
+        else None
+    )
+    return {"generated": generated, "renders": renders, "relative": ratio, "resolution": size}
