@@ -65,6 +65,10 @@ def test_recorded_evaluation_sees_geometry_at_every_stage(name):
         detail = evaluation["shape_fidelity_detail"][stage]
         assert 0.0 < detail["generated"] <= 1.0 and 0.9 < detail["renders"] <= 1.0
         assert evaluation["shape_fidelity"][stage] == detail["generated"] / detail["renders"]
+    # v3's acceptance: the 128 px squares pass the strict test (issue 23); its shape fidelity is
+    # recorded (2 points below the base's at the time of writing, README "Geometry")
+    strict = evaluation["per_stage_strict"]["stage2_128px"]
+    assert min(strict[g] for g in ("one", "two", "heldout")) >= 0.99, strict
 
 
 def test_the_fast_cascade_samples_by_name_with_one_pass_per_base_step(tmp_path):
