@@ -145,3 +145,16 @@ def test_configs_parse_with_the_bounded_loader(tmp_path, kind):
     path = tmp_path / f"c.{kind}"
     path.write_text(json.dumps(body) if kind == "json" else "\ufeff" + json.dumps(body))
     assert load_cascade_config(path).stages[0].stage.unet.image_size == 16
+
+
+def test_eval_shapes_out_refuses_an_earlier_evaluation(tmp_path, capsys):
+    from imagen.cli.main import main
+
+    out = tmp_path / "ev"
+    out.mkdir()
+    (out / "report.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    code = main(["eval", "shapes", "--num", "1", "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "earlier run" in err[0] and "--overwrite" in err[0]
+    assert (out / "report.json").read_text() == "{}" and (out / "notes.txt").read_text() == "mine"

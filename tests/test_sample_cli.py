@@ -116,7 +116,7 @@ def test_prompts_file_and_per_stage_settings(model_dir, tmp_path, capsys):
     [
         ([], "no prompt"),
         (["x", "--steps", "0"], "positive integer"),
-        (["x", "--sampler", "euler"], "invalid choice"),
+        (["x", "--sampler", "euler"], "unknown sampler 'euler'"),
         (["x", "--steps-per-stage", "2,2"], "3 stages"),
         (["x", "--strength", "1.5"], "strength"),
         (["x", "--mask", "nowhere.png"], "not found"),

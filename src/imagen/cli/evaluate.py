@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     vs.add_argument("--num", type=positive_int, default=50, help="prompts per group")
     vs.add_argument("--out", help="write the images, a grid and report.json here")
     vs.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier evaluation's files in --out"
+    )
+    vs.add_argument(
         "--record",
         action="store_true",
         help="record the report (and a small check a test can rerun) in the model's "
@@ -64,12 +67,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_FILES = r"report\.json|grid\.png"  # an earlier evaluation in --out (its report, its grid)
+
+
 def eval_shapes_command(args: argparse.Namespace) -> dict:
     from imagen.evaluation.shapes import eval_shapes
 
     if args.record:
         args.model_dir = recordable_model_dir(args.model)
-    with StagedOutput(args.out) if args.out else nullcontext() as staged:
+    out = (
+        StagedOutput(args.out, run_files=EVAL_FILES, overwrite=args.overwrite) if args.out else None
+    )
+    with out or nullcontext() as staged:
         pipe = load_pipeline(args)
         checked_configs(pipe, args)
         report = eval_shapes(
