@@ -192,8 +192,12 @@ def cases(env: dict[str, str], tmp: str) -> dict[str, Callable[[], dict[str, flo
         "import_torch": proc("import_torch", python("-c", "import torch")),
         "help": proc("help", python("-m", "imagen", "--help")),
         "usage_error": proc("usage_error", python("-m", "imagen", "sample", "--steps", "x"), 2),
-        "sample_1": proc("sample_1", python("-m", "imagen", "sample", PROMPT, "--out", out)),
-        "sample_16": proc("sample_16", python("-m", "imagen", "sample", *PROMPTS_16, "--out", out)),
+        "sample_1": proc(
+            "sample_1", python("-m", "imagen", "sample", PROMPT, "--out", out, "--overwrite")
+        ),
+        "sample_16": proc(
+            "sample_16", python("-m", "imagen", "sample", *PROMPTS_16, "--out", out, "--overwrite")
+        ),
         "serve": lambda: serve_once(env),
         "from_pretrained": proc(
             "from_pretrained",

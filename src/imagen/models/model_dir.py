@@ -10,6 +10,7 @@ working directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -36,6 +37,7 @@ from imagen.utils.tensors import (
 INDEX_FILE = "model_index.json"
 FORMAT = "imagen-cascade"
 STAGE_FILES = ("config.json", "model.safetensors")
+META_BUILD_BYTES = 64 << 20  # weights files from this size build their network on meta
 NULL_TEXT_FILE = "null_text.safetensors"  # a stage's stored null caption, where it has one
 
 
@@ -298,8 +300,8 @@ def meta_stage(directory: str | Path) -> Stage:
 def load_stage(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Stage:
-    """Load one stage directory (config.json + model.safetensors), strictly. The network is
-    built on the meta device and takes the file's tensors, in ``dtype`` (float32 by default):
+    """Load one stage directory (config.json + model.safetensors), strictly. A large network
+    is built on the meta device and takes the file's tensors, in ``dtype`` (float32 by default):
     a large stage is never held twice, and bf16 weights loaded in bf16 are not copied. In a
     model directory its files are verified against the index's sha256 first, and the weights'
     names, shapes and dtypes against the network before any tensor is read."""
@@ -307,10 +309,13 @@ def load_stage(
     if (d.parent / INDEX_FILE).is_file():
         verify_stage(d)
     config = read_stage_config(d)
-    with torch.device("meta"):
+    # a large stage is built on the meta device; a small one on the CPU, which costs less
+    # than the first meta-device build (that imports torch's compiler)
+    large = (d / "model.safetensors").stat().st_size >= META_BUILD_BYTES
+    with torch.device("meta") if large else contextlib.nullcontext():
         stage = Stage(config)
     validate.check_weights(stage.unet, d / "model.safetensors")
     state = load_weights(d / "model.safetensors", dtype or torch.float32)
-    load_strict(stage.unet, state, str(d / "model.safetensors"), assign=True)
+    load_strict(stage.unet, state, str(d / "model.safetensors"), assign=large)
     stage.null_text = read_null_text(d)
     return stage.to(device).eval()
