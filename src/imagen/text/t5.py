@@ -7,9 +7,6 @@ empty prompt encoded like any other (IF's null caption is T5(""), not zeros)."""
 from __future__ import annotations
 
 import importlib.util
-import logging
-
-log = logging.getLogger(__name__)
 
 
 def can_clean_captions() -> bool:
