@@ -53,7 +53,15 @@ def test_streams_and_seeds_are_independent():
 
 
 def test_a_sample_draws_the_same_in_any_batch():
-    spec = DrawSpec(seed=3, shape=(3, 8, 8), timesteps=1000, cond_drop=0.5, aug_max=0.5, uniforms=2)
+    spec = DrawSpec(
+        seed=3,
+        shape=(3, 8, 8),
+        timesteps=1000,
+        cond_drop=0.5,
+        aug_max=0.5,
+        uniforms=2,
+        blur_max=1.0,
+    )
     whole = draw_batch(spec, 0, 10, torch.device("cpu"))
     part = draw_batch(spec, 4, 3, torch.device("cpu"))
     for full, piece in zip(whole._fields(), part._fields(), strict=True):
@@ -63,12 +71,21 @@ def test_a_sample_draws_the_same_in_any_batch():
     assert whole.noise.shape == (10, 3, 8, 8) and whole.t.dtype == torch.int64
     assert whole.aug_level.min() >= 0 and whole.aug_level.max() < 0.5
     assert whole.drop.dtype == torch.bool and whole.u.shape == (10, 2)
+    assert whole.blur.min() >= 0 and whole.blur.max() < 1.0 and whole.blur.shape == (10,)
 
 
 def test_compiled_draws_equal_eager_draws():
     # inside torch.compile the batch start is a tensor and the positions come from outside the
     # graph (inductor computes 64-bit products of an in-graph arange in 32 bits)
-    spec = DrawSpec(seed=7, shape=(3, 8, 8), timesteps=1000, cond_drop=0.1, aug_max=0.5, uniforms=2)
+    spec = DrawSpec(
+        seed=7,
+        shape=(3, 8, 8),
+        timesteps=1000,
+        cond_drop=0.1,
+        aug_max=0.5,
+        uniforms=2,
+        blur_max=1.0,
+    )
     cpu = torch.device("cpu")
     compiled = torch.compile(lambda first, pos: draw_batch(spec, first, 5, cpu, pos), dynamic=False)
     for start in (5, 123_456_789_012):

@@ -178,6 +178,27 @@ def augment_lowres(
     return torch.where(t.view(-1, 1, 1, 1) > 0, noised, up), t.float()
 
 
+BLUR_RADIUS = 4  # taps each side of the low-res blur kernel (enough for sigma <= 1.5)
+BLUR_MAX = 1.5  # the largest blur sigma, in low-res pixels, the kernel represents
+
+
+def blur_lowres(images: Tensor, sigma: Tensor) -> Tensor:
+    """Blur augmentation of the low-res conditioning image (Ho et al. 2021, Cascaded Diffusion
+    Models, sec. 3.2): a separable Gaussian of standard deviation ``sigma`` (B,) in low-res
+    pixels per sample (0 leaves a sample as it is), edges replicated. Training only: a stage
+    learns to draw crisp detail from a softer low-res image than its training data's."""
+    b, c, h, w = images.shape
+    k = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=images.device, dtype=torch.float32)
+    s = sigma.to(images.device, torch.float32).clamp_min(1e-3).view(b, 1)
+    kernel = torch.exp(-0.5 * (k.view(1, -1) / s) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).to(images.dtype)
+    kernel = kernel.repeat_interleave(c, 0)  # (B C, K): one kernel per sample and channel
+    x = F.pad(images.reshape(1, b * c, h, w), (BLUR_RADIUS,) * 4, mode="replicate")
+    x = F.conv2d(x, kernel.view(b * c, 1, 1, -1), groups=b * c)
+    x = F.conv2d(x, kernel.view(b * c, 1, -1, 1), groups=b * c)
+    return x.view(b, c, h, w)
+
+
 @dataclass
 class TrainingDraws:
     """Every random draw of one training batch (see :meth:`Stage.loss`)."""
@@ -188,9 +209,18 @@ class TrainingDraws:
     aug_level: Tensor | None = None  # (B,) SR augmentation level in [0, aug_max); None for base
     aug_noise: Tensor | None = None  # (B, C, H, W); None for base stages
     u: Tensor | None = None  # (B, K) uniform draws in [0, 1) that distillation objectives use
+    blur: Tensor | None = None  # (B,) SR low-res blur sigma in low-res pixels; None: no blur
 
     def _fields(self) -> tuple[Tensor | None, ...]:
-        return (self.t, self.noise, self.drop, self.aug_level, self.aug_noise, self.u)
+        return (self.t, self.noise, self.drop, self.aug_level, self.aug_noise, self.u, self.blur)
+
+    def lowres(self, images: Tensor, size: int | None) -> Tensor | None:
+        """The low-res conditioning images of a training batch of ``images``: downsampled to
+        ``size`` (None for a base stage), then blurred where the draws say."""
+        if size is None:
+            return None
+        lowres = resize(images, size)
+        return lowres if self.blur is None else blur_lowres(lowres, self.blur)
 
     def to(self, device: torch.device) -> TrainingDraws:
         return TrainingDraws(
@@ -272,10 +302,10 @@ class Stage(nn.Module):
     ) -> Tensor:
         """The weighted denoising loss of one batch (Ho et al. 2020 eq. 14, with the stage's
         target and loss weighting), with conditioning dropout and, for SR stages, noise-
-        conditioning augmentation of the real low-res images. A network with a learned
+        conditioning (and optional blur) augmentation of the real low-res images. A network with a learned
         variance is trained on its prediction alone (see :func:`fine_tuned_config`)."""
         draws = draws.to(images.device)
-        lowres = resize(images, self.config.lowres_size) if self.config.lowres_size else None
+        lowres = draws.lowres(images, self.config.lowres_size)
         cond = self.condition(text, lowres, draws.aug_level, draws.aug_noise, draws.drop)
         xt = self.schedule.q_sample(images, draws.t, draws.noise)
         target = self.schedule.target(images, draws.noise, draws.t)

@@ -23,7 +23,7 @@ from imagen.data.config import DataConfig
 from imagen.models.cascade import encoder_config
 from imagen.models.model_dir import read_index, read_stage_config
 from imagen.models.presets import get_preset
-from imagen.models.stage import StageConfig
+from imagen.models.stage import BLUR_MAX, StageConfig
 from imagen.models.validate import check_stage_config
 from imagen.text.encoders import TextEncoderConfig
 from imagen.utils.config import config_from_dict, load_config_file
@@ -49,6 +49,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
     cond_drop: float = 0.1  # fraction of captions replaced by the null condition (for guidance)
     aug_max: float = 0.5  # SR stages: augmentation levels drawn uniformly from [0, aug_max]
+    blur_max: float = 0.0  # SR stages: Gaussian blur of the low-res image, sigma (low-res
+    # pixels) drawn uniformly from [0, blur_max] per sample (Cascaded Diffusion Models'
+    # conditioning augmentation); teaches crisp detail from soft input. 0: none; at most 1.5
     ema_decay: float = 0.999  # EMA decay, warmed up as min(decay, (1 + step) / (10 + step))
     ema_halflife_images: float | None = None  # if set, EMA by half-life in images (EDM style)
     precision: str = "bf16"  # bf16 (autocast) | fp32
@@ -100,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if not 0.0 <= self.aug_max < 1.0:
             raise ValueError(f"aug_max must be in [0, 1), got {self.aug_max}")
+        if not 0.0 <= self.blur_max <= BLUR_MAX:
+            raise ValueError(f"blur_max must be in [0, {BLUR_MAX}], got {self.blur_max}")
         self._check_ranges()
 
     def _check_ranges(self) -> None:

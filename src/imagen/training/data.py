@@ -44,14 +44,16 @@ class DrawSpec:
     cond_drop: float
     aug_max: float | None  # None for base stages (no augmentation draws)
     uniforms: int = 0
+    blur_max: float = 0.0  # SR stages: low-res blur sigmas drawn from [0, blur_max]; 0: none
 
     @classmethod
     def of(
         cls, stage: StageConfig, cfg: TrainConfig, timesteps: int, uniforms: int = 0
     ) -> DrawSpec:
         shape = (stage.unet.in_channels, stage.resolution, stage.resolution)
-        aug = cfg.aug_max if stage.is_super_resolution else None
-        return cls(cfg.seed, shape, timesteps, cfg.cond_drop, aug, uniforms)
+        sr = stage.is_super_resolution
+        aug, blur = (cfg.aug_max, cfg.blur_max) if sr else (None, 0.0)
+        return cls(cfg.seed, shape, timesteps, cfg.cond_drop, aug, uniforms, blur)
 
     def positions(self, device: torch.device) -> Tensor:
         """Positions 0..n-1 of the longest random stream, for :func:`draw_batch` in a compiled
@@ -60,7 +62,7 @@ class DrawSpec:
 
 
 # the random streams of a sample (each a separate counter range of its generator)
-_T, _NOISE, _DROP, _LEVEL, _AUG_NOISE, _UNIFORMS = range(6)
+_T, _NOISE, _DROP, _LEVEL, _AUG_NOISE, _UNIFORMS, _BLUR = range(7)
 
 
 def draw_batch(
@@ -72,7 +74,7 @@ def draw_batch(
 ) -> TrainingDraws:
     """Every random draw of global samples ``first .. first + count - 1``, made on ``device``:
     timestep, noise, caption drop, then (SR only) augmentation level and noise, then
-    (distillation only) uniforms. Each is a pure function of (seed, sample index): the same
+    (distillation only) uniforms, then (SR with ``blur_max``) the low-res blur. Each is a pure function of (seed, sample index): the same
     whatever the batching, the process split or the device. In a compiled step ``first`` is a
     0-d tensor on ``device`` (one graph serves every batch) and ``positions`` is
     ``spec.positions(device)``, made outside the graph."""
@@ -86,13 +88,15 @@ def draw_batch(
     t = rng.integers(states, _T, spec.timesteps)
     noise = rng.normal(states, _NOISE, n(size)).view(count, *spec.shape)
     drop = rng.uniform(states, _DROP, n(1))[:, 0] < spec.cond_drop
-    level = aug_noise = u = None
+    level = aug_noise = u = blur = None
     if spec.aug_max is not None:
         level = rng.uniform(states, _LEVEL, n(1))[:, 0] * spec.aug_max
         aug_noise = rng.normal(states, _AUG_NOISE, n(size)).view(count, *spec.shape)
     if spec.uniforms:
         u = rng.uniform(states, _UNIFORMS, n(spec.uniforms))
-    return TrainingDraws(t, noise, drop, level, aug_noise, u)
+    if spec.blur_max > 0 and spec.aug_max is not None:
+        blur = rng.uniform(states, _BLUR, n(1))[:, 0] * spec.blur_max
+    return TrainingDraws(t, noise, drop, level, aug_noise, u, blur)
 
 
 # ---- datasets ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from imagen.diffusion.guidance import Conditioning, apply_threshold, guided_output
 from imagen.diffusion.schedules import respaced_timesteps
-from imagen.models.stage import Stage, StageConfig, TrainingDraws, resize
+from imagen.models.stage import Stage, StageConfig, TrainingDraws
 from imagen.text.encoders import TextEmbedding
 
 MODES = ("guidance", "progressive")
@@ -114,7 +114,7 @@ class Distiller:
             raise ValueError("distillation needs the uniform draws (DrawSpec.uniforms)")
         c = self.config
         weight = c.guidance_min + draws.u[:, 0] * (c.guidance_max - c.guidance_min)
-        lowres = resize(images, self.student.config.lowres_size) if self._sr else None
+        lowres = draws.lowres(images, self.student.config.lowres_size)
         cond = self.student.condition(text, lowres, draws.aug_level, draws.aug_noise, draws.drop)
         if c.mode == "guidance":
             return self._guidance_loss(images, cond, draws, weight, autocast, net)
