@@ -1,8 +1,9 @@
 """Start a training run from a stored stage's weights: writes a step-0 checkpoint into a new
 run directory, so that ``imagen train CONFIG --stage K --out RUN --resume`` fine-tunes that
 stage with CONFIG's recipe (its warm-up, schedule and EMA, from step 0) instead of starting
-from random weights. ``imagen train`` has no option for this (yet); this is how the bundled
-cascade's v3 32 -> 64 px stage was trained (fine-tuned from v1's stage).
+from random weights. This is how the bundled cascade's v3 super-resolution stages were
+started (from v1's and v2.1's stages). A training config's ``init: MODEL_DIR:K`` now does the
+same from a model directory (v3.1's stages were trained so; ``configs/shapes-sr-v31.yaml``).
 
     python benchmarks/warm_start.py configs/shapes.yaml --stage 1 \
         --from src/imagen/weights/shapes-cascade/stage1 --out runs/sr64-v3
