@@ -52,16 +52,14 @@ def test_streams_and_seeds_are_independent():
     assert abs(torch.corrcoef(torch.stack([a, other]))[0, 1]) < 0.01
 
 
+def _sr_spec(seed: int, cond_drop: float) -> DrawSpec:
+    """Every kind of draw: a super-resolution stage's, with distillation uniforms and blur."""
+    shape = (3, 8, 8)
+    return DrawSpec(seed, shape, 1000, cond_drop, aug_max=0.5, uniforms=2, blur_max=1.0)
+
+
 def test_a_sample_draws_the_same_in_any_batch():
-    spec = DrawSpec(
-        seed=3,
-        shape=(3, 8, 8),
-        timesteps=1000,
-        cond_drop=0.5,
-        aug_max=0.5,
-        uniforms=2,
-        blur_max=1.0,
-    )
+    spec = _sr_spec(seed=3, cond_drop=0.5)
     whole = draw_batch(spec, 0, 10, torch.device("cpu"))
     part = draw_batch(spec, 4, 3, torch.device("cpu"))
     for full, piece in zip(whole._fields(), part._fields(), strict=True):
@@ -77,15 +75,7 @@ def test_a_sample_draws_the_same_in_any_batch():
 def test_compiled_draws_equal_eager_draws():
     # inside torch.compile the batch start is a tensor and the positions come from outside the
     # graph (inductor computes 64-bit products of an in-graph arange in 32 bits)
-    spec = DrawSpec(
-        seed=7,
-        shape=(3, 8, 8),
-        timesteps=1000,
-        cond_drop=0.1,
-        aug_max=0.5,
-        uniforms=2,
-        blur_max=1.0,
-    )
+    spec = _sr_spec(seed=7, cond_drop=0.1)
     cpu = torch.device("cpu")
     compiled = torch.compile(lambda first, pos: draw_batch(spec, first, 5, cpu, pos), dynamic=False)
     for start in (5, 123_456_789_012):
