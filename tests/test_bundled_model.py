@@ -68,11 +68,11 @@ def test_recorded_evaluation_sees_geometry_at_every_stage(name):
     # v3's acceptance: the 128 px squares pass the strict test (issue 23)
     strict = evaluation["per_stage_strict"]["stage2_128px"]
     assert min(strict[g] for g in ("one", "two", "heldout")) >= 0.99, strict
-    # v3.1 (blur augmentation): 128 px shape fidelity 1.1 points below the base's (target 1; v3:
-    # 2.0) and backgrounds no worse than v2.1's (README "Geometry"): no model may fall back
+    # issue 23's acceptance: 128 px shape fidelity within 1 point of the base's (v3: 2.0, v3.1:
+    # 1.1, v3.2: 0.8) and backgrounds better than v2.1's 4.7 (README "Geometry")
     fidelity = evaluation["shape_fidelity"]
-    assert fidelity["stage0_32px"] - fidelity["stage2_128px"] < 0.012, fidelity
-    assert evaluation["background_error"]["stage2_128px"] < 4.7
+    assert fidelity["stage0_32px"] - fidelity["stage2_128px"] <= 0.01, fidelity
+    assert evaluation["background_error"]["stage2_128px"] < 4.2
 
 
 def test_the_fast_cascade_samples_by_name_with_one_pass_per_base_step(tmp_path):
