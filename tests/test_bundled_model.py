@@ -69,7 +69,7 @@ def test_recorded_evaluation_sees_geometry_at_every_stage(name):
     strict = evaluation["per_stage_strict"]["stage2_128px"]
     assert min(strict[g] for g in ("one", "two", "heldout")) >= 0.99, strict
     # issue 23's acceptance: 128 px shape fidelity within 1 point of the base's (v3: 2.0, v3.1:
-    # 1.1, v3.2: 0.8) and backgrounds better than v2.1's 4.7 (README "Geometry")
+    # 1.1, v3.2: 0.8) and 128 px backgrounds no worse than v3.1's 4.1 (README "Geometry")
     fidelity = evaluation["shape_fidelity"]
     assert fidelity["stage0_32px"] - fidelity["stage2_128px"] <= 0.01, fidelity
     assert evaluation["background_error"]["stage2_128px"] < 4.2
