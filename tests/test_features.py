@@ -18,7 +18,7 @@ from test_sample_cli import model_dir  # noqa: F401 - fixture
 from imagen.cli.main import main
 from imagen.data.checker import check_image
 from imagen.data.shapes import render_scene, scene_for_caption
-from imagen.models.stage import SamplingConfig
+from imagen.models.sampling import SamplingConfig
 from imagen.pipeline import BUNDLED_MODEL, ImagenPipeline, resolve_model
 
 needs_minilm = pytest.mark.skipif(

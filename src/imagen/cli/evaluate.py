@@ -20,7 +20,7 @@ from imagen.cli.common import (
     positive_int,
     sampling_overrides,
 )
-from imagen.cli.output import StagedOutput, check_output_dir
+from imagen.utils.outputs import StagedOutput, check_output_dir
 
 if TYPE_CHECKING:
     from imagen.pipeline import ImagenPipeline
