@@ -63,7 +63,7 @@ def test_every_network_kind_config_implements_the_protocol():
         ]
         assert not missing, f"{kind.name}: {missing}"
     assert isinstance(NETWORKS["imagen"].config_type(), NetworkConfig)
-    record = {"sample_size": 8, "in_channels": 3, "out_channels": 6}
+    record = {"sample_size": 8, "in_channels": 3, "out_channels": 6, "cross_attention_dim": 8}
     assert isinstance(NETWORKS["diffusers-unet"].config_type(config=record), NetworkConfig)
 
 

@@ -54,7 +54,9 @@ def test_an_empty_negative_prompt_is_the_null_caption():
     cfgs = [SamplingConfig(steps=2, guidance=3.0) for _ in range(3)]
 
     def run(**kw):
-        return cascade.sample(PROMPTS, cfgs, torch.Generator().manual_seed(0), **kw)[0]
+        return cascade.sample(
+            PROMPTS, sampling=cfgs, generator=torch.Generator().manual_seed(0), **kw
+        )[0]
 
     assert torch.allclose(run(), run(negative=["", ""]), atol=1e-6)
     assert not torch.allclose(run(), run(negative=["red", "blue"]), atol=1e-3)
