@@ -101,8 +101,14 @@ def test_stage_chain_must_fit():
     enc = HashTextEncoder(32, 12)
     with pytest.raises(ValueError, match="upsamples from 32"):
         Cascade(enc, [Stage(tiny_base(16, 32)), Stage(tiny_sr(32, 32))])
-    with pytest.raises(ValueError, match="base"):
-        Cascade(enc, [Stage(tiny_sr(16, 32))])
+    with pytest.raises(ValueError, match="only the first stage can be one"):
+        Cascade(enc, [Stage(tiny_base(16, 32)), Stage(tiny_base(16, 32))])
+    upscaler = Cascade(enc, [Stage(tiny_sr(16, 32))])  # a model that only upscales
+    with pytest.raises(ValueError, match="only upscales"):
+        upscaler.sample(["a red circle"])
+    images = torch.zeros(1, 3, 16, 16)
+    out = upscaler.sample(["a red circle"], lowres=images, seeds=[0])[0]
+    assert out.shape == (1, 3, 32, 32)
 
 
 def test_img2img_strength_zero_returns_the_input():
@@ -156,3 +162,14 @@ def test_int8_export_is_half_the_size_and_close(tmp_path):
         0
     ]
     assert (x - y).abs().mean() < 0.05
+
+
+def test_low_memory_runs_the_projects_unet_at_every_precision():
+    """bf16 weights of the project's U-Net compute in float32 (it does not cast its inputs),
+    on CPUs with and without fast bf16, with or without autocast."""
+    from imagen.pipeline import BUNDLED_MODEL, ImagenPipeline
+
+    for dtype in (None, torch.float32, torch.bfloat16):
+        pipe = ImagenPipeline.from_pretrained(BUNDLED_MODEL, dtype=dtype, low_memory=True)
+        image = pipe("a red circle", steps=1, seed=0).images[0]
+        assert image.size == (128, 128)

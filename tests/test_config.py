@@ -7,7 +7,7 @@ import math
 import pytest
 
 from imagen.diffusion.schedules import DiffusionConfig
-from imagen.models.stage import StageConfig
+from imagen.models.stage_config import StageConfig
 from imagen.models.unet import UNetConfig
 from imagen.training.config import (
     StageRun,

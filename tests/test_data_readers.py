@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from imagen.data.folders import ImageTextFolder
 from imagen.data.webdataset import WebDatasetSource, shard_captions
-from imagen.models.stage import resize
+from imagen.models.lowres import resize
 from imagen.training.data import StepBatchSampler, collate
 from imagen.training.parallel import Dist
 

@@ -60,8 +60,7 @@ def test_a_failing_export_leaves_the_existing_model_untouched(runs, tmp_path, mo
     shutil.copytree(runs / "base", damaged)
     flip_bytes(RunDirectory(damaged).checkpoints()[-1] / "ema.safetensors")
     failures = [
-        ([runs / "sr", runs / "base"], ValueError, "must be a base"),
-        ([runs / "base", other_encoder], ValueError, "trained with text encoder"),
+        ([runs / "sr", runs / "base"], ValueError, "only the first stage"),
         ([runs / "base", misfit], ValueError, "does not match the model configuration"),
         ([damaged, runs / "sr"], ValueError, "no usable checkpoint.*ema.safetensors"),
         ([runs / "base", tmp_path / "nothing"], FileNotFoundError, "neither a training run"),
@@ -70,6 +69,12 @@ def test_a_failing_export_leaves_the_existing_model_untouched(runs, tmp_path, mo
         with pytest.raises(error, match=message):
             export_model(items, out)
         assert snapshot(out) == before
+    mixed = export_model([runs / "base", other_encoder], tmp_path / "mixed")  # one per stage
+    records = [
+        json.loads((mixed / s / "config.json").read_text())["text_encoder"]
+        for s in ("stage0", "stage1")
+    ]
+    assert records[1]["name"] == "hash-32b" != records[0]["name"]
     real_save = model_dir.save_tensors
 
     def disk_full(tensors, path, dtype=None):
@@ -91,9 +96,11 @@ def test_export_refuses_to_replace_what_is_not_a_model(runs, tmp_path, capsys):
     with pytest.raises(FileExistsError, match="not empty and not a model directory"):
         export_model([runs / "base"], out)
     assert (out / "todo.txt").read_text() == "keep me"
-    assert main(["export", str(runs / "sr"), "--out", str(tmp_path / "m")]) == 2
+    assert main(["export", str(runs / "sr"), "--out", str(tmp_path / "m")]) == 0  # upscales only
+    argv = ["sample", "a red circle", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "s")]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "must be a base" in err[0] and not (tmp_path / "m").exists()
+    assert "only upscales" in err[-1] and not (tmp_path / "s").exists()
 
 
 def test_a_stage_is_replaced_without_the_runs_of_the_others(runs, tmp_path):

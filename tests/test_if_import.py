@@ -32,6 +32,18 @@ def tiny_if(tmp_path_factory):
     return base, sr, root / "model"
 
 
+@pytest.fixture(scope="module")
+def tiny_if3(tiny_if, tmp_path_factory):
+    """The tiny IF pipelines, a tiny x4 upscaler, and the three-stage model of all three."""
+    from x4_tiny import make_x4_pipeline
+
+    base, sr, _ = tiny_if
+    root = tmp_path_factory.mktemp("if3")
+    x4 = make_x4_pipeline(root)
+    assert main(["import", str(base), str(sr), str(x4), "--out", str(root / "model")]) == 0
+    return base, sr, x4, root / "model"
+
+
 def _pixels(image: torch.Tensor) -> np.ndarray:
     """A [-1, 1] image as the uint8 pixels a PNG of it holds."""
     return ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
@@ -68,11 +80,24 @@ def test_import_records_sources_links_weights_and_if_defaults(tiny_if):
     assert round(s1["aug_level"] * 999) == 250 and stage1["lowres_size"] == BASE_SIZE
 
 
-def test_sample_matches_diffusers_at_every_stage(tiny_if, tmp_path):
-    """2 prompts x 2 seeds at IF's defaults (100 + 50 DDPM steps, guidance 7 and 4)."""
-    from diffusers import IFPipeline, IFSuperResolutionPipeline
+def test_sample_matches_diffusers_at_every_stage(tiny_if3, tmp_path, monkeypatch):
+    """2 prompts x 2 seeds at the defaults: IF's (100 + 50 DDPM steps, guidance 7 and 4), then
+    the x4 upscaler's (75 DDIM steps, guidance 9, noise level 100) on our stage II tensor, as
+    DeepFloyd's documentation chains them; stage III within diffusers' own float spread."""
+    from diffusers import IFPipeline, IFSuperResolutionPipeline, StableDiffusionUpscalePipeline
+    from diffusers.models.attention_processor import AttnProcessor
 
-    base, sr, model = tiny_if
+    from imagen.models.stage import Stage
+
+    base, sr, x4, model = tiny_if3
+    inputs, real_sample = [], Stage.sample
+
+    def sample(self, text, lowres=None, *args, **kw):  # keeps the x4 stage's input tensor
+        if self.config.space.kind == "vae":
+            inputs.append(lowres.clone())
+        return real_sample(self, text, lowres, *args, **kw)
+
+    monkeypatch.setattr(Stage, "sample", sample)
     out = tmp_path / "ours"
     args = ["sample", *PROMPTS, "--model", str(model), "--num-images", "2", "--seed", str(SEED)]
     assert main([*args, "--fp32", "--save-stages", "--out", str(out)]) == 0
@@ -85,10 +110,22 @@ def test_sample_matches_diffusers_at_every_stage(tiny_if, tmp_path):
         image=ref1, prompt=prompts, generator=_generators(seeds), output_type="pt"
     ).images
     for j in range(4):
-        for ours, ref in ((out / f"{j:04d}_stage0.png", ref1[j]), (out / f"{j:04d}.png", ref2[j])):
-            diff = np.abs(_png(ours).astype(int) - _pixels(ref).astype(int))
-            assert diff.max() <= 1, f"image {j}: {ours.name} differs by {diff.max()} levels"
-    assert _png(out / "0000.png").shape == (SR_SIZE, SR_SIZE, 3)
+        for name, ref in ((f"{j:04d}_stage0.png", ref1[j]), (f"{j:04d}_stage1.png", ref2[j])):
+            diff = np.abs(_png(out / name).astype(int) - _pixels(ref).astype(int))
+            assert diff.max() <= 1, f"image {j}: {name} differs by {diff.max()} levels"
+    (ours2,) = inputs  # our stage II images, as stage III took them
+    x4_pipe = StableDiffusionUpscalePipeline.from_pretrained(x4)
+    call = dict(prompt=prompts, image=ours2, noise_level=100, output_type="pt")
+    ref3 = x4_pipe(**call, generator=_generators(seeds)).images
+    x4_pipe.unet.set_attn_processor(AttnProcessor())
+    x4_pipe.vae.set_attn_processor(AttnProcessor())
+    spread = (x4_pipe(**call, generator=_generators(seeds)).images - ref3).abs().max().item()
+    ours3 = torch.stack(
+        [torch.from_numpy(_png(out / f"{j:04d}.png")).permute(2, 0, 1) for j in range(4)]
+    )
+    diff = (ours3.float() - (ref3 * 255).round()).abs().max().item()
+    assert diff <= max(1, 255 * spread), f"stage III differs by {diff} levels (spread {spread})"
+    assert _png(out / "0000.png").shape == (4 * SR_SIZE, 4 * SR_SIZE, 3)
 
 
 def test_upscale_matches_the_diffusers_super_resolution_call(tiny_if, tmp_path):
@@ -252,12 +289,12 @@ def test_low_memory_holds_one_part_at_a_time(tiny_if):
     model = tiny_if[2]
     want = ImagenPipeline(load_cascade(model))(PROMPTS[0], steps=[3, 2], seed=2).images[0]
     lean = load_cascade(model, low_memory=True, weights_dtype=torch.float32)
-    assert lean._text_encoder is None and all(
+    assert all(v is None for v in lean.encoders.loaded.values()) and all(
         next(s.unet.parameters()).is_meta for s in lean.stages
     )
     got = ImagenPipeline(lean)(PROMPTS[0], steps=[3, 2], seed=2).images[0]
     assert np.array_equal(np.asarray(got), np.asarray(want))
-    assert lean._text_encoder is None and all(
+    assert all(v is None for v in lean.encoders.loaded.values()) and all(
         next(s.unet.parameters()).is_meta for s in lean.stages
     )
     bf16 = ImagenPipeline.from_pretrained(model, low_memory=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from imagen.models.lowres import blur_lowres
 from imagen.models.presets import get_preset
-from imagen.models.stage import Stage, TrainingDraws, blur_lowres
+from imagen.models.stage import Stage, TrainingDraws
 from imagen.text.encoders import TextEmbedding
 from imagen.training.config import TrainConfig
 from imagen.training.data import DrawSpec, draw_batch

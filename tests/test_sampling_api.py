@@ -19,7 +19,7 @@ from imagen.diffusion.samplers import (
     sample_ddim,
 )
 from imagen.models.sampling import SamplingConfig
-from imagen.models.stage import StageConfig
+from imagen.models.stage_config import StageConfig
 from imagen.pipeline import BUNDLED_MODEL, ImagenPipeline, SamplingOverrides, sampling_summary
 
 

@@ -212,8 +212,8 @@ def test_export_assembles_a_cascade_that_samples(tmp_path):
         0
     ]
     assert out.shape == (1, 3, 32, 32)
-    with pytest.raises(ValueError, match="must be a base"):
-        export_model([tmp_path / "sr"], tmp_path / "bad")
+    with pytest.raises(ValueError, match="only the first stage can be one"):
+        export_model([tmp_path / "base", tmp_path / "base"], tmp_path / "bad")
 
 
 def test_config_files(tmp_path):

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule
     from imagen.models.cascade import Cascade, load_cascade
     from imagen.models.sampling import SamplingConfig
-    from imagen.models.stage import Edit, Stage, StageConfig
+    from imagen.models.stage import Edit, Stage
+    from imagen.models.stage_config import StageConfig
     from imagen.models.unet import UNet, UNetConfig
     from imagen.pipeline import ImagenPipeline
     from imagen.text.encoders import TextEncoder, TextEncoderConfig, load_text_encoder
@@ -29,7 +30,7 @@ _LAZY: dict[str, str] = {
     "NoiseSchedule": "imagen.diffusion.schedules",
     "SamplingConfig": "imagen.models.sampling",
     "Stage": "imagen.models.stage",
-    "StageConfig": "imagen.models.stage",
+    "StageConfig": "imagen.models.stage_config",
     "TextEncoder": "imagen.text.encoders",
     "TextEncoderConfig": "imagen.text.encoders",
     "ThresholdConfig": "imagen.diffusion.guidance",

@@ -251,13 +251,49 @@ def add_sampling_options(p: argparse.ArgumentParser, per_stage: bool = False) ->
         type=threshold,
         help="dynamic-thresholding percentile (e.g. 0.995), or static (clip to [-1, 1]) or none",
     )
-    p.add_argument("--aug-level", type=finite_float, help="noise-augmentation level of SR stages")
+    add_noise_options(p)
     p.add_argument(
         "--spacing",
         help="timestep spacing for every stage: trailing, leading (diffusers' DDPM default), or "
         "one of DeepFloyd IF's lists (fast27, smart27, smart50, smart100, smart185, super27, "
         "super40, super100; it sets the steps)",
     )
+
+
+AUG_HELP = (
+    "noise-augmentation level of super-resolution stages' low-res input, in [0, 1): the "
+    "timestep round(A * 999) of the stage's schedule (diffusers' integer noise_level; IF "
+    "stage II's default 250 is 0.25, the x4 upscaler's 100 is 0.1)"
+)
+
+
+def noise_level(text: str) -> int:
+    """diffusers' integer noise level of a low-res input: 0 .. 999."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..999, got {text!r}") from None
+    if not 0 <= value <= 999:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..999, got {value}")
+    return value
+
+
+def add_noise_options(p: argparse.ArgumentParser) -> None:
+    """--aug-level A, or --noise-level N (the same setting as diffusers' integer)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--aug-level", type=finite_float, help=AUG_HELP)
+    group.add_argument(
+        "--noise-level",
+        type=noise_level,
+        metavar="N",
+        help="the same as --aug-level N/999: diffusers' noise_level (x4 upscaler: at most 350)",
+    )
+
+
+def aug_level(args: argparse.Namespace) -> float | None:
+    """The augmentation level the command line gives (--aug-level, or --noise-level / 999)."""
+    level = getattr(args, "noise_level", None)
+    return level / 999 if level is not None else args.aug_level
 
 
 def sampling_overrides(args: argparse.Namespace) -> SamplingOverrides:
@@ -271,7 +307,7 @@ def sampling_overrides(args: argparse.Namespace) -> SamplingOverrides:
         guidance=guidance if guidance is not None else args.guidance,
         sampler=args.sampler,
         threshold=args.threshold,
-        aug_level=args.aug_level,
+        aug_level=aug_level(args),
         spacing=getattr(args, "spacing", None),
     )
 

@@ -1,11 +1,12 @@
 """``imagen push``: upload a model directory to the Hugging Face Hub; ``imagen import``: make a
-model directory of DeepFloyd IF pipelines in diffusers format."""
+model directory of DeepFloyd IF pipelines and the Stable Diffusion x4 upscaler (diffusers
+format)."""
 
 from __future__ import annotations
 
 import argparse
 
-from imagen.cli.common import UsageError, command
+from imagen.cli.common import UsageError, command, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,11 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--private", action="store_true", help="create the repo as private")
     i = sub.add_parser(
         "import",
-        help="make a model directory of DeepFloyd IF pipelines (diffusers format)",
+        help="make a model directory of DeepFloyd IF pipelines and the SD x4 upscaler",
         description="Import DeepFloyd IF stages: the IFPipeline first, then "
-        "IFSuperResolutionPipeline(s), each a folder or a Hub repo id (from the Hugging Face "
+        "IFSuperResolutionPipeline(s), then optionally the Stable Diffusion x4 upscaler "
+        "(StableDiffusionUpscalePipeline) as stage III, 256 -> 1024 px; or the x4 upscaler alone "
+        "(a model for imagen upscale). Each is a folder or a Hub repo id (from the Hugging Face "
         "cache; HF_HUB_OFFLINE=1 is honoured). Weights are hard-linked (symlinked across file "
-        "systems), not copied, unless --copy; the T5 text encoder is referenced.",
+        "systems), not copied, unless --copy; the text encoders (T5, CLIP) are referenced.",
     )
     i.add_argument("sources", nargs="+", metavar="SRC", help="pipeline folder or Hub repo id")
     i.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to write")
@@ -32,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "tokenizer/); default: the first source's",
     )
     i.add_argument("--variant", help="weights variant to link, e.g. fp16 (default: the plain file)")
+    i.add_argument(
+        "--x4-size",
+        type=positive_int,
+        metavar="PX",
+        help="the input size of an x4 upscaler imported alone (default 256: 1024 px out)",
+    )
 
 
 @command("push")
@@ -53,6 +62,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from imagen.pipeline.diffusers_import import import_if
 
-    out = import_if(args.sources, args.out, args.copy, args.text_encoder, args.variant)
+    out = import_if(
+        args.sources, args.out, args.copy, args.text_encoder, args.variant, args.x4_size
+    )
     print(f"imported {len(args.sources)} stage(s) into {out}")
     return 0

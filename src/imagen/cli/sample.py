@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from imagen.cli.common import (
     UsageError,
     add_model_options,
+    add_noise_options,
     add_sampling_options,
     command,
     finite_float,
@@ -67,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     u.add_argument("--out", default="upscaled", help="output directory (default: upscaled)")
     u.add_argument("--steps", type=positive_int, help="sampling steps of every SR stage")
     u.add_argument("--guidance", type=finite_float, help="guidance scale of every SR stage")
-    u.add_argument("--aug-level", type=finite_float, help="noise-augmentation level of the input")
+    add_noise_options(u)
     u.add_argument("--seed", type=seed, default=0, help="seed of the first image")
     u.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass")
     u.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)

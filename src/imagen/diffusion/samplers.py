@@ -5,7 +5,7 @@ Every sampler takes the same arguments, so it works with any model (through
 :func:`imagen.diffusion.guidance.make_denoiser`) and any number of steps: ``timesteps`` is a descending
 list of training timesteps (see :func:`imagen.diffusion.schedules.respaced_timesteps`) and
 ``alpha_bar`` the schedule's cumulative products. After the last listed timestep the
-samplers step to the clean image (alpha_bar = 1). Guidance and thresholding live in the
+samplers step to the clean image (alpha_bar = 1; ``final`` changes it). Guidance and thresholding live in the
 denoiser, so they apply in every sampler.
 
 :data:`SAMPLERS` registers each sampler with its own options (DDIM's ``eta``, DDPM's
@@ -95,9 +95,13 @@ def randn_like(x: Tensor, generator: Generators) -> Tensor:
     return randn(tuple(x.shape), generator, x.device, x.dtype)
 
 
-def _alpha_bars(alpha_bar: Tensor, timesteps: list[int]) -> list[tuple[float, float]]:
-    """(alpha_bar_t, alpha_bar_next) pairs for each step; the last step goes to clean (1.0)."""
-    vals = [float(alpha_bar[t]) for t in timesteps] + [1.0]
+def _alpha_bars(
+    alpha_bar: Tensor, timesteps: list[int], final: float = 1.0
+) -> list[tuple[float, float]]:
+    """(alpha_bar_t, alpha_bar_next) pairs for each step; the last step goes to ``final``
+    (1.0: the clean image; diffusers' DDIM with ``set_alpha_to_one=False`` stops at
+    alpha_bar[0])."""
+    vals = [float(alpha_bar[t]) for t in timesteps] + [final]
     return list(zip(vals[:-1], vals[1:], strict=True))
 
 
@@ -132,6 +136,7 @@ def sample_ddpm(
     generator: Generators = None,
     variance: str = "posterior",
     callback: Callback | None = None,
+    final: float = 1.0,
 ) -> Tensor:
     """Ancestral sampling (Ho et al. 2020): x_s ~ N(mu(x_t, x0_hat), sigma^2 I) with the
     respaced beta = 1 - alpha_bar_t / alpha_bar_s and sigma^2 the posterior variance
@@ -141,7 +146,7 @@ def sample_ddpm(
     log sigma^2 = f log beta + (1 - f) log max(posterior, 1e-20), f = (v + 1) / 2)."""
     if variance not in DDPM_VARIANCES:
         raise ValueError(f"variance must be one of {', '.join(DDPM_VARIANCES)}, got {variance!r}")
-    pairs = _alpha_bars(alpha_bar, timesteps)
+    pairs = _alpha_bars(alpha_bar, timesteps, final)
     for i, (t, (ab_t, ab_s)) in enumerate(zip(timesteps, pairs, strict=True)):
         p = denoise(x, t)
         x0 = p.x0
@@ -172,11 +177,12 @@ def sample_ddim(
     generator: Generators = None,
     eta: float = 0.0,
     callback: Callback | None = None,
+    final: float = 1.0,
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_s = sqrt(ab_s) x0 + sqrt(1 - ab_s - sigma^2) eps +
     sigma z, sigma = eta sqrt((1 - ab_s)/(1 - ab_t)) sqrt(1 - ab_t/ab_s). eta = 0 is the
     deterministic probability-flow sampler; eta = 1 matches ancestral sampling."""
-    pairs = _alpha_bars(alpha_bar, timesteps)
+    pairs = _alpha_bars(alpha_bar, timesteps, final)
     for i, (t, (ab_t, ab_s)) in enumerate(zip(timesteps, pairs, strict=True)):
         x0 = denoise(x, t).x0
         sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
@@ -196,6 +202,7 @@ def sample_dpmpp_2m(
     alpha_bar: Tensor,
     generator: Generators = None,
     callback: Callback | None = None,
+    final: float = 1.0,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), data-prediction multistep solver of the
     probability-flow ODE in lambda = log(alpha / sigma):
@@ -203,7 +210,7 @@ def sample_dpmpp_2m(
     D = (1 + 1/(2r)) x0_t - 1/(2r) x0_prev, r = h_prev / h (first order on the first and the
     last step). ``generator`` is unused (the solver is deterministic)."""
     del generator
-    pairs = _alpha_bars(alpha_bar, timesteps)
+    pairs = _alpha_bars(alpha_bar, timesteps, final)
     x0_prev: Tensor | None = None
     h_prev = 0.0
     for i, (t, (ab_t, ab_s)) in enumerate(zip(timesteps, pairs, strict=True)):
@@ -268,9 +275,11 @@ class Sampler:
         alpha_bar: Tensor,
         generator: Generators = None,
         callback: Callback | None = None,
+        final: float = 1.0,
         **options: Any,
     ) -> Tensor:
-        """Run the sampler; ``options`` are this sampler's own keyword arguments."""
+        """Run the sampler; ``options`` are this sampler's own keyword arguments; ``final`` is
+        the alpha_bar the last step lands on (1: the clean image)."""
         known = {o.name for o in self.options}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -279,7 +288,14 @@ class Sampler:
                 f"it takes {', '.join(sorted(known)) or 'none'}"
             )
         return self.fn(
-            denoise, x, timesteps, alpha_bar, generator=generator, callback=callback, **options
+            denoise,
+            x,
+            timesteps,
+            alpha_bar,
+            generator=generator,
+            callback=callback,
+            final=final,
+            **options,
         )
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from imagen.diffusion.timestep_lists import IF_TIMESTEPS
 
-ScheduleKind = Literal["cosine", "linear"]
+ScheduleKind = Literal["cosine", "linear", "scaled_linear"]
 Target = Literal["eps", "v", "x0"]
 LossWeighting = Literal["mse", "min_snr"]
 
@@ -27,21 +27,25 @@ LossWeighting = Literal["mse", "min_snr"]
 class DiffusionConfig:
     """How one stage is diffused: schedule, prediction target and loss weighting."""
 
-    schedule: ScheduleKind = "cosine"  # cosine (Nichol & Dhariwal 2021) or linear (Ho et al.)
+    # cosine (Nichol & Dhariwal 2021), linear (Ho et al.) or scaled_linear (linear in sqrt(beta):
+    # latent diffusion's "linear", the Stable Diffusion x4 upscaler's)
+    schedule: ScheduleKind = "cosine"
     timesteps: int = 1000  # T, the number of discrete training timesteps
     target: Target = "eps"  # what the network predicts: noise, velocity or the clean image
     loss_weighting: LossWeighting = "mse"  # plain MSE on the target, or min-SNR-gamma
     min_snr_gamma: float = 5.0  # gamma of min-SNR weighting (Hang et al. 2023)
-    linear_beta_start: float = 1e-4  # linear schedule only
-    linear_beta_end: float = 0.02  # linear schedule only
+    linear_beta_start: float = 1e-4  # linear and scaled_linear schedules only
+    linear_beta_end: float = 0.02  # linear and scaled_linear schedules only
     cosine_s: float = 0.008  # cosine schedule offset s
     # alpha_bar as diffusers computes it (betas from Python floats, cumulative product in
     # float32): imported DeepFloyd IF stages, so that their images match diffusers' exactly
     float32_alphas: bool = False
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
+        if self.schedule not in ("cosine", "linear", "scaled_linear"):
+            raise ValueError(
+                f"schedule must be cosine, linear or scaled_linear, got {self.schedule!r}"
+            )
         if self.target not in ("eps", "v", "x0"):
             raise ValueError(f"target must be 'eps', 'v' or 'x0', got {self.target!r}")
         if self.loss_weighting not in ("mse", "min_snr"):
@@ -80,6 +84,35 @@ def linear_betas(timesteps: int, start: float = 1e-4, end: float = 0.02) -> Tens
     return torch.linspace(start * scale, end * scale, timesteps, dtype=torch.float64, device="cpu")
 
 
+def scaled_linear_betas(timesteps: int, start: float = 1e-4, end: float = 0.02) -> Tensor:
+    """Betas linear in sqrt(beta) from ``start`` to ``end`` (latent diffusion's "linear"
+    schedule, diffusers' "scaled_linear": the Stable Diffusion x4 upscaler's)."""
+    root = torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64, device="cpu")
+    return root**2
+
+
+def schedule_betas(c: DiffusionConfig) -> Tensor:
+    """The betas of a config, float64; with ``float32_alphas`` as diffusers computes them in
+    float32 (returned as float64 holding the float32 values)."""
+    if c.schedule == "cosine":
+        if c.float32_alphas:
+            return cosine_betas_diffusers(c.timesteps, c.cosine_s).double()
+        return cosine_betas(c.timesteps, c.cosine_s)
+    if c.schedule == "scaled_linear":
+        if c.float32_alphas:
+            root = torch.linspace(
+                c.linear_beta_start**0.5,
+                c.linear_beta_end**0.5,
+                c.timesteps,
+                dtype=torch.float32,
+                device="cpu",
+            )
+            return (root**2).double()
+        return scaled_linear_betas(c.timesteps, c.linear_beta_start, c.linear_beta_end)
+    betas = linear_betas(c.timesteps, c.linear_beta_start, c.linear_beta_end)
+    return betas.float().double() if c.float32_alphas else betas
+
+
 class NoiseSchedule:
     """A discrete variance-preserving schedule with its closed forms (kept in float64, on the
     CPU whatever the default device: the samplers read it as Python floats, and the training
@@ -88,18 +121,9 @@ class NoiseSchedule:
     def __init__(self, config: DiffusionConfig | None = None) -> None:
         self.config = config or DiffusionConfig()
         c = self.config
-        if c.schedule == "cosine":
-            betas = cosine_betas(c.timesteps, c.cosine_s)
-        else:
-            betas = linear_betas(c.timesteps, c.linear_beta_start, c.linear_beta_end)
-        if c.float32_alphas:  # diffusers: float32 betas and cumulative product, kept as float64
-            betas = (
-                cosine_betas_diffusers(c.timesteps, c.cosine_s)
-                if c.schedule == "cosine"
-                else betas.float()
-            )
-            alpha_bar = torch.cumprod(1 - betas, dim=0).double()
-            betas = betas.double()
+        betas = schedule_betas(c)
+        if c.float32_alphas:  # diffusers: the cumulative product in float32, kept as float64
+            alpha_bar = torch.cumprod(1 - betas.float(), dim=0).double()
         else:
             alpha_bar = torch.cumprod(1 - betas, dim=0)
         self.betas = betas
@@ -237,7 +261,11 @@ def clipped_start(alpha_bar: Tensor, lambda_min: float | None) -> int:
 
 
 def respaced_timesteps(
-    num_timesteps: int, steps: int, spacing: str = "trailing", start: int | None = None
+    num_timesteps: int,
+    steps: int,
+    spacing: str = "trailing",
+    start: int | None = None,
+    offset: int = 0,
 ) -> list[int]:
     """``steps`` descending training timesteps for sampling with any number of steps, after
     which the samplers step to the clean image. ``start`` (default T-1) is the noisiest one.
@@ -246,8 +274,9 @@ def respaced_timesteps(
     every timestep. Ending at S/n-1 rather than at 0 matters for multistep solvers: a last
     jump from ~T/n to 0 spans a large range of log-SNR in the cosine schedule (the "lambda
     clipping" problem of DPM-Solver), measured in tests/test_samplers.py. "leading" spacing
-    is diffusers' DDPM default (DeepFloyd IF's): (n-1)k, ..., k, 0 with k = T // n. A name
-    in ``IF_TIMESTEPS`` returns that list (``steps`` must be its length).
+    is diffusers' DDPM default (DeepFloyd IF's): (n-1)k, ..., k, 0 with k = T // n, each
+    plus ``offset`` (diffusers' ``steps_offset``: 1 for the Stable Diffusion x4 upscaler's
+    DDIM). A name in ``IF_TIMESTEPS`` returns that list (``steps`` must be its length).
     """
     if steps < 1:
         raise ValueError(f"number of sampling steps must be >= 1, got {steps}")
@@ -259,5 +288,5 @@ def respaced_timesteps(
     span = num_timesteps if start is None else start + 1
     if spacing == "leading":  # ``start`` does not apply: its first step is T - k
         k = num_timesteps // steps
-        return [k * i for i in reversed(range(steps))]
+        return [min(k * i + offset, num_timesteps - 1) for i in reversed(range(steps))]
     return [max(0, round(span - i * span / steps) - 1) for i in range(steps)]

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _init_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -20,8 +20,11 @@ def _init_config(config: dict[str, Any]) -> dict[str, Any]:
 class DiffusersUNet(UNet2DConditionModel):
     """A ``UNet2DConditionModel`` called as ``net(x, t, text, mask, lowres, aug_level)``:
     an SR stage's input is ``cat[x_t, lowres]`` and its noise-augmentation timestep goes in as
-    the class label, as in DeepFloyd IF. All text positions reach the network (IF conditions
+    the class label, as in DeepFloyd IF (a timestep embedding) and the Stable Diffusion x4
+    upscaler (an embedding table of integer noise levels). All text positions reach the network (IF conditions
     on all 77 T5 outputs, padding included), so the mask is not used here."""
+
+    casts_inputs = True  # inputs go to the weights' dtype: bf16 weights compute in bf16
 
     def __init__(self, config: Any = None, **kwargs: Any) -> None:
         """Built by the registry from a ``DiffusersUNetConfig`` (models/networks.py)."""
@@ -43,6 +46,8 @@ class DiffusersUNet(UNet2DConditionModel):
         dtype = getattr(self, "compute_dtype", None) or self.dtype
         if lowres is not None:
             x = torch.cat([x, lowres], dim=1)
+        if aug_level is not None and isinstance(self.class_embedding, nn.Embedding):
+            aug_level = aug_level.round().long()  # the x4 upscaler: noise levels as class ids
         out = super().forward(
             x.to(dtype),
             t,

@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from imagen.models import validate
-from imagen.models.stage import Stage, StageConfig
+from imagen.models.spaces import SPACE_WEIGHTS
+from imagen.models.stage import Stage
+from imagen.models.stage_config import StageConfig
 from imagen.models.validate import file_sha256
 from imagen.utils.config import load_json_file
 from imagen.utils.files import fsync_dir, write_json
@@ -106,10 +108,12 @@ def _link_or_copy(source: Path, path: Path, copy: bool) -> None:
 
 
 def _write_weights(weights: StageWeights, path: Path, dtype: torch.dtype | None) -> None:
+    """Write one weights file of a stage (``path.name`` names which: the network's or its
+    space's); a Path is a stage directory whose file of that name is copied as stored."""
     if isinstance(weights, WeightsFile):
         _link_or_copy(weights.path, path, weights.copy)
     elif isinstance(weights, Path):
-        shutil.copyfile(weights / "model.safetensors", path)
+        shutil.copyfile(weights / path.name, path)
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     elif dtype == torch.int8:
@@ -120,22 +124,26 @@ def _write_weights(weights: StageWeights, path: Path, dtype: torch.dtype | None)
 
 def _write_model(
     root: Path,
-    text_encoder: dict[str, Any],
+    encoders: list[dict[str, Any]],
     configs: list[StageConfig],
     states: list[StageWeights],
     dtype: torch.dtype | None,
     extra: dict[str, Any],
     null_texts: list[tuple[Tensor, Tensor] | None],
+    spaces: list[StageWeights | None],
 ) -> None:
     root.mkdir(parents=True)
     names, checksums = [], {}
     for k, (cfg, weights) in enumerate(zip(configs, states, strict=True)):
         name = f"stage{k}"
         (root / name).mkdir()
-        cfg = replace(cfg, text_encoder=dict(text_encoder))
+        cfg = replace(cfg, text_encoder=dict(encoders[k]))
         write_json(root / name / "config.json", cfg.to_dict(), atomic=False)
         _write_weights(weights, root / name / "model.safetensors", dtype)
         files = list(STAGE_FILES)
+        if k < len(spaces) and spaces[k] is not None:  # a latent stage's VAE, never quantised
+            _write_weights(spaces[k], root / name / SPACE_WEIGHTS, torch.float32)  # type: ignore[arg-type]
+            files.append(SPACE_WEIGHTS)
         if k < len(null_texts) and null_texts[k] is not None:
             tokens, mask = null_texts[k]  # type: ignore[misc]
             save_tensors({"tokens": tokens, "mask": mask}, root / name / NULL_TEXT_FILE)
@@ -143,7 +151,7 @@ def _write_model(
         fsync_dir(root / name)
         checksums.update({f"{name}/{f}": file_sha256(root / name / f) for f in files})
         names.append(name)
-    index = {"format": FORMAT, "version": 1, "text_encoder": text_encoder, "stages": names}
+    index = {"format": FORMAT, "version": 1, "text_encoder": encoders[0], "stages": names}
     index.update(extra)
     index["checksums"] = checksums
     write_json(root / INDEX_FILE, index, atomic=False)
@@ -160,7 +168,7 @@ def _check_target(root: Path) -> None:
             f"(no {INDEX_FILE})"
         )
     if (root / INDEX_FILE).is_file():  # replace the model, never files the user keeps there
-        extra = validate.foreign_files(root, (*STAGE_FILES, NULL_TEXT_FILE))
+        extra = validate.foreign_files(root, (*STAGE_FILES, NULL_TEXT_FILE, SPACE_WEIGHTS))
         if extra:
             shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
             raise FileExistsError(
@@ -188,28 +196,34 @@ def _swap_into_place(tmp: Path, root: Path) -> None:
 
 def save_model_dir(
     directory: str | Path,
-    text_encoder: dict[str, Any],
+    text_encoder: dict[str, Any] | list[dict[str, Any]],
     configs: list[StageConfig],
     states: list[StageWeights],
     dtype: torch.dtype | None = torch.float16,
     extra: dict[str, Any] | None = None,
     verify: bool = False,
     null_texts: list[tuple[Tensor, Tensor] | None] | None = None,
+    spaces: list[StageWeights | None] | None = None,
 ) -> Path:
     """Write ``model_index.json`` and one sub-directory per stage; ``dtype`` is the weights'
     storage type: float16 (default), bfloat16, float32, or int8 (weight-only, per channel).
-    A stage given as a stage directory (a Path) is copied as it is stored, one given as a
-    :class:`WeightsFile` is linked; ``null_texts`` are the stages' null captions where they
-    have one (tokens (L, D), mask (L,)). With ``verify``,
-    every stage is loaded from the new files before they replace what is at ``directory``."""
+    ``text_encoder`` is one record for every stage or one per stage (the index records the
+    first stage's). A stage given as a stage directory (a Path) is copied as it is stored, one
+    given as a :class:`WeightsFile` is linked; ``null_texts`` are the stages' null captions
+    where they have one (tokens (L, D), mask (L,)); ``spaces`` the weights of latent stages'
+    spaces (their VAEs, kept in float32). With ``verify``, every stage is loaded from the new
+    files before they replace what is at ``directory``."""
     root = Path(directory)
     _check_target(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        te = portable_text_encoder(text_encoder)
-        _write_model(tmp, te, configs, states, dtype, extra or {}, null_texts or [])
+        records = text_encoder if isinstance(text_encoder, list) else [text_encoder] * len(configs)
+        encoders = [portable_text_encoder(r) for r in records]
+        _write_model(
+            tmp, encoders, configs, states, dtype, extra or {}, null_texts or [], spaces or []
+        )
         if verify:
             for k in range(len(configs)):
                 load_stage(tmp / f"stage{k}")
@@ -236,8 +250,8 @@ def verify_stage(directory: str | Path) -> None:
     in the model's index (models written before checksums are checked for presence only)."""
     d = Path(directory)
     checksums = read_index(d.parent).get("checksums")
-    null_text = (NULL_TEXT_FILE,) if (d / NULL_TEXT_FILE).is_file() else ()
-    for f in STAGE_FILES + null_text:
+    optional = tuple(f for f in (NULL_TEXT_FILE, SPACE_WEIGHTS) if (d / f).is_file())
+    for f in STAGE_FILES + optional:
         if not (d / f).is_file():
             raise FileNotFoundError(f"{d} has no {f}")
         want = validate.recorded_sha256(checksums, f"{d.name}/{f}", d.parent / INDEX_FILE)
@@ -270,11 +284,24 @@ def read_null_text(directory: str | Path) -> tuple[Tensor, Tensor] | None:
 
 
 def init_stage(stage: Stage, directory: str | Path) -> None:
-    """Give ``stage`` the weights and null caption of a model's stage directory (the start of
-    a fine-tuning run), strictly."""
+    """Give ``stage`` the weights (its space's too) and null caption of a model's stage
+    directory (the start of a fine-tuning run), strictly."""
     d = Path(directory)
     load_strict(stage.unet, load_weights(d / "model.safetensors"), str(d / "model.safetensors"))
+    load_space(stage, d)
     stage.null_text = read_null_text(d)
+
+
+def load_space(stage: Stage, directory: Path, assign: bool = False) -> None:
+    """Give a latent stage its space's weights (the VAE: ``space.safetensors``, float32)."""
+    module = stage.space.weights()
+    if module is None:
+        return
+    path = directory / SPACE_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has no {SPACE_WEIGHTS} (the stage's VAE)")
+    validate.check_weights(module, path)
+    load_strict(module, load_weights(path, torch.float32), str(path), assign=assign)
 
 
 def meta_stage(directory: str | Path) -> Stage:
@@ -285,6 +312,8 @@ def meta_stage(directory: str | Path) -> Stage:
     with torch.device("meta"):
         stage = Stage(read_stage_config(d))
     validate.check_weights(stage.unet, d / "model.safetensors")
+    if stage.space.weights() is not None:
+        validate.check_weights(stage.space.weights(), d / SPACE_WEIGHTS)
     stage.null_text = read_null_text(d)
     return stage.eval()
 
@@ -309,6 +338,7 @@ def load_stage(
     validate.check_weights(stage.unet, d / "model.safetensors")
     state = load_weights(d / "model.safetensors", dtype or torch.float32)
     load_strict(stage.unet, state, str(d / "model.safetensors"), assign=large)
+    load_space(stage, d, assign=large)
     stage.null_text = read_null_text(d)
     return stage.to(device).eval()
 

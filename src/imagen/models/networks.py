@@ -32,9 +32,12 @@ class DiffusersUNetConfig:
     (diffusers' ``unet/config.json``) and how the stage feeds it."""
 
     config: dict[str, Any] = field(default_factory=dict)  # UNet2DConditionModel's config
-    image_channels: int = 3  # channels of the images (an SR stage's input has twice as many)
+    image_channels: int = 3  # channels of the diffused tensor (images, or a VAE's latents)
     lowres_cond: bool = False  # super-resolution: input is cat[x_t, noisy upsampled low-res]
     guidance_cond: bool = False  # never: no guidance-distilled IF networks
+    # SR: channels of the low-res image concatenated to x_t (None: image_channels; the x4
+    # upscaler: 3 beside 4 latent channels)
+    lowres_channels: int | None = None
 
     def __post_init__(self) -> None:
         c = self.config
@@ -48,7 +51,8 @@ class DiffusersUNetConfig:
                 )
         if self.image_channels < 1:
             raise ValueError(f"image_channels must be positive, got {self.image_channels}")
-        if c["in_channels"] != self.image_channels * (2 if self.lowres_cond else 1):
+        lowres = (self.lowres_channels or self.image_channels) if self.lowres_cond else 0
+        if c["in_channels"] != self.image_channels + lowres:
             raise ValueError(
                 f"a {'super-resolution' if self.lowres_cond else 'base'} stage with "
                 f"{self.image_channels} image channels cannot take a {c['in_channels']}-channel input"

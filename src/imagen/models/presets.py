@@ -10,7 +10,8 @@ import torch
 
 from imagen.diffusion.schedules import DiffusionConfig
 from imagen.models.sampling import SamplingConfig
-from imagen.models.stage import Stage, StageConfig
+from imagen.models.stage import Stage
+from imagen.models.stage_config import StageConfig
 from imagen.models.unet import UNetConfig, count_parameters
 
 T5_XXL_DIM = 4096

@@ -38,6 +38,12 @@ class SamplingConfig:
     )
     spacing: str = "trailing"  # timesteps: trailing, leading (diffusers' DDPM) or an IF list name
     lambda_min: float | None = None  # clip the noisiest timestep to lambda >= this (IF: -5.1)
+    spacing_offset: int = 0  # added to "leading" timesteps (diffusers' steps_offset; x4: 1)
+    # where the last step lands: "one" (alpha_bar = 1, the clean estimate) or "first"
+    # (alpha_bar[0], as diffusers' DDIM with set_alpha_to_one=False: the x4 upscaler)
+    final_alpha: str = "one"
+    # the largest aug_level the stage takes (the x4 upscaler: max_noise_level 350 of 999)
+    max_aug_level: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, dict):
@@ -52,9 +58,21 @@ class SamplingConfig:
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
         if not 0.0 <= self.aug_level < 1.0:
             raise ValueError(f"aug_level must be in [0, 1), got {self.aug_level}")
+        if self.aug_level > self.max_aug_level + 1e-9:
+            raise ValueError(
+                f"aug_level {self.aug_level:g} (noise level {round(self.aug_level * 999)}) is "
+                f"above this stage's maximum {self.max_aug_level:g} (noise level "
+                f"{round(self.max_aug_level * 999)})"
+            )
         check_spacing(self.spacing, self.steps)
         if self.lambda_min is not None and not math.isfinite(self.lambda_min):
             raise ValueError(f"lambda_min must be a finite number, got {self.lambda_min}")
+        if isinstance(self.spacing_offset, bool) or not isinstance(self.spacing_offset, int):
+            raise ValueError(f"spacing_offset must be an integer, got {self.spacing_offset!r}")
+        if not 0 <= self.spacing_offset < 1000:
+            raise ValueError(f"spacing_offset must be in [0, 1000), got {self.spacing_offset}")
+        if self.final_alpha not in ("one", "first"):
+            raise ValueError(f"final_alpha must be one or first, got {self.final_alpha!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
 

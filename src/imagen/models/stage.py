@@ -11,8 +11,7 @@ network through :meth:`Stage.forward`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,117 +28,17 @@ from imagen.diffusion.samplers import (
     step_callback,
 )
 from imagen.diffusion.schedules import (
-    DiffusionConfig,
     NoiseSchedule,
     clipped_start,
     respaced_timesteps,
 )
-from imagen.models.networks import get_network, network_config
+from imagen.models.lowres import augment_lowres, blur_lowres, resize
+from imagen.models.networks import get_network
 from imagen.models.sampling import SamplingConfig
-from imagen.models.unet import UNetConfig, config_from_dict
+from imagen.models.spaces import get_space
+from imagen.models.stage_config import StageConfig
 from imagen.text.encoders import TextEmbedding, pad_embeddings, unpad_embeddings
 from imagen.utils.system import autocast as autocast_to
-
-
-@dataclass
-class StageConfig:
-    """One stage of the cascade: its U-Net, its diffusion and its sampling defaults."""
-
-    # the network's config, of the kind ``network`` names (models/networks.py): a UNetConfig
-    # for the project's U-Net, a DiffusersUNetConfig for an imported DeepFloyd IF stage
-    unet: Any = field(default_factory=UNetConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    lowres_size: int | None = None  # SR stages: the resolution of the stage below
-    text_encoder: dict[str, Any] = field(default_factory=dict)  # name, dim, max_length
-    network: str = "imagen"  # a kind in imagen.models.networks.NETWORKS
-    lowres_align_corners: bool = False  # SR stages: upsample the low-res image as IF does
-
-    def __post_init__(self) -> None:
-        self.unet = network_config(self.network, self.unet, "StageConfig.unet")
-        if isinstance(self.diffusion, dict):
-            self.diffusion = config_from_dict(DiffusionConfig, self.diffusion)
-        if isinstance(self.sampling, dict):
-            self.sampling = config_from_dict(SamplingConfig, self.sampling)
-        if (self.lowres_size is not None) != self.unet.lowres_cond:
-            raise ValueError(
-                "a super-resolution stage needs both lowres_size and unet.lowres_cond; "
-                "a base stage needs neither"
-            )
-
-    @property
-    def resolution(self) -> int:
-        return self.unet.image_size
-
-    @property
-    def is_super_resolution(self) -> bool:
-        return self.lowres_size is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StageConfig:
-        return config_from_dict(cls, data)
-
-
-def fine_tuned_config(config: StageConfig) -> StageConfig:
-    """The config a stage is trained under: the loss trains the prediction only, so a stage
-    that sampled with its learned variance (an imported IF stage) samples with the fixed
-    posterior variance after training, and records so."""
-    s = config.sampling
-    if s.ddpm_variance != "learned_range":
-        return config
-    return replace(config, sampling=replace(s, ddpm_variance="posterior"))
-
-
-def resize(images: Tensor, size: int, align_corners: bool = False) -> Tensor:
-    """Resize a batch of images: area averaging down, bilinear up (no-op at equal size);
-    ``align_corners`` for the upsampling DeepFloyd IF's super-resolution uses."""
-    if images.shape[-1] == size:
-        return images
-    if images.shape[-1] > size:
-        return F.interpolate(images, size=(size, size), mode="area")
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=align_corners)
-
-
-def augment_lowres(
-    lowres: Tensor,
-    size: int,
-    level: Tensor,
-    schedule: NoiseSchedule,
-    noise: Tensor,
-    align_corners: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Noise-conditioning augmentation (Imagen sec. 2.5): upsample the low-res image to the
-    stage's size and diffuse it to augmentation level ``level`` in [0, 1) (per sample, as a
-    fraction of the schedule; 0 leaves it clean) with ``noise`` (shaped like the output).
-    Returns the corrupted image and the timestep the U-Net is conditioned on."""
-    up = resize(lowres, size, align_corners)
-    t = (level * (schedule.num_timesteps - 1)).round().long().to(up.device)
-    noised = schedule.q_sample(up, t, noise.to(up.dtype))
-    return torch.where(t.view(-1, 1, 1, 1) > 0, noised, up), t.float()
-
-
-BLUR_RADIUS = 4  # taps each side of the low-res blur kernel (enough for sigma <= 1.5)
-BLUR_MAX = 1.5  # the largest blur sigma, in low-res pixels, the kernel represents
-
-
-def blur_lowres(images: Tensor, sigma: Tensor) -> Tensor:
-    """Blur augmentation of the low-res conditioning image (Ho et al. 2021, Cascaded Diffusion
-    Models, sec. 3.2): a separable Gaussian of standard deviation ``sigma`` (B,) in low-res
-    pixels per sample (0 leaves a sample as it is), edges replicated. Training only: a stage
-    learns to draw crisp detail from a softer low-res image than its training data's."""
-    b, c, h, w = images.shape
-    k = torch.arange(-BLUR_RADIUS, BLUR_RADIUS + 1, device=images.device, dtype=torch.float32)
-    s = sigma.to(images.device, torch.float32).clamp_min(1e-3).view(b, 1)
-    kernel = torch.exp(-0.5 * (k.view(1, -1) / s) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).to(images.dtype)
-    kernel = kernel.repeat_interleave(c, 0)  # (B C, K): one kernel per sample and channel
-    x = F.pad(images.reshape(1, b * c, h, w), (BLUR_RADIUS,) * 4, mode="replicate")
-    x = F.conv2d(x, kernel.view(b * c, 1, 1, -1), groups=b * c)
-    x = F.conv2d(x, kernel.view(b * c, 1, -1, 1), groups=b * c)
-    return x.view(b, c, h, w)
 
 
 @dataclass
@@ -179,6 +78,8 @@ class Stage(nn.Module):
         super().__init__()
         self.config = config
         self.unet = get_network(config.network).build(config.unet)
+        # where it diffuses (models/spaces.py): nothing for pixels, a frozen VAE for latents
+        self.space = get_space(config.space.kind).build(config.space)
         self.schedule = NoiseSchedule(config.diffusion)
         self.compiled: Callable[..., Tensor] | None = None  # set by imagen.pipeline.compile_unets
         # the null caption's (tokens (L, D), mask (L,)) where the model has one (DeepFloyd IF:
@@ -199,9 +100,9 @@ class Stage(nn.Module):
         drop: Tensor | None = None,
     ) -> Conditioning:
         """The U-Net's conditioning for a batch: the text tokens (the null caption where
-        ``drop`` is True) and, for super-resolution stages, the low-res images upsampled to
-        this stage's size and noise-augmented to ``aug_level`` (fractions in [0, 1)) with
-        ``aug_noise``."""
+        ``drop`` is True) and, for super-resolution stages, the low-res images resized to the
+        size the network runs at (the stage's resolution; a latent stage's latent size) and
+        noise-augmented to ``aug_level`` (fractions in [0, 1)) with ``aug_noise``."""
         device = self.device
         cond = Conditioning(text.tokens.to(device), text.mask.to(device), null_text=self.null_text)
         if drop is not None:
@@ -211,7 +112,7 @@ class Stage(nn.Module):
                 raise ValueError("a super-resolution stage needs the low-res images to upsample")
             cond.lowres, cond.aug_level = augment_lowres(
                 lowres.to(device).float(),
-                self.config.resolution,
+                self.config.unet.image_size,
                 aug_level.to(device),
                 self.schedule,
                 aug_noise.to(device),
@@ -245,14 +146,16 @@ class Stage(nn.Module):
     ) -> Tensor:
         """The weighted denoising loss of one batch (Ho et al. 2020 eq. 14, with the stage's
         target and loss weighting), with conditioning dropout and, for SR stages, noise-
-        conditioning (and optional blur) augmentation of the real low-res images. A network with a learned
-        variance is trained on its prediction alone (see :func:`fine_tuned_config`)."""
+        conditioning (and optional blur) augmentation of the real low-res images. A latent
+        stage diffuses the frozen VAE's latents of ``images``. A network with a learned variance
+        is trained on its prediction alone (see :func:`fine_tuned_config`)."""
         draws = draws.to(images.device)
         lowres = draws.lowres(images, self.config.lowres_size)
         cond = self.condition(text, lowres, draws.aug_level, draws.aug_noise, draws.drop)
-        xt = self.schedule.q_sample(images, draws.t, draws.noise)
-        target = self.schedule.target(images, draws.noise, draws.t)
-        pred = self.forward(xt, draws.t, cond, autocast, net)[:, : images.shape[1]]
+        x0 = self.space.encode(images)
+        xt = self.schedule.q_sample(x0, draws.t, draws.noise)
+        target = self.schedule.target(x0, draws.noise, draws.t)
+        pred = self.forward(xt, draws.t, cond, autocast, net)[:, : x0.shape[1]]
         return self.weighted_loss(pred, target, draws.t)
 
     def weighted_loss(self, pred: Tensor, target: Tensor, t: Tensor) -> Tensor:
@@ -304,12 +207,15 @@ class Stage(nn.Module):
         if uncond is not None and self.config.unet.guidance_cond:
             raise ValueError("a guidance-distilled stage cannot steer away from a negative prompt")
         cond, scale = self.guidance_inputs(cond, sampling.guidance)
+        threshold = sampling.threshold  # thresholding keeps images in range: off for latents
+        if not self.config.space.bounded:
+            threshold = replace(threshold, mode="none")
         return make_denoiser(
             self.compiled or self.unet,
             self.schedule,
             cond,
             scale,  # type: ignore[arg-type]
-            sampling.threshold,
+            threshold,
             autocast,
             uncond,
             learned_variance=self.config.unet.learned_variance,
@@ -319,8 +225,24 @@ class Stage(nn.Module):
         """The descending training timesteps ``sampling`` visits on this stage's schedule."""
         start = clipped_start(self.schedule.alpha_bar, sampling.lambda_min)
         return respaced_timesteps(
-            self.schedule.num_timesteps, sampling.steps, sampling.spacing, start
+            self.schedule.num_timesteps,
+            sampling.steps,
+            sampling.spacing,
+            start,
+            sampling.spacing_offset,
         )
+
+    def _initial_noise(self, b: int, generator: Generators) -> tuple[Tensor, Tensor | None]:
+        """x_T and, for SR stages, the augmentation level and noise of the low-res image, in
+        the order the stage's reference pipeline draws them."""
+        device, s = self.device, self.config
+        if not s.is_super_resolution:
+            return randn((b, *s.sample_shape), generator, device), None
+        first, second = s.sample_shape, s.lowres_shape
+        if s.lowres_noise_first:
+            first, second = second, first
+        a, z = randn((b, *first), generator, device), randn((b, *second), generator, device)
+        return (z, a) if s.lowres_noise_first else (a, z)
 
     @torch.no_grad()
     def sample(
@@ -340,20 +262,15 @@ class Stage(nn.Module):
         ``negative`` (one embedding per image) replaces the null caption in guidance.
         ``progress`` gets ``at`` (by default this stage alone) after every step; when it
         returns False, :class:`~imagen.diffusion.samplers.Cancelled` is raised.
-        ``autocast_dtype`` overrides the config's precision."""
+        ``autocast_dtype`` overrides the config's precision. A latent stage samples its
+        space's latents and decodes them."""
         s = sampling or self.config.sampling
         device = self.device
         autocast_dtype = autocast_dtype or s.autocast_dtype(device)
-        b, n, c = text.tokens.shape[0], self.config.resolution, self.config.unet.in_channels
-        x = randn((b, c, n, n), generator, device)  # drawn first, then the augmentation noise
-        level = aug_noise = None
-        if self.config.is_super_resolution:
-            level = torch.full((b,), s.aug_level, device=device)
-            aug_noise = randn((b, c, n, n), generator, device)
-        if negative is not None and negative.tokens.shape[1] != text.tokens.shape[1]:
-            both = pad_embeddings(unpad_embeddings(text) + unpad_embeddings(negative))
-            text = TextEmbedding(both.tokens[:b], both.mask[:b])
-            negative = TextEmbedding(both.tokens[b:], both.mask[b:])
+        b = text.tokens.shape[0]
+        x, aug_noise = self._initial_noise(b, generator)
+        level = None if aug_noise is None else torch.full((b,), s.aug_level, device=device)
+        text, negative = _same_length(text, negative)
         cond = self.condition(text, lowres, level, aug_noise)
         uncond = None
         if negative is not None:
@@ -361,26 +278,55 @@ class Stage(nn.Module):
         denoise = self.denoiser(cond, s, autocast_dtype, uncond)
         timesteps = self.timesteps(s)
         if edit is not None:
-            image = resize(edit.image.to(device).float(), n).expand(b, -1, -1, -1)
-            run = round(edit.strength * len(timesteps))
-            if run == 0:
-                return image.clone()
-            if run < len(timesteps):  # SDEdit: start part-way, from the noised input
-                timesteps = timesteps[-run:]
-                x = self.schedule.q_sample(image, torch.full((b,), timesteps[0], device=device), x)
-            if edit.mask is not None:
-                denoise = _keep_known(denoise, image, edit.mask.to(device).float(), n)
+            x, timesteps, denoise, done = self._edit(edit, x, timesteps, denoise)
+            if done is not None:
+                return done
         at = at or Progress(stage=0, stages=1, step=0, steps=0, batch_size=b, images_total=b)
         at = replace(at, steps=len(timesteps))
-        return get_sampler(s.sampler)(
+        final = 1.0 if s.final_alpha == "one" else float(self.schedule.alpha_bar[0])
+        x = get_sampler(s.sampler)(
             denoise,
             x,
             timesteps,
             self.schedule.alpha_bar,
             generator=generator,
             callback=step_callback(progress, at),
+            final=final,
             **s.sampler_options(),
         )
+        return self.space.decode(x)
+
+    def _edit(
+        self, edit: Edit, x: Tensor, timesteps: list[int], denoise: Denoiser
+    ) -> tuple[Tensor, list[int], Denoiser, Tensor | None]:
+        """Image-to-image (start part-way, from the noised input) and inpainting (keep the
+        known region) in the stage's space; the last item is the result when nothing runs."""
+        b, n, device = x.shape[0], self.config.unet.image_size, x.device
+        image = resize(edit.image.to(device).float(), self.config.resolution)
+        image = self.space.encode(image).expand(b, -1, -1, -1)
+        run = round(edit.strength * len(timesteps))
+        if run == 0:
+            return x, timesteps, denoise, self.space.decode(image.clone())
+        if run < len(timesteps):  # SDEdit: start part-way, from the noised input
+            timesteps = timesteps[-run:]
+            x = self.schedule.q_sample(image, torch.full((b,), timesteps[0], device=device), x)
+        if edit.mask is not None:
+            denoise = _keep_known(denoise, image, edit.mask.to(device).float(), n)
+        return x, timesteps, denoise, None
+
+
+def _same_length(
+    text: TextEmbedding, negative: TextEmbedding | None
+) -> tuple[TextEmbedding, TextEmbedding | None]:
+    """The prompts' and negative prompts' embeddings padded to one length (they are guided in
+    one batch)."""
+    if negative is None or negative.tokens.shape[1] == text.tokens.shape[1]:
+        return text, negative
+    b = text.tokens.shape[0]
+    both = pad_embeddings(unpad_embeddings(text) + unpad_embeddings(negative))
+    return TextEmbedding(both.tokens[:b], both.mask[:b]), TextEmbedding(
+        both.tokens[b:], both.mask[b:]
+    )
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from imagen.models.limits import MAX_IMAGE_SIZE, MAX_TIMESTEPS, check_range
-from imagen.models.stage import StageConfig
+from imagen.models.stage_config import StageConfig
 
 FORMAT = "imagen-cascade"
 VERSIONS = (1,)  # the format versions this code reads

@@ -1,4 +1,5 @@
-"""``imagen import``: DeepFloyd IF pipelines in diffusers format as an imagen model directory.
+"""``imagen import``: DeepFloyd IF pipelines (and the Stable Diffusion x4 upscaler as stage III,
+pipeline/x4_import.py) in diffusers format as an imagen model directory.
 
 The base (an ``IFPipeline`` folder or Hub repo) comes first, then super-resolution stages
 (``IFSuperResolutionPipeline``). Each stage becomes a ``diffusers-unet`` stage whose weights
@@ -14,8 +15,11 @@ directory records the sources and the weights' licence notice.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from imagen.diffusion.guidance import ThresholdConfig
 from imagen.diffusion.schedules import DiffusionConfig
@@ -23,8 +27,15 @@ from imagen.models.cascade import LOW_MEMORY_BYTES
 from imagen.models.model_dir import WeightsFile, save_model_dir
 from imagen.models.networks import DiffusersUNetConfig
 from imagen.models.sampling import SamplingConfig
-from imagen.models.stage import StageConfig
+from imagen.models.stage_config import StageConfig
 from imagen.pipeline.hub import REPO_ID, hub_snapshot
+from imagen.pipeline.x4_import import (
+    UPSCALE,
+    X4_LICENCE,
+    x4_stage_config,
+    x4_text_encoder,
+    x4_weights,
+)
 from imagen.text.encoders import (
     TextEncoder,
     TextEncoderConfig,
@@ -69,8 +80,10 @@ def resolve_source(source: str) -> tuple[Path, str | None]:
 def _pipeline_class(root: Path) -> str:
     index = _read_json(root / "model_index.json")
     name = index.get("_class_name")
-    if name not in (BASE, SR):
-        raise ValueError(f"{root} holds a {name}; imagen import takes {BASE} and {SR} folders")
+    if name not in (BASE, SR, UPSCALE):
+        raise ValueError(
+            f"{root} holds a {name}; imagen import takes {BASE}, {SR} and {UPSCALE} folders"
+        )
     return str(name)
 
 
@@ -152,37 +165,100 @@ def _load_encoder(config: TextEncoderConfig) -> TextEncoder:
     return load_text_encoder_low_memory(config)
 
 
+@dataclass
+class _Imported:
+    """One imported stage: its config, weights, space weights and text encoder."""
+
+    config: StageConfig
+    weights: WeightsFile
+    space: WeightsFile | dict[str, torch.Tensor] | None
+    encoder: TextEncoderConfig
+
+
+def _check_order(classes: list[str]) -> None:
+    """An optional IF base, then IF super-resolution stages, then at most one x4 upscaler."""
+    order = {BASE: 0, SR: 1, UPSCALE: 2}
+    ranks = [order[c] for c in classes]
+    ok = ranks == sorted(ranks) and ranks.count(0) <= 1 and ranks.count(2) <= 1
+    if ok and (ranks[0] == 0 or ranks == [2]):
+        return
+    raise ValueError(
+        f"give the {BASE} first, then {SR} folders, then optionally a {UPSCALE} (or a "
+        f"{UPSCALE} alone); got {', '.join(classes)}"
+    )
+
+
+def _import_stage(
+    root: Path, cls: str, lowres: int | None, t5: TextEncoderConfig | None, args: tuple
+) -> _Imported:
+    copy, variant = args
+    if cls == UPSCALE:
+        w = x4_weights(root, variant, copy)
+        return _Imported(x4_stage_config(root, lowres), w.unet, w.vae, x4_text_encoder(root))
+    assert t5 is not None
+    weights = WeightsFile(_weights(root, variant), copy)
+    return _Imported(if_stage_config(root, lowres), weights, None, t5)
+
+
+def _null_captions(encoders: list[TextEncoderConfig]) -> tuple[list, list]:
+    """Each stage's encoder record and null caption (its encoder's "", as the pipelines
+    encode it), loading each distinct encoder once and releasing it."""
+    records, nulls, done = [], [], {}
+    for config in encoders:
+        key = (config.name, config.kind)
+        if key not in done:
+            encoder = _load_encoder(config)
+            null = encoder.encode([""])
+            done[key] = (
+                {**encoder.config(), "dim": encoder.dim},
+                (null.tokens[0].cpu(), null.mask[0].cpu()),
+            )
+            del encoder
+        records.append(done[key][0])
+        nulls.append(done[key][1])
+    return records, nulls
+
+
 def import_if(
     sources: list[str],
     out: str | Path,
     copy: bool = False,
     text_encoder: str | None = None,
     variant: str | None = None,
+    x4_size: int | None = None,
 ) -> Path:
-    """Write the model directory ``out`` for DeepFloyd IF pipelines ``sources`` (base first)."""
+    """Write the model directory ``out`` for diffusers pipelines ``sources``: DeepFloyd IF's
+    base and super-resolution stages, then optionally the Stable Diffusion x4 upscaler as the
+    last stage (or the x4 upscaler alone: a model that only upscales ``x4_size`` px images,
+    256 by default)."""
     if not sources:
         raise ValueError("give at least one pipeline: the IF base (IFPipeline) first")
     resolved = [resolve_source(s) for s in sources]
     classes = [_pipeline_class(root) for root, _ in resolved]
-    if classes[0] != BASE or any(c != SR for c in classes[1:]):
-        raise ValueError(f"give the {BASE} first, then {SR} folders; got {', '.join(classes)}")
-    configs: list[StageConfig] = []
-    for root, _ in resolved:
-        configs.append(if_stage_config(root, configs[-1].resolution if configs else None))
-    te_config = _text_encoder(resolved[0][0], text_encoder)
-    encoder = _load_encoder(te_config)  # for the null caption and the record; released here
-    null = encoder.encode([""])
-    null_text = (null.tokens[0].cpu(), null.mask[0].cpu())
-    record = {**encoder.config(), "dim": encoder.dim}
-    del encoder
+    _check_order(classes)
+    if_roots = [root for (root, _), c in zip(resolved, classes, strict=True) if c != UPSCALE]
+    t5 = _text_encoder(if_roots[0], text_encoder) if if_roots else None
+    stages: list[_Imported] = []
+    for (root, _), cls in zip(resolved, classes, strict=True):
+        lowres = stages[-1].config.resolution if stages else x4_size
+        stages.append(_import_stage(root, cls, lowres, t5, (copy, variant)))
+    records, nulls = _null_captions([s.encoder for s in stages])
+    licences = [LICENCE] if if_roots else []
+    licences += [X4_LICENCE] if UPSCALE in classes else []
     extra = {
         "imported": [
             {"source": s, "path": str(root), "pipeline": c, "revision": rev}
             for s, (root, rev), c in zip(sources, resolved, classes, strict=True)
         ],
-        "licence": LICENCE,
+        "licence": " ".join(licences),
     }
-    weights = [WeightsFile(_weights(root, variant), copy) for root, _ in resolved]
     return save_model_dir(
-        out, record, configs, weights, None, extra, null_texts=[null_text] * len(configs)
+        out,
+        records,
+        [s.config for s in stages],
+        [s.weights for s in stages],
+        None,
+        extra,
+        null_texts=nulls,
+        spaces=[s.space for s in stages],
     )

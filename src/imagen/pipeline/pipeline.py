@@ -18,10 +18,11 @@ from PIL import Image
 from torch import Tensor
 
 from imagen.diffusion.samplers import ProgressCallback
-from imagen.models.cascade import Cascade, load_cascade
+from imagen.models.cascade import Cascade, Embeddings, load_cascade
+from imagen.models.lowres import resize
 from imagen.models.model_dir import read_index
 from imagen.models.sampling import PerStage, SamplingConfig, SamplingOverrides
-from imagen.models.stage import Edit, resize
+from imagen.models.stage import Edit
 from imagen.pipeline.hub import resolve_model
 from imagen.text.encoders import TextEmbedding
 from imagen.text.vocabulary import unknown_words
@@ -265,7 +266,8 @@ class ImagenPipeline:
     ) -> PipelineOutput:
         """Sample ``work`` in batches, each image with its own generator."""
         warnings = self.check_words(work.prompts)
-        text, rows = self._encode(work.prompts + (work.negatives or []))
+        run = range(start_stage, self.num_stages)
+        text, rows = self._encode(work.prompts + (work.negatives or []), run)
         total = len(work.prompts)
         per_stage: list[list[Image.Image]] = [[] for _ in range(self.num_stages - start_stage)]
         for start in range(0, total, batch_size):
@@ -313,10 +315,11 @@ class ImagenPipeline:
             self._warned.update(unknown)
         return [message]
 
-    def _encode(self, texts: list[str]) -> tuple[TextEmbedding, dict[str, int]]:
-        """Every distinct text encoded once (one padded length), and each text's row."""
+    def _encode(self, texts: list[str], run: range) -> tuple[Embeddings, dict[str, int]]:
+        """Every distinct text encoded once by each text encoder the stages of ``run`` read
+        (one padded length), and each text's row."""
         unique = list(dict.fromkeys(texts))
-        return self.cascade.encode(unique), {p: i for i, p in enumerate(unique)}
+        return self.cascade.encode(unique, run), {p: i for i, p in enumerate(unique)}
 
     @staticmethod
     def make_edit(
@@ -333,9 +336,13 @@ class ImagenPipeline:
         return Edit(image, strength, m)
 
 
-def _rows(text: TextEmbedding, rows: dict[str, int], texts: list[str]) -> TextEmbedding:
-    idx = torch.tensor([rows[p] for p in texts], device=text.mask.device)
-    return TextEmbedding(text.tokens[idx], text.mask[idx])
+def _rows(text: Embeddings, rows: dict[str, int], texts: list[str]) -> Embeddings:
+    """The embeddings of ``texts`` (rows of the encoded distinct texts), per encoder."""
+    out = {}
+    for key, emb in text.items():
+        idx = torch.tensor([rows[p] for p in texts], device=emb.mask.device)
+        out[key] = TextEmbedding(emb.tokens[idx], emb.mask[idx])
+    return out
 
 
 def _in_call(progress: ProgressCallback | None, start: int, total: int) -> ProgressCallback | None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imagen.diffusion.samplers import Cancelled, Progress
-from imagen.models.cascade import Cascade
 from imagen.models.stage import Edit
 from imagen.pipeline import ImagenPipeline, SamplingOverrides
 from imagen.server.schema import ServerConfig
@@ -85,7 +84,7 @@ class ModelWorker:
 
     def _first_stages(self, k: int) -> ImagenPipeline:
         part = copy.copy(self.pipe)  # the same settings, the first k stages only
-        part.cascade = Cascade(self.pipe.cascade.text_encoder, list(self.pipe.cascade.stages)[:k])
+        part.cascade = self.pipe.cascade.first_stages(k)
         return part
 
     def pipeline(self, stages: int = 0) -> ImagenPipeline:

@@ -79,12 +79,15 @@ class TextEncoderConfig:
     padding: str = "longest"
     tokenizer: str | None = None  # the tokenizer's directory, where not the model's
     clean_caption: bool = True  # padding "max_length": diffusers' caption cleaning if installed
+    kind: str = ""  # "clip": CLIP's text tower (text/clip.py); "": chosen by name and padding
 
     def __post_init__(self) -> None:
         if self.padding not in ("longest", "max_length"):
             raise ValueError(f"padding must be longest or max_length, got {self.padding!r}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
+        if self.kind not in ("", "clip"):
+            raise ValueError(f"text encoder kind must be clip or empty, got {self.kind!r}")
 
 
 def validate_captions(captions: list[str]) -> list[str]:
@@ -340,11 +343,15 @@ def load_text_encoder(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> TextEncoder:
-    """Build the frozen text encoder a config names: ``minilm``, ``hash-D``, or any Hugging
-    Face T5/BERT checkpoint name or local directory."""
+    """Build the frozen text encoder a config names: ``minilm``, ``hash-D``, any Hugging Face
+    T5/BERT checkpoint name or local directory, or (``kind="clip"``) a CLIP text model."""
     if isinstance(config, str):
         config = TextEncoderConfig(name=config)
     name = config.name
+    if config.kind == "clip":
+        from imagen.text.clip import CLIPTextEncoder
+
+        return CLIPTextEncoder(name, config.tokenizer, config.max_length, dtype).to(device)
     if config.padding == "max_length":
         encoder: TextEncoder = PaddedT5Encoder(
             name, config.tokenizer, config.max_length, dtype, config.clean_caption

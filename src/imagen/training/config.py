@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from imagen.data.config import DataConfig
-from imagen.models.cascade import encoder_config
+from imagen.models.lowres import BLUR_MAX
 from imagen.models.model_dir import read_index, read_stage_config
 from imagen.models.presets import get_preset
-from imagen.models.stage import BLUR_MAX, StageConfig
+from imagen.models.stage_config import StageConfig
+from imagen.models.text_encoders import encoder_config
 from imagen.models.validate import check_stage_config
 from imagen.text.encoders import TextEncoderConfig
 from imagen.utils.config import config_from_dict, load_config_file, show_value

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from imagen.data.config import DataConfig
 from imagen.data.sources import Split, get_source
-from imagen.models.stage import StageConfig, TrainingDraws
+from imagen.models.stage import TrainingDraws
+from imagen.models.stage_config import StageConfig
 from imagen.training.config import TrainConfig
 from imagen.training.parallel import Dist
 from imagen.utils import rng
@@ -39,26 +40,30 @@ class DrawSpec:
     uniform draws a distillation objective needs."""
 
     seed: int
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # one sample's diffused tensor (an image, or a VAE's latents)
     timesteps: int
     cond_drop: float
     aug_max: float | None  # None for base stages (no augmentation draws)
     uniforms: int = 0
     blur_max: float = 0.0  # SR stages: low-res blur sigmas drawn from [0, blur_max]; 0: none
+    aug_shape: tuple[int, ...] | None = None  # SR: the low-res image's noise (None: ``shape``)
 
     @classmethod
     def of(
         cls, stage: StageConfig, cfg: TrainConfig, timesteps: int, uniforms: int = 0
     ) -> DrawSpec:
-        shape = (stage.unet.in_channels, stage.resolution, stage.resolution)
         sr = stage.is_super_resolution
         aug, blur = (cfg.aug_max, cfg.blur_max) if sr else (None, 0.0)
-        return cls(cfg.seed, shape, timesteps, cfg.cond_drop, aug, uniforms, blur)
+        aug_shape = stage.lowres_shape if sr and stage.lowres_shape != stage.sample_shape else None
+        return cls(
+            cfg.seed, stage.sample_shape, timesteps, cfg.cond_drop, aug, uniforms, blur, aug_shape
+        )
 
     def positions(self, device: torch.device) -> Tensor:
         """Positions 0..n-1 of the longest random stream, for :func:`draw_batch` in a compiled
         graph (see :func:`imagen.utils.rng.bits`)."""
-        return torch.arange(max(math.prod(self.shape), self.uniforms, 1), device=device)
+        longest = max(math.prod(self.shape), math.prod(self.aug_shape or ()), self.uniforms, 1)
+        return torch.arange(longest, device=device)
 
 
 # the random streams of a sample (each a separate counter range of its generator)
@@ -91,7 +96,8 @@ def draw_batch(
     level = aug_noise = u = blur = None
     if spec.aug_max is not None:
         level = rng.uniform(states, _LEVEL, n(1))[:, 0] * spec.aug_max
-        aug_noise = rng.normal(states, _AUG_NOISE, n(size)).view(count, *spec.shape)
+        aug_shape = spec.aug_shape or spec.shape
+        aug_noise = rng.normal(states, _AUG_NOISE, n(math.prod(aug_shape))).view(count, *aug_shape)
     if spec.uniforms:
         u = rng.uniform(states, _UNIFORMS, n(spec.uniforms))
     if spec.blur_max > 0 and spec.aug_max is not None:

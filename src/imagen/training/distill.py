@@ -30,7 +30,8 @@ from torch import Tensor
 from imagen.diffusion.guidance import Conditioning, apply_threshold
 from imagen.diffusion.samplers import ddim_step
 from imagen.diffusion.schedules import respaced_timesteps
-from imagen.models.stage import Stage, StageConfig, TrainingDraws
+from imagen.models.stage import Stage, TrainingDraws
+from imagen.models.stage_config import StageConfig
 from imagen.text.encoders import TextEmbedding
 
 MODES = ("guidance", "progressive")

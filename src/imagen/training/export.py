@@ -20,7 +20,6 @@ from imagen.models.cascade import check_stage_chain
 from imagen.models.model_dir import (
     INDEX_FILE,
     StageWeights,
-    portable_text_encoder,
     read_index,
     read_null_text,
     read_stage_config,
@@ -28,7 +27,9 @@ from imagen.models.model_dir import (
     verify_stage,
 )
 from imagen.models.sampling import SamplingOverrides
-from imagen.models.stage import Stage, StageConfig
+from imagen.models.spaces import SPACE_WEIGHTS
+from imagen.models.stage import Stage
+from imagen.models.stage_config import StageConfig
 from imagen.training.checkpoint import read_weights
 from imagen.training.config import init_stage_dir
 from imagen.training.rundir import OPTIONS_FILE, RunDirectory
@@ -47,6 +48,7 @@ class StageSource:
     training: dict[str, Any]
     null_text: tuple[torch.Tensor, torch.Tensor] | None = None  # the stage's stored null caption
     vocabulary: list[str] | None = None  # the words of its training captions, where known
+    space: StageWeights | None = None  # a latent stage's frozen VAE: a stage directory holding it
 
 
 def _from_run(rd: RunDirectory, weights: str) -> StageSource:
@@ -55,11 +57,26 @@ def _from_run(rd: RunDirectory, weights: str) -> StageSource:
     state = read_weights(ckpt, weights)
     opts = rd.read_options()
     init = opts["config"]["stages"][opts["stage_index"]].get("init")
-    null = read_null_text(init_stage_dir(init)) if init else None
+    init_dir = init_stage_dir(init) if init else None
+    null = read_null_text(init_dir) if init_dir else None
     record = rd.training_record(ckpt)
+    config = rd.stage_config()
+    space = _space_source(config, init_dir, rd.path)
     return StageSource(
-        rd.path, rd.stage_config(), rd.text_encoder(), state, record, null, rd.vocabulary()
+        rd.path, config, rd.text_encoder(), state, record, null, rd.vocabulary(), space
     )
+
+
+def _space_source(config: StageConfig, stage_dir: Path | None, origin: Path) -> Path | None:
+    """Where a latent stage's VAE weights are (the stage directory it was trained from)."""
+    if config.space.kind == "pixels":
+        return None
+    if stage_dir is None or not (stage_dir / SPACE_WEIGHTS).is_file():
+        raise FileNotFoundError(
+            f"{origin}: its VAE ({SPACE_WEIGHTS}) comes from the model it was fine-tuned from, "
+            f"{stage_dir or 'which the run does not name'}; it is not there"
+        )
+    return stage_dir
 
 
 def _from_model(stage_dir: Path) -> StageSource:
@@ -73,14 +90,16 @@ def _from_model(stage_dir: Path) -> StageSource:
     record = records[k] if isinstance(records, list) and k < len(records) else None
     if not isinstance(record, dict):
         record = {"copied_from": f"{stage_dir.parent.name}/{stage_dir.name}"}
+    config = read_stage_config(stage_dir)
     return StageSource(
         stage_dir,
-        read_stage_config(stage_dir),
-        dict(index["text_encoder"]),
+        config,
+        dict(config.text_encoder or index["text_encoder"]),
         stage_dir,
         record,
         read_null_text(stage_dir),
         index.get("vocabulary"),
+        _space_source(config, stage_dir, stage_dir),
     )
 
 
@@ -98,21 +117,11 @@ def stage_source(item: str | Path, weights: str) -> StageSource:
     )
 
 
-def _encoder_key(record: dict[str, Any]) -> tuple[str, int]:
-    return portable_text_encoder(record).get("name", ""), int(record.get("dim") or -1)
-
-
 def check_sources(sources: list[StageSource]) -> None:
-    """Raise unless the stages form a cascade, share one text encoder and their weights fit
-    their configurations (checked on the meta device: no memory is used)."""
+    """Raise unless the stages form a cascade and their weights fit their configurations
+    (checked on the meta device: no memory is used). Each stage keeps its own text encoder
+    record (a cascade may read several: IF's T5 and the x4 upscaler's CLIP)."""
     check_stage_chain([s.config for s in sources])
-    first = sources[0]
-    for s in sources[1:]:
-        if _encoder_key(s.text_encoder) != _encoder_key(first.text_encoder):
-            raise ValueError(
-                f"{s.origin} was trained with text encoder {s.text_encoder}, "
-                f"not {first.text_encoder} (as {first.origin})"
-            )
     for s in sources:
         if isinstance(s.weights, dict):
             with torch.device("meta"):
@@ -156,13 +165,14 @@ def export_model(
     extra.update(notes or {})
     return save_model_dir(
         out_dir,
-        sources[0].text_encoder,
+        [s.text_encoder for s in sources],
         [s.config for s in sources],
         [s.weights for s in sources],
         dtype,
         extra,
         verify=True,
         null_texts=[s.null_text for s in sources],
+        spaces=[s.space for s in sources],
     )
 
 

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imagen.models.stage import Stage, resize
+from imagen.models.lowres import resize
+from imagen.models.stage import Stage
 from imagen.text.encoders import TextEncoder
 from imagen.training.data import collate
 from imagen.utils.grid import captioned_grid

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from imagen.models.stage import StageConfig
+from imagen.models.stage_config import StageConfig
 from imagen.training.checkpoint import (
     CheckpointError,
     checkpoint_dirs,

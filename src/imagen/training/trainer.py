@@ -28,7 +28,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from imagen.models.model_dir import init_stage, load_stage
-from imagen.models.stage import Stage, StageConfig, fine_tuned_config
+from imagen.models.stage import Stage
+from imagen.models.stage_config import StageConfig, fine_tuned_config
+from imagen.models.text_encoders import encoder_config
 from imagen.text.encoders import (
     TextEmbedding,
     TextEncoder,
@@ -102,7 +104,10 @@ class Trainer:
         self.dev = torch.device(
             device or (f"cuda:{self.d.local_rank}" if torch.cuda.is_available() else "cpu")
         )
-        self.encoder = text_encoder or load_text_encoder(config.text_encoder, self.dev)
+        # the stage's own encoder where its init model records one (the x4 upscaler: CLIP)
+        own = run.stage.text_encoder if run.init else None
+        encoder_cfg = encoder_config(own) if own else config.text_encoder
+        self.encoder = text_encoder or load_text_encoder(encoder_cfg, self.dev)
         self.distill, self.teacher = distill, self._teacher(distill)
         stage = student_config(self.teacher.config, distill) if self.teacher else run.stage
         self.init = run.init
@@ -174,6 +179,7 @@ class Trainer:
         if self.init is not None:  # a model's stage: its weights and null caption (for dropout)
             init_stage(self.stage, init_stage_dir(self.init))
             self.ema_stage.null_text = self.stage.null_text
+        self.ema_stage.space = self.stage.space  # one frozen space (a latent stage's VAE)
         self.ema_stage.unet.load_state_dict(self.model.state_dict())
         self.ema_stage.requires_grad_(False).eval()
         channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"

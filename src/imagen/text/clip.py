@@ -1,0 +1,75 @@
+"""CLIP's text tower as the Stable Diffusion x4 upscaler uses it (diffusers'
+``StableDiffusionUpscalePipeline.encode_prompt``): the prompt padded to 77 tokens, no
+attention mask given to the model, every position's output (the final layer norm's; the
+checkpoint is OpenCLIP ViT-H cut to its penultimate layer) kept."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from imagen.text.encoders import TextEmbedding, TextEncoder, validate_captions
+
+log = logging.getLogger(__name__)
+
+
+class CLIPTextEncoder(TextEncoder):
+    """A frozen ``CLIPTextModel`` with its ``CLIPTokenizer`` (a diffusers pipeline's
+    ``text_encoder/`` and ``tokenizer/`` folders)."""
+
+    keeps_padding = True
+
+    def __init__(
+        self,
+        name: str,
+        tokenizer: str | None = None,
+        max_length: int = 77,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        try:
+            self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer or name)
+            model = CLIPTextModel.from_pretrained(name, dtype=dtype)
+        except OSError as e:
+            raise OSError(f"could not load the CLIP text encoder from {name!r}: {e}") from e
+        self.model = model.eval().requires_grad_(False)
+        self.name, self.tokenizer_path = name, tokenizer
+        self.dim = int(model.config.hidden_size)
+        self.max_length = max_length
+        self.use_mask = bool(getattr(model.config, "use_attention_mask", False))
+
+    def train(self, mode: bool = True) -> CLIPTextEncoder:  # frozen: always in eval mode
+        return super().train(False)
+
+    def config(self) -> dict[str, object]:
+        return {
+            **super().config(),
+            "tokenizer": self.tokenizer_path,
+            "padding": "max_length",
+            "kind": "clip",
+        }
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> TextEmbedding:
+        texts = validate_captions(captions)
+        lengths = self.tokenizer(texts, truncation=False, padding=False)["input_ids"]
+        over = sum(len(ids) > self.max_length for ids in lengths)
+        if over:
+            self.truncated += over
+            log.warning("%d caption(s) truncated to %d tokens", over, self.max_length)
+        batch = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).to(self.device)
+        mask = batch["attention_mask"] if self.use_mask else None
+        out = self.model(batch["input_ids"], attention_mask=mask)
+        tokens = out.last_hidden_state.float()
+        return TextEmbedding(
+            tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        )
