@@ -175,12 +175,11 @@ def test_noise_level_is_the_integer_diffusers_takes(x4, tmp_path, capsys):
 def test_fine_tune_the_x4_stage_resume_and_export(x4, tmp_path):
     """`init: M:2`: v-prediction loss on the frozen VAE's latents, random noise levels as
     class labels; the loss falls, a stopped run resumes bit-exactly, the export samples."""
+    from imagen.training.config import load_cascade_config
     from imagen.training.export import export_model
     from imagen.training.rundir import RunDirectory
     from imagen.training.trainer import train_stage
     from imagen.utils.tensors import load_tensors
-
-    from imagen.training.config import load_cascade_config
 
     _, _, three = x4
     cfg = tmp_path / "tune.yaml"

@@ -9,7 +9,7 @@ import logging
 
 import torch
 
-from imagen.text.encoders import TextEmbedding, TextEncoder, validate_captions
+from imagen.text.base import TextEmbedding, TextEncoder, validate_captions
 
 log = logging.getLogger(__name__)
 

@@ -104,8 +104,7 @@ class Trainer:
         self.dev = torch.device(
             device or (f"cuda:{self.d.local_rank}" if torch.cuda.is_available() else "cpu")
         )
-        # the stage's own encoder where its init model records one (the x4 upscaler: CLIP)
-        own = run.stage.text_encoder if run.init else None
+        own = run.stage.text_encoder if run.init else None  # an init stage's own (x4: CLIP)
         encoder_cfg = encoder_config(own) if own else config.text_encoder
         self.encoder = text_encoder or load_text_encoder(encoder_cfg, self.dev)
         self.distill, self.teacher = distill, self._teacher(distill)
