@@ -182,6 +182,11 @@ def test_eval_clip_samples_a_suite_and_reads_a_sample_folder_alike(clip_dir, tmp
     for name in report["sheets"].values():
         assert Image.open(tmp_path / "sampled" / name).size[0] > 128
     assert json.loads((tmp_path / "read" / "report.json").read_text())["images_from"]
+    # the report can go into the sample folder itself: its images and manifest stay as they were
+    before = {p.name: p.read_bytes() for p in samples.iterdir()}
+    assert main([*clip, "--images", str(samples), "--out", str(samples), "--overwrite"]) == 0
+    assert all((samples / n).read_bytes() == b for n, b in before.items())
+    assert (samples / "scores.jsonl").is_file() and (samples / "report.json").is_file()
 
 
 def test_eval_compare_on_the_bundled_model_with_two_step_counts(clip_dir, tmp_path, capsys):
@@ -252,3 +257,31 @@ def test_clip_scorer_batches_alike(clip_dir):
     images, texts = random_images(5, seed=3), PROMPTS + PROMPTS[:2]
     assert isinstance(batched, ClipScorer)
     assert batched.scores(images, texts) == pytest.approx(single.scores(images, texts), abs=1e-4)
+
+
+def test_eval_compare_runs_on_an_imported_deepfloyd_if_model(clip_dir, tmp_path, capsys):
+    """The use the issue names, on tiny random IF pipelines imported here: IF's own sampler at
+    fewer steps against DPM-Solver++, in low-memory mode as a real IF model runs."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("sentencepiece")
+    from if_tiny import make_if_pipelines
+
+    base, sr = make_if_pipelines(tmp_path / "if")
+    assert main(["import", str(base), str(sr), "--out", str(tmp_path / "model")]) == 0
+    capsys.readouterr()
+    prompts = tmp_path / "prompts.jsonl"
+    texts = ["a red cat on a blue sofa", "a lighthouse at night", "two green apples"]
+    rows = [{"prompt": p, "category": c} for p, c in zip(texts, "xxy", strict=True)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["eval", "compare", "--model", str(tmp_path / "model"), "--prompts", str(prompts)]
+    argv += ["--clip", str(clip_dir), "--low-memory", "--feature-network", "none"]
+    argv += ["--a=--steps-per-stage 4,2", "--b=--sampler dpmpp --steps-per-stage 2,2"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    a, b = report["arms"]["a"], report["arms"]["b"]
+    assert [s["sampler"] for s in a["sampling"]] == ["ddpm", "ddpm"]  # IF's own
+    assert [s["sampler"] for s in b["sampling"]] == ["dpmpp", "dpmpp"]
+    assert a["network_evaluations_per_image_per_stage"] == [8.0, 4.0]  # both IF stages guide
+    assert b["network_evaluations_per_image"] == 8.0
+    assert report["kid_fid"] == {"skipped": "skipped: --feature-network none"}
+    assert set(report["difference_b_minus_a"]["per_category"]) == {"x", "y"}

@@ -148,6 +148,7 @@ runs = {
     "bad settings": ["eval", "compare", "--prompts", "parti", "--a", "--steps x"],
     "unknown option": ["eval", "compare", "--prompts", "parti", "--b", "--stepz 3"],
     "no suite": ["eval", "clip"],
+    "images and steps": ["eval", "clip", "--images", "samples", "--steps", "4"],
     "list": ["eval", "prompts"],
     "prompts": ["eval", "prompts", "geneval", "--limit", "6"],
 }
@@ -170,7 +171,8 @@ def test_eval_clip_and_compare_usage_errors_are_one_line_without_torch():
     assert out["heavy"] == []
     runs = out["runs"]
     assert runs["clip help"][0] == runs["compare help"][0] == 0
-    for name in ("bad suite", "bad category", "bad settings", "unknown option", "no suite"):
+    errors = ("bad suite", "bad category", "bad settings", "unknown option", "no suite")
+    for name in (*errors, "images and steps"):
         code, _, err = runs[name]
         assert code == 2 and len(err.strip().splitlines()) == 1, (name, err)
         assert "Traceback" not in err
@@ -178,5 +180,6 @@ def test_eval_clip_and_compare_usage_errors_are_one_line_without_torch():
     assert "known: single_object (80), two_object (99)" in runs["bad category"][2]
     assert "argument --a: argument --steps: expected a positive integer" in runs["bad settings"][2]
     assert "--stepz" in runs["unknown option"][2]
+    assert "drop --steps" in runs["images and steps"][2]
     assert runs["list"][1].startswith("parti: 1632 prompts")
     assert len(runs["prompts"][1].splitlines()) == 6

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # imagen.evaluation.clip.DEFAULT_CLIP, torch-free
 CLIP_FILES = r"\d{4,}\.png|manifest\.jsonl|report\.json|scores\.jsonl|sheet-.+\.png"
+READ_FILES = r"report\.json|scores\.jsonl|sheet-.+\.png"  # --images: the report's files
 COMPARE_FILES = r"report\.json|pairs\.jsonl|sheet\.png"
 ARMS = ("a", "b")
 LIMIT_HELP = "at most N prompts: each category's share, spread evenly through it"
@@ -162,25 +163,23 @@ def _bar(total: int, desc: str) -> Any:
 
 def eval_clip_command(args: argparse.Namespace) -> dict:
     """``imagen eval clip``: sample the suite (or read --images) and CLIP-score every image."""
-    if args.images and (args.category or args.limit):
-        raise UsageError("--images scores every image its manifest lists; drop --category/--limit")
-    if not args.images and not args.prompts:
-        raise UsageError(
-            "give --prompts SUITE to sample (parti, geneval, shapes, a file) or --images"
-        )
+    _check_clip_args(args)
     prompts = suite_prompts(args) if args.prompts else []
-    if not args.images:
+    if args.images:
+        from imagen.evaluation.prompt_following import read_manifest
+
+        rows = read_manifest(args.images)  # a bad manifest fails before CLIP loads
+    else:
         check_seeds(args.seed, len(prompts) * args.num_images)
-    staged = (
-        StagedOutput(args.out, run_files=CLIP_FILES, overwrite=args.overwrite) if args.out else None
-    )
+    files = READ_FILES if args.images else CLIP_FILES  # never the folder's own images
+    staged = StagedOutput(args.out, run_files=files, overwrite=args.overwrite) if args.out else None
     with staged or nullcontext():
         from imagen.evaluation.prompt_following import ClipScores, summary, write_report
 
         scores = ClipScores(_load_clip(args), shapes_checker(args.prompts))  # before the model
         report: dict[str, Any] = {"suite": args.prompts, "clip_model": args.clip}
         if args.images:
-            report.update(_score_folder(args, scores, prompts))
+            report.update(_score_folder(args, rows, scores, prompts))
         else:
             report.update(_sample_and_score(args, scores, prompts, staged))
         report.update(summary(scores.records))
@@ -195,12 +194,34 @@ def eval_clip_command(args: argparse.Namespace) -> dict:
     return report
 
 
-def _score_folder(args: argparse.Namespace, scores: ClipScores, prompts: list) -> dict:
-    from imagen.evaluation.prompt_following import read_manifest, score_folder
+SAMPLING_DESTS = ("steps", "steps_per_stage", "guidance", "guidance_per_stage", "sampler")
+SAMPLING_DESTS += ("threshold", "aug_level", "spacing")
 
-    bar = _bar(len(read_manifest(args.images)), "CLIP")
+
+def _check_clip_args(args: argparse.Namespace) -> None:
+    """--images scores what is there: options that choose or sample prompts do not apply."""
+    if not args.images:
+        if not args.prompts:
+            raise UsageError(
+                "give --prompts SUITE to sample (parti, geneval, shapes, a file) or --images DIR"
+            )
+        return
+    given = [f"--{d.replace('_', '-')}" for d in SAMPLING_DESTS if getattr(args, d) is not None]
+    given += [f for f, on in (("--category", args.category), ("--limit", args.limit)) if on]
+    if args.num_images != 1:
+        given.append("--num-images")
+    if given:
+        raise UsageError(
+            f"--images scores every image its manifest lists, as it was made; drop {given[0]}"
+        )
+
+
+def _score_folder(args: argparse.Namespace, rows: list, scores: ClipScores, prompts: list) -> dict:
+    from imagen.evaluation.prompt_following import score_folder
+
+    bar = _bar(len(rows), "CLIP")
     try:
-        score_folder(args.images, scores, prompts, args.clip_batch_size, bar.update)
+        score_folder(args.images, rows, scores, prompts, args.clip_batch_size, bar.update)
     finally:
         bar.close()
     return {"images_from": str(args.images)}

@@ -179,16 +179,17 @@ def read_manifest(folder: str | Path) -> list[dict[str, Any]]:
 
 def score_folder(
     folder: str | Path,
+    rows: Sequence[dict[str, Any]],
     scores: ClipScores,
     suite: Sequence[SuitePrompt] = (),
     batch_size: int = 32,
     done: Callable[[int], object] | None = None,
 ) -> list[ScoredImage]:
-    """Score every image a manifest lists, ``batch_size`` at a time; a row's category is its
-    own ``category``, else its prompt's in ``suite``, else uncategorised."""
+    """Score every image of a folder's manifest ``rows`` (:func:`read_manifest`),
+    ``batch_size`` at a time; a row's category is its own ``category``, else its prompt's in
+    ``suite``, else uncategorised."""
     from imagen.data.images import decode_user_image
 
-    rows = read_manifest(folder)
     known = {p.text: p for p in suite}
     for b in range(0, len(rows), batch_size):
         chunk = rows[b : b + batch_size]
