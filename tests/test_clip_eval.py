@@ -141,7 +141,9 @@ def test_the_report_is_per_category():
     assert b["clip_score"]["mean"] == pytest.approx(12.0)
     low, high = b["clip_score"]["ci95"]
     assert 10.0 <= low < 12.0 < high <= 14.0
-    assert "checker_accuracy" not in report
+    assert "checker_accuracy" not in report and "per_challenge" not in report
+    parti = summary([ScoredImage("p", "A", 5.0, challenge="Basic"), ScoredImage("q", "A", 1.0)])
+    assert parti["per_challenge"]["Basic"]["clip_score"]["mean"] == 5.0
     checked = summary([ScoredImage("p", "A", 5.0, checker=True), ScoredImage("q", "A", 1.0)])
     assert checked["checker_accuracy"] == 0.5
     assert checked["clip_score_by_checker"]["passed"]["clip_score"]["mean"] == 5.0

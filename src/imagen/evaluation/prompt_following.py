@@ -80,8 +80,8 @@ class ClipScores:
 
 
 def summary(records: Sequence[ScoredImage], seed: int = 0) -> dict[str, Any]:
-    """Mean CLIP score with its 95% interval (prompts resampled), overall and per category;
-    with checker verdicts also the checker's accuracy and the mean score of the images it
+    """Mean CLIP score with its 95% interval (prompts resampled), overall, per category and
+    (where prompts have one) per challenge; with checker verdicts also the checker's accuracy and the mean score of the images it
     passes and fails."""
     if not records:
         raise ValueError("no images were scored")
@@ -90,6 +90,11 @@ def summary(records: Sequence[ScoredImage], seed: int = 0) -> dict[str, Any]:
         c: _block([r for r in records if r.category == c], seed)
         for c in dict.fromkeys(r.category for r in records)
     }
+    if any(r.challenge for r in records):  # PartiPrompts' second axis
+        out["per_challenge"] = {
+            c: _block([r for r in records if r.challenge == c], seed)
+            for c in dict.fromkeys(r.challenge for r in records if r.challenge)
+        }
     if records[0].checker is not None:
         out["clip_score_by_checker"] = {
             verdict: _block([r for r in records if r.checker is passed], seed, checker=False)
