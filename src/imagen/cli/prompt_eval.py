@@ -19,18 +19,17 @@ from imagen.cli.common import (
     add_model_options,
     add_sampling_options,
     check_seeds,
-    checked_configs,
     load_pipeline,
     positive_int,
     sampling_overrides,
     seed,
 )
-from imagen.cli.output import StagedOutput
+from imagen.utils.outputs import StagedOutput
 
 if TYPE_CHECKING:
-    from imagen.evaluation.prompt_following import ClipScores, Writer
+    from imagen.evaluation.prompt_following import ClipScores
     from imagen.evaluation.suites import SuitePrompt
-    from imagen.pipeline import ImagenPipeline
+    from imagen.pipeline import ImagenPipeline, SamplingOverrides
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # imagen.evaluation.clip.DEFAULT_CLIP, torch-free
 CLIP_FILES = r"\d{4,}\.png|manifest\.jsonl|report\.json|scores\.jsonl|sheet-.+\.png"
@@ -230,26 +229,28 @@ def _score_folder(args: argparse.Namespace, rows: list, scores: ClipScores, prom
 def _sample_and_score(
     args: argparse.Namespace, scores: ClipScores, prompts: list, staged: StagedOutput | None
 ) -> dict:
-    from imagen.cli.sample import RunWriter, progress_bars
-    from imagen.evaluation.prompt_following import sample_and_score
+    from imagen.cli.sample import progress_bars
+    from imagen.evaluation.prompt_following import batch_writer, sample_and_score
     from imagen.pipeline import resolve_model, sampling_summary
+    from imagen.pipeline.outputs import RunWriter
 
     model = resolve_model(args.model)
     pipe = load_pipeline(args, model)
-    configs = checked_configs(pipe, args)
+    overrides = sampling_overrides(args)
+    configs = _arm_configs(pipe, overrides)  # checked before any sampling
     total = len(prompts) * args.num_images
-    bars, done = progress_bars(pipe, configs, total), _bar(total, "CLIP")
+    bars, done = progress_bars(pipe, total), _bar(total, "CLIP")
     writer = RunWriter(staged, str(model)) if staged else None
     try:
         sample_and_score(
             pipe,
             prompts,
-            configs,
+            overrides,
             scores,
             args.num_images,
             args.seed,
             args.batch_size,
-            _writer(writer) if writer else None,
+            batch_writer(writer) if writer else None,
             bars,
             done.update,
         )
@@ -259,29 +260,6 @@ def _sample_and_score(
         if writer:
             writer.close()
     return {"num_images": args.num_images, "seed": args.seed, "sampling": sampling_summary(configs)}
-
-
-def _writer(writer: Any, prefix: str = "") -> Writer:
-    """A batch writer over imagen sample's RunWriter: the paths of the PNGs it wrote (its
-    numbering), relative to the output directory."""
-
-    def write(out: Any) -> list[str | None]:
-        first = writer.count
-        writer.add(out)
-        return [f"{prefix}{j:04d}.png" for j in range(first, writer.count)]
-
-    return write
-
-
-class _ArmDir:
-    """An arm's subdirectory of the staged output, as RunWriter's target."""
-
-    def __init__(self, staged: StagedOutput, name: str) -> None:
-        self.dir = staged.path(name)
-        self.dir.mkdir()
-
-    def path(self, name: str) -> Path:
-        return self.dir / name
 
 
 def _compare_output(args: argparse.Namespace) -> StagedOutput | None:
@@ -298,11 +276,12 @@ def _compare_output(args: argparse.Namespace) -> StagedOutput | None:
     return staged
 
 
-def _arm_configs(pipe: ImagenPipeline, settings: argparse.Namespace, flag: str) -> list:
+def _arm_configs(pipe: ImagenPipeline, overrides: SamplingOverrides, what: str = "") -> list:
+    """Each stage's settings with ``overrides`` applied, or a UsageError naming ``what``."""
     try:
-        return pipe.sampling_configs(sampling_overrides(settings))
+        return pipe.sampling_configs(overrides)
     except ValueError as e:
-        raise UsageError(f"{flag} {settings.text!r}: {e}") from None
+        raise UsageError(f"{what}{e}") from None
 
 
 def _feature_network(name: str) -> tuple[Any, str | None]:
@@ -328,7 +307,7 @@ def eval_compare_command(args: argparse.Namespace) -> dict:
     staged = _compare_output(args)
     with staged or nullcontext():
         from imagen.evaluation.compare import Arm, compare_report, run_arms, write_compare
-        from imagen.evaluation.prompt_following import ClipScores
+        from imagen.evaluation.prompt_following import ClipScores, batch_writer
         from imagen.pipeline import resolve_model
 
         scorer = _load_clip(args)
@@ -337,17 +316,15 @@ def eval_compare_command(args: argparse.Namespace) -> dict:
         pipe = load_pipeline(args, model)
         if network is not None and args.device:
             network.to(args.device)
-        arms = [
-            Arm(
-                n,
-                s.text,
-                _arm_configs(pipe, s, f"--{n}"),
-                ClipScores(scorer, shapes_checker(args.prompts)),
-            )
-            for n, s in ((a, getattr(args, a)) for a in ARMS)
-        ]
+        arms = []
+        for name in ARMS:
+            settings = getattr(args, name)
+            overrides = sampling_overrides(settings)
+            configs = _arm_configs(pipe, overrides, f"--{name} {settings.text!r}: ")
+            checker = shapes_checker(args.prompts)
+            arms.append(Arm(name, settings.text, overrides, configs, ClipScores(scorer, checker)))
         writers = _arm_writers(staged, str(model))
-        write = {a: _writer(w, f"{a}/") for a, w in writers.items()}
+        write = {a: batch_writer(w, f"{a}/") for a, w in writers.items()}
         steps = sum(sum(c.steps for c in arm.configs) for arm in arms)
         bar, done = _bar(total * steps, "sampling"), _bar(2 * total, "CLIP")
         bar.unit = "img-step"
@@ -388,9 +365,10 @@ def _arm_writers(staged: StagedOutput | None, model: str) -> dict[str, Any]:
     """Per arm, imagen sample's RunWriter of its images and manifest into OUT/a and OUT/b."""
     if staged is None:
         return {}
-    from imagen.cli.sample import RunWriter
+    from imagen.evaluation.prompt_following import Subdirectory
+    from imagen.pipeline.outputs import RunWriter
 
-    return {a: RunWriter(_ArmDir(staged, a), model) for a in ARMS}  # type: ignore[arg-type]
+    return {a: RunWriter(Subdirectory(staged, a), model) for a in ARMS}  # type: ignore[arg-type]
 
 
 RUNNERS = {"clip": eval_clip_command, "compare": eval_compare_command}

@@ -27,8 +27,14 @@ from imagen.evaluation.fid import FeatureNetwork, fid_kid, to_uint8
 from imagen.evaluation.prompt_following import ClipScores, ScoredImage, prompt_batches, summary
 from imagen.evaluation.suites import SuitePrompt
 from imagen.models.cascade import Cascade
-from imagen.models.stage import SamplingConfig
-from imagen.pipeline import ImagenPipeline, PipelineOutput, ProgressCallback, sampling_summary
+from imagen.models.sampling import SamplingConfig
+from imagen.pipeline import (
+    ImagenPipeline,
+    PipelineOutput,
+    ProgressCallback,
+    SamplingOverrides,
+    sampling_summary,
+)
 from imagen.utils.grid import captioned_grid
 
 MIN_FID_IMAGES = 2048  # the Inception's feature dimension: below it FID's covariance is singular
@@ -41,7 +47,8 @@ class Arm:
 
     name: str  # "a" or "b"
     settings: str  # as given on the command line
-    configs: list[SamplingConfig]
+    overrides: SamplingOverrides  # what it changes in each stage's defaults
+    configs: list[SamplingConfig]  # what each stage runs with (the overrides applied)
     scores: ClipScores
     seconds: float = 0.0  # sampling wall time
     rows: list[int] = field(default_factory=list)  # network rows per stage
@@ -87,7 +94,11 @@ def run_arms(
             with count_network_rows(pipe.cascade) as rows:
                 start = time.perf_counter()
                 out = pipe.generate(
-                    [p.text for p in batch], seeds, arm.configs, batch_size, progress=progress
+                    [p.text for p in batch],
+                    seeds,
+                    arm.overrides,
+                    batch_size=batch_size,
+                    progress=progress,
                 )
                 arm.seconds += time.perf_counter() - start  # the images are on the CPU: synced
             arm.rows = [a + b for a, b in zip(arm.rows or [0] * len(rows), rows, strict=True)]

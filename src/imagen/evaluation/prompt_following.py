@@ -23,9 +23,10 @@ from PIL import Image
 from imagen.evaluation.bootstrap import bootstrap_mean
 from imagen.evaluation.clip import ClipScorer
 from imagen.evaluation.suites import UNCATEGORISED, SuitePrompt
-from imagen.models.stage import SamplingConfig
-from imagen.pipeline import ImagenPipeline, PipelineOutput, ProgressCallback
+from imagen.pipeline import ImagenPipeline, PipelineOutput, ProgressCallback, SamplingOverrides
+from imagen.pipeline.outputs import RunWriter
 from imagen.utils.grid import captioned_grid
+from imagen.utils.outputs import StagedOutput
 
 Checker = Callable[[Image.Image, str], bool]  # a ground-truth verdict (the Shapes checker)
 Writer = Callable[[PipelineOutput], Sequence[str | None]]  # writes a batch, returns its paths
@@ -137,7 +138,7 @@ def prompt_batches(
 def sample_and_score(
     pipe: ImagenPipeline,
     prompts: Sequence[SuitePrompt],
-    configs: list[SamplingConfig],
+    overrides: SamplingOverrides | None,
     scores: ClipScores,
     num_images: int = 1,
     seed: int = 0,
@@ -146,16 +147,42 @@ def sample_and_score(
     progress: ProgressCallback | None = None,
     done: Callable[[int], object] | None = None,
 ) -> list[ScoredImage]:
-    """Sample ``num_images`` of each prompt with ``configs``, ``batch_size`` at a time; each
+    """Sample ``num_images`` of each prompt with the stages' settings changed by
+    ``overrides``, ``batch_size`` at a time; each
     batch is handed to ``write`` (which returns the paths it wrote) and scored, then let go
     of. ``done`` gets the number of images of each finished batch."""
     for batch, seeds in prompt_batches(prompts, num_images, seed, batch_size):
-        out = pipe.generate([p.text for p in batch], seeds, configs, batch_size, progress=progress)
+        texts = [p.text for p in batch]
+        out = pipe.generate(texts, seeds, overrides, batch_size=batch_size, progress=progress)
         paths = write(out) if write else [None] * len(seeds)
         scores.add(out.images, batch, seeds, paths)
         if done:
             done(len(seeds))
     return scores.records
+
+
+def batch_writer(writer: RunWriter, prefix: str = "") -> Writer:
+    """A :data:`Writer` over ``imagen sample``'s RunWriter: it writes a batch's PNGs and
+    manifest rows and returns the PNGs' paths (the writer's numbering) with ``prefix``."""
+
+    def write(out: PipelineOutput) -> list[str | None]:
+        first = writer.count
+        writer.add(out)
+        return [f"{prefix}{j:04d}.png" for j in range(first, writer.count)]
+
+    return write
+
+
+class Subdirectory:
+    """A subdirectory of a staged output, for a RunWriter to write into (``imagen eval
+    compare``'s a/ and b/, each a sample folder of its own)."""
+
+    def __init__(self, staged: StagedOutput, name: str) -> None:
+        self.dir = staged.path(name)
+        self.dir.mkdir()
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
 
 
 def read_manifest(folder: str | Path) -> list[dict[str, Any]]:
