@@ -91,7 +91,7 @@ def test_long_captions_are_truncated_keeping_their_end_token(scorer):
     assert len(scorer.scores(random_images(2), [long, longer])) == 2
 
 
-def test_no_clip_model_at_hand_says_how_to_get_one(tmp_path, monkeypatch):
+def test_no_clip_model_at_hand_says_how_to_get_one(tmp_path, monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match="no CLIP model at hand.*has no config.json"):
         load_clip(str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -99,6 +99,11 @@ def test_no_clip_model_at_hand_says_how_to_get_one(tmp_path, monkeypatch):
         load_clip("nobody/no-such-clip")
     from imagen.cli import prompt_eval
 
+    capsys.readouterr()
+    argv = ["eval", "clip", "--prompts", "shapes", "--limit", "1", "--clip", "nobody/no-such-clip"]
+    assert main(argv) == 2  # before any model loads: one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CLIP model at hand" in err and "--clip DIR" in err
     assert prompt_eval.DEFAULT_CLIP == DEFAULT_CLIP == "openai/clip-vit-large-patch14"
 
 

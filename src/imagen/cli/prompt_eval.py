@@ -93,7 +93,11 @@ def add_parsers(vsub: argparse._SubParsersAction) -> None:
     )
     vm.add_argument("--out", help="write both arms' images, report.json, pairs.jsonl, sheet.png")
     for q in (vc, vm):
-        q.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP model: directory or Hub id")
+        q.add_argument(
+            "--clip",
+            default=DEFAULT_CLIP,
+            help=f"CLIP model: directory or Hub id (default: {DEFAULT_CLIP})",
+        )
         q.add_argument("--clip-batch-size", type=positive_int, default=32)
         q.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
         q.add_argument("--seed", type=seed, default=0, help="seed of image 0 (image j: seed + j)")

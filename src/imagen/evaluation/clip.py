@@ -108,11 +108,12 @@ def _offline() -> bool:
 
 def how_to_get(name: str, why: str) -> str:
     """The one-line error for a CLIP model that is not at hand: why, and how to get one."""
+    size = ", about 1.7 GB," if name == DEFAULT_CLIP else ""
     return (
         f"no CLIP model at hand: {why}. Run this command once with network access and without "
-        f"HF_HUB_OFFLINE=1 (transformers downloads {name} into the Hugging Face cache; the "
-        f"default, {DEFAULT_CLIP}, is about 1.7 GB), after which it runs offline; or pass "
-        "--clip DIR, a CLIPModel and its processor saved with save_pretrained"
+        f"HF_HUB_OFFLINE=1 (transformers downloads {name}{size} into the Hugging Face cache), "
+        "after which it runs offline; or pass --clip DIR, a CLIPModel and its processor saved "
+        "with save_pretrained"
     )
 
 
