@@ -152,5 +152,5 @@ def _from_pretrained(source: str, local_only: bool) -> tuple[Any, Any]:
     major = int(transformers.__version__.split(".")[0])
     backend = {"backend": "pil"} if major >= 5 else {"use_fast": False}
     processor = AutoProcessor.from_pretrained(source, local_files_only=local_only, **backend)
-    model = CLIPModel.from_pretrained(source, local_files_only=local_only)
+    model = CLIPModel.from_pretrained(source, local_files_only=local_only, use_safetensors=True)
     return model, processor
