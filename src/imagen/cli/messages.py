@@ -121,12 +121,14 @@ class MessageFormatter(logging.Formatter):
 
 class MessageHandler(logging.Handler):
     """Writes each record with :func:`write` to stderr as it is when the record comes (so
-    redirected or captured stderr is honoured), wrapped where stderr is a terminal."""
+    redirected or captured stderr is honoured), wrapped where stderr is a terminal (a record
+    with a traceback is not)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             stream = sys.stderr
-            write(wrap(self.format(record), terminal_width(stream)), stream)
+            width = None if record.exc_info else terminal_width(stream)  # tracebacks as they are
+            write(wrap(self.format(record), width), stream)
         except Exception:
             self.handleError(record)
 
