@@ -119,7 +119,9 @@ def test_no_usable_checkpoint_is_a_one_line_error(tmp_path, capsys):
     cfg.write_text(json.dumps(config(steps=9).to_dict()))
     code = main(["train", str(cfg), "--stage", "0", "--out", str(run), "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "no usable checkpoint" in err[0]
+    *warned, error = err  # each damaged checkpoint is a warning, then the one-line error
+    assert code == 2 and "no usable checkpoint" in error and "imagen: warning" not in error
+    assert len(warned) == 2 and all("warning: skipping a damaged checkpoint" in w for w in warned)
     assert len(RunDirectory(run).checkpoints()) == 2  # nothing was deleted
 
 

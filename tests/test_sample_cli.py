@@ -52,6 +52,7 @@ def test_sample_writes_pngs_manifest_and_grid_deterministically(model_dir, tmp_p
     for r in rows:
         assert list(Image.open(tmp_path / "a" / r["path"]).size) == r["size"] == [64, 64]
     assert (tmp_path / "a" / "grid.png").is_file()
+    assert all(r["warnings"] == [] for r in rows)  # a model without a vocabulary: none
     run([*args, "--out", str(tmp_path / "b")], capsys)
     for r in rows:
         assert (tmp_path / "a" / r["path"]).read_bytes() == (

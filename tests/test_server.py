@@ -638,3 +638,27 @@ def test_a_response_names_words_the_model_never_saw():
         body["prompt"] = "a red circle"
         assert c.post("/v1/generate", json=body).json()["warnings"] == []
     assert len(warned) == 1 and "dog" in warned[0]
+
+
+def test_a_batched_response_names_only_its_own_prompts_words():
+    """Requests from several clients share a batch; each answer names its own words only."""
+    import asyncio
+
+    from imagen.pipeline import SamplingOverrides
+    from imagen.server.app import Job, ModelWorker
+
+    pipe = ImagenPipeline(make_cascade(), vocabulary=["a", "red", "circle"])
+    worker = ModelWorker(pipe, ServerConfig())
+    loop = asyncio.new_event_loop()
+    overrides = SamplingOverrides(steps=1)
+    jobs = [
+        Job(prompt, 1, overrides, 0, f"c{k}", loop, loop.create_future())
+        for k, prompt in enumerate(["a red dog", "a red circle", "a cat"])
+    ]
+    worker._run_batch(jobs)  # one forward pass for all three, as the worker batches them
+    answers = [loop.run_until_complete(j.future) for j in jobs]
+    loop.close()
+    assert [a["batch_size"] for a in answers] == [3, 3, 3]
+    warned = [a["warnings"] for a in answers]
+    assert len(warned[0]) == 1 and "dog" in warned[0][0] and "cat" not in warned[0][0]
+    assert warned[1] == [] and "cat" in warned[2][0] and "dog" not in warned[2][0]

@@ -335,7 +335,11 @@ def load_pipeline(args: argparse.Namespace, model: Path | None = None) -> Imagen
 def startup_done() -> None:
     """The end of a command's start-up (its imports done, its model loaded): the objects made
     so far live until the process ends, so the garbage collector stops walking them
-    (``gc.freeze``), and it runs again if :func:`imagen.cli.main.main` paused it for start-up."""
+    (``gc.freeze``), and it runs again if :func:`imagen.cli.main.main` paused it for start-up.
+    The libraries loaded by then (transformers, diffusers) log through the CLI's handler."""
+    from imagen.cli.messages import adopt_library_loggers
+
+    adopt_library_loggers()
     gc.freeze()
     gc.enable()
 

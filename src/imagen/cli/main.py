@@ -5,6 +5,9 @@ Every failure the user can cause and mend (bad arguments or config values, missi
 files, unwritable outputs, a full disk, an unavailable device) is one line on stderr and exit
 status 2. Anything else is a bug and keeps its traceback; ``IMAGEN_DEBUG=1`` shows the
 traceback of every error.
+
+Warnings and log lines come in the CLI's voice, ``imagen: warning: ...``, and never break a
+progress bar (cli/messages.py).
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from __future__ import annotations
 import argparse
 import errno
 import gc
-import logging
 import os
 import sys
 
 from imagen.cli import demo, distill, evaluate, hub, prepare, sample, serve, train
 from imagen.cli.common import COMMANDS, Parser, UsageError
+from imagen.cli.messages import cli_messages
 
 COMMAND_MODULES = (sample, train, distill, evaluate, prepare, serve, demo, hub)
 QUICK_START = ("sample", "upscale", "eval")
@@ -80,10 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already reported on one line
         return e.code if isinstance(e.code, int) else 2
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    with cli_messages(args.verbose):
+        return run(args, called=argv is not None)
+
+
+def run(args: argparse.Namespace, called: bool = False) -> int:
+    """Run the parsed command inside the error boundary (``called``: from Python, not as the
+    process)."""
     name = args.command + (f" {args.eval_kind}" if args.command == "eval" else "")
     if args.command in QUICK_START:
         gc.disable()  # back on in load_pipeline, or below if the command ends before it
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         gc.enable()
-        if argv is not None:  # called from Python, not as the process: its heap stays collectable
+        if called:  # from Python, not as the process: its heap stays collectable
             gc.unfreeze()
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from imagen.cli.common import (
     UsageError,
@@ -29,14 +29,13 @@ from imagen.cli.common import (
     sampling_overrides,
     unit_float,
 )
+from imagen.cli.progress import progress_bars
 from imagen.utils.outputs import StagedOutput
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from PIL import Image
-
-    from imagen.pipeline import ImagenPipeline, Progress
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -157,36 +156,6 @@ def open_image(path: str | None, flag: str, mode: str = "RGB") -> Image.Image | 
         return decode_user_image(Path(path), f"{flag} {path}", mode)
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-class ProgressBars:
-    """One tqdm bar per stage, counting image-steps; a stage's bar starts with its first step
-    (its total is the images times the steps that stage runs, as the pipeline resolved them)."""
-
-    def __init__(self, names: list[str], images: int) -> None:
-        self.names, self.images = names, images
-        self.bars: dict[int, Any] = {}
-
-    def __call__(self, p: Progress) -> None:
-        if p.stage not in self.bars:
-            from tqdm import tqdm
-
-            self.bars[p.stage] = tqdm(
-                total=self.images * p.steps, desc=self.names[p.stage], unit="img-step", leave=True
-            )
-        self.bars[p.stage].update(p.batch_size)
-
-    def close(self) -> None:
-        for b in self.bars.values():
-            b.close()
-
-
-def progress_bars(pipe: ImagenPipeline, images: int, start: int = 0) -> ProgressBars:
-    """The bars of a run of ``images`` images through the stages from ``start``."""
-    stages = pipe.cascade.stages[start:]
-    return ProgressBars(
-        [f"stage {k} ({st.config.resolution}px)" for k, st in enumerate(stages, start)], images
-    )
 
 
 @command("sample")

@@ -1,5 +1,5 @@
 """What a sampling run writes: numbered PNGs, ``manifest.jsonl`` (one row per image, with its
-prompt, seed and settings) and a captioned ``grid.png``, into a
+prompt, seed, settings and warnings) and a captioned ``grid.png``, into a
 :class:`~imagen.utils.outputs.StagedOutput` (written aside, moved into place at the end).
 ``imagen sample`` and ``imagen upscale`` write through :class:`RunWriter`; the evaluations
 and benchmarks use the same files."""
@@ -44,6 +44,8 @@ class RunWriter:
                 "size": list(img.size),
                 "model": self.model,
                 "stages": settings,
+                # what applied to this image: its prompt's unknown words, a precision fallback
+                "warnings": out.image_warnings[i] if out.image_warnings else [],
             }
             if out.negative_prompts:
                 rec["negative_prompt"] = out.negative_prompts[i]

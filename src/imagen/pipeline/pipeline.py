@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from imagen.diffusion.samplers import ProgressCallback
-from imagen.models.cascade import Cascade, Embeddings, load_cascade
+from imagen.models.cascade import LOW_MEMORY_BYTES, Cascade, Embeddings, load_cascade
 from imagen.models.lowres import resize
 from imagen.models.model_dir import read_index
 from imagen.models.sampling import PerStage, SamplingConfig, SamplingOverrides
@@ -48,6 +48,9 @@ class PipelineOutput:
     sampling: list[SamplingConfig] = field(default_factory=list)  # each stage run: its settings
     negative_prompts: list[str] = field(default_factory=list)  # per image; empty if none
     warnings: list[str] = field(default_factory=list)  # e.g. words the model never saw
+    # per image, short: its prompt's unknown words, then what applied to the whole call (a
+    # precision fallback, low-memory mode chosen for the model); what a manifest row records
+    image_warnings: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -84,6 +87,9 @@ class ImagenPipeline:
         # the words of the model's training captions (None: unknown, as for imported models)
         self.vocabulary = None if vocabulary is None else frozenset(vocabulary)
         self._warned: set[str] = set()
+        # what applies to every image of this pipeline (short form; logged when it arose)
+        self.notes: list[str] = []
+        self._logged: set[str] = set()
         if compile:
             compile_unets(cascade)
 
@@ -105,7 +111,15 @@ class ImagenPipeline:
         root = resolve_model(path)
         vocab = read_index(root).get("vocabulary")
         cascade = load_model(root, device, low_memory)
-        return cls(cascade, dtype, compile, vocab if isinstance(vocab, list) else None)
+        pipe = cls(cascade, dtype, compile, vocab if isinstance(vocab, list) else None)
+        if low_memory is None and cascade.low_memory is not None:
+            pipe.note(
+                "low-memory mode: weights in bf16",
+                f"{root.name}: its weights pass {LOW_MEMORY_BYTES >> 30} GiB, so it runs in "
+                "low-memory mode: one part of the cascade in memory at a time, weights in bf16 "
+                "(--no-low-memory, or low_memory=False, holds it all at its stored precision)",
+            )
+        return pipe
 
     @property
     def num_stages(self) -> int:
@@ -266,6 +280,7 @@ class ImagenPipeline:
     ) -> PipelineOutput:
         """Sample ``work`` in batches, each image with its own generator."""
         warnings = self.check_words(work.prompts)
+        notes = self.notes + self._check_precision(sampling[start_stage:])
         run = range(start_stage, self.num_stages)
         text, rows = self._encode(work.prompts + (work.negatives or []), run)
         total = len(work.prompts)
@@ -295,6 +310,7 @@ class ImagenPipeline:
             sampling[start_stage:],
             work.negatives or [],
             warnings,
+            [self.prompt_warnings(p) + notes for p in work.prompts],
         )
 
     def check_words(self, prompts: list[str]) -> list[str]:
@@ -314,6 +330,41 @@ class ImagenPipeline:
             log.warning("%s", message)
             self._warned.update(unknown)
         return [message]
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """The short warning about one image's prompt: ``unknown words: golden, beret``."""
+        if self.vocabulary is None:
+            return []
+        unknown = unknown_words([prompt], self.vocabulary)
+        return [f"unknown words: {', '.join(unknown)}"] if unknown else []
+
+    def note(self, short: str, message: str) -> None:
+        """Something that applies to every image from now on: ``short`` joins each image's
+        warnings, ``message`` is logged (once)."""
+        if short not in self.notes:
+            self.notes.append(short)
+        self._log_once(message)
+
+    def _log_once(self, message: str) -> None:
+        if message not in self._logged:
+            log.warning("%s", message)
+            self._logged.add(message)
+
+    def _check_precision(self, sampling: list[SamplingConfig]) -> list[str]:
+        """bf16 asked for (``dtype=torch.bfloat16``, ``--bf16``) on a device where it is not
+        fast falls back to float32, as a stage's stored bf16 does: say so. (A stored default
+        that falls back is the documented behaviour, not a warning.)"""
+        if self.autocast_dtype != torch.bfloat16:
+            return []
+        lm = self.cascade.low_memory
+        device = lm.device if lm is not None else self.cascade.stages[0].device
+        if all(s.precision != "bf16" or s.autocast_dtype(device) is not None for s in sampling):
+            return []
+        self._log_once(
+            f"bf16 was asked for, but this {device.type} has no fast bf16 (a GPU with bf16, or a "
+            "CPU with AVX-512 BF16 or AMX), so the U-Nets ran in float32"
+        )
+        return [f"ran in float32: {device.type} has no fast bf16"]
 
     def _encode(self, texts: list[str], run: range) -> tuple[Embeddings, dict[str, int]]:
         """Every distinct text encoded once by each text encoder the stages of ``run`` read

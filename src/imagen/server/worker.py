@@ -228,6 +228,7 @@ class ModelWorker:
                     "batch_size": len(prompts),
                     "seconds": elapsed,
                     "sampling": out.sampling,
-                    "warnings": out.warnings,
+                    # its own prompt's (a batch holds other clients' prompts too)
+                    "warnings": pipe.check_words([j.prompt]),
                 },
             )
