@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from imagen.models.config_ranges import check_unet_2d_condition
 from imagen.models.unet import UNet, UNetConfig
 from imagen.utils.config import config_from_dict
 
@@ -39,6 +40,9 @@ class DiffusersUNetConfig:
         c = self.config
         if not isinstance(c, dict) or not c:
             raise ValueError("a diffusers-unet stage needs the network's config record")
+        check_unet_2d_condition(
+            c, "config"
+        )  # every field's type and range (models/config_ranges.py)
         for key in ("sample_size", "in_channels", "out_channels"):
             value = c.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
