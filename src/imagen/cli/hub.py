@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from imagen.cli.common import UsageError, command
+from imagen.cli.common import MODEL_OVERWRITE_HELP, UsageError, command
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "tokenizer/); default: the first source's",
     )
     i.add_argument("--variant", help="weights variant to link, e.g. fp16 (default: the plain file)")
+    i.add_argument("--overwrite", action="store_true", help=MODEL_OVERWRITE_HELP)
 
 
 @command("push")
@@ -51,8 +52,14 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 @command("import")
 def cmd_import(args: argparse.Namespace) -> int:
+    from imagen.cli.output import check_output_dir, sigterm_exits
+
+    check_output_dir(args.out)  # writable, before anything is read
     from imagen.pipeline.diffusers_import import import_if
 
-    out = import_if(args.sources, args.out, args.copy, args.text_encoder, args.variant)
+    with sigterm_exits():  # SIGTERM removes the half-written model beside --out, as Ctrl-C does
+        out = import_if(
+            args.sources, args.out, args.copy, args.text_encoder, args.variant, args.overwrite
+        )
     print(f"imported {len(args.sources)} stage(s) into {out}")
     return 0

@@ -13,7 +13,6 @@ directory records the sources and the weights' licence notice.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,12 @@ import torch
 from imagen.diffusion.guidance import ThresholdConfig
 from imagen.diffusion.schedules import DiffusionConfig
 from imagen.models.cascade import LOW_MEMORY_BYTES, LowMemory
-from imagen.models.model_dir import WeightsFile, save_model_dir
+from imagen.models.model_dir import WeightsFile, check_model_target, save_model_dir
 from imagen.models.networks import DiffusersUNetConfig
 from imagen.models.stage import SamplingConfig, StageConfig
+from imagen.pipeline import import_checks
 from imagen.pipeline.hub import REPO_ID, hub_snapshot
+from imagen.pipeline.import_checks import trusted_root
 from imagen.text.encoders import TextEncoder, TextEncoderConfig, load_text_encoder
 
 BASE, SR = "IFPipeline", "IFSuperResolutionPipeline"
@@ -39,16 +40,9 @@ LICENCE = (
 )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path.parent} is not a diffusers pipeline part (no {path.name})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return data
+def _read_json(path: Path, within: Path | None = None) -> dict[str, Any]:
+    # [import checks] a regular file inside the pipeline folder, read bounded (size, depth)
+    return import_checks.read_config(path, within)
 
 
 def resolve_source(source: str) -> tuple[Path, str | None]:
@@ -64,7 +58,7 @@ def resolve_source(source: str) -> tuple[Path, str | None]:
 
 
 def _pipeline_class(root: Path) -> str:
-    index = _read_json(root / "model_index.json")
+    index = _read_json(root / "model_index.json", trusted_root(root))
     name = index.get("_class_name")
     if name not in (BASE, SR):
         raise ValueError(f"{root} holds a {name}; imagen import takes {BASE} and {SR} folders")
@@ -73,7 +67,8 @@ def _pipeline_class(root: Path) -> str:
 
 def _scheduler(root: Path, folder: str = "scheduler") -> dict[str, Any]:
     """The DDPM scheduler config of a pipeline part, checked to be what IF's stages use."""
-    cfg = _read_json(root / folder / "scheduler_config.json")
+    # [import checks] bounded, every field type- and range-checked
+    cfg = import_checks.read_scheduler(root / folder / "scheduler_config.json", trusted_root(root))
     want = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
     if folder == "scheduler":
         want |= {"prediction_type": "epsilon", "variance_type": "learned_range"}
@@ -85,16 +80,16 @@ def _scheduler(root: Path, folder: str = "scheduler") -> dict[str, Any]:
 
 def _weights(root: Path, variant: str | None) -> Path:
     names = WEIGHT_NAMES if variant is None else (f"diffusion_pytorch_model.{variant}.safetensors",)
-    for name in names:
-        if (root / "unet" / name).is_file():
-            return root / "unet" / name
-    raise FileNotFoundError(f"{root / 'unet'} has no weights file ({' or '.join(names)})")
+    # [import checks] config ranges, safetensors only, the header against the network on meta
+    unet = import_checks.UNET
+    return import_checks.check_component(root / "unet", unet, trusted_root(root), names).weights[0]
 
 
 def if_stage_config(root: Path, lowres_size: int | None) -> StageConfig:
     """A diffusers-unet stage config with IF's sampling defaults for the pipeline at ``root``
     (a super-resolution stage when ``lowres_size`` is given)."""
-    unet = _read_json(root / "unet" / "config.json")
+    unet = _read_json(root / "unet" / "config.json", trusted_root(root))
+    import_checks.UNET.check_config(unet, str(root / "unet" / "config.json"))  # [import checks]
     sched = _scheduler(root)
     sr = lowres_size is not None
     if sr:
@@ -155,10 +150,14 @@ def import_if(
     copy: bool = False,
     text_encoder: str | None = None,
     variant: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the model directory ``out`` for DeepFloyd IF pipelines ``sources`` (base first)."""
+    """Write the model directory ``out`` for DeepFloyd IF pipelines ``sources`` (base first),
+    after checking every part it uses (pipeline/import_checks.py): nothing is written unless
+    all pass. ``overwrite`` keeps files other than an earlier model's beside the new one."""
     if not sources:
         raise ValueError("give at least one pipeline: the IF base (IFPipeline) first")
+    check_model_target(out, overwrite, len(sources))  # [import checks] before anything is read
     resolved = [resolve_source(s) for s in sources]
     classes = [_pipeline_class(root) for root, _ in resolved]
     if classes[0] != BASE or any(c != SR for c in classes[1:]):
@@ -166,8 +165,22 @@ def import_if(
     configs: list[StageConfig] = []
     for root, _ in resolved:
         configs.append(if_stage_config(root, configs[-1].resolution if configs else None))
+    weights = [WeightsFile(_weights(root, variant), copy) for root, _ in resolved]
     te_config = _text_encoder(resolved[0][0], text_encoder)
-    encoder = _load_encoder(te_config)  # for the null caption and the record; released here
+    # [import checks] the tokenizer and T5 checked before they load, then their output
+    te_root = resolved[0][0] if text_encoder is None else Path(text_encoder).expanduser().resolve()
+    te = import_checks.check_text_encoder(
+        Path(te_config.name),
+        Path(str(te_config.tokenizer)),
+        trusted_root(te_root),
+        [c.unet.text_dim for c in configs],
+        [root / "unet" for root, _ in resolved],
+    )
+    encoder = import_checks.load_checked(lambda: _load_encoder(te_config), Path(te_config.name))
+    import_checks.check_encoder_output(
+        encoder, int(te.config.get("vocab_size", 32128)), Path(str(te_config.tokenizer))
+    )
+    # the null caption and the record; the encoder is released here
     null = encoder.encode([""])
     null_text = (null.tokens[0].cpu(), null.mask[0].cpu())
     record = {**encoder.config(), "dim": encoder.dim}
@@ -179,7 +192,13 @@ def import_if(
         ],
         "licence": LICENCE,
     }
-    weights = [WeightsFile(_weights(root, variant), copy) for root, _ in resolved]
     return save_model_dir(
-        out, record, configs, weights, None, extra, null_texts=[null_text] * len(configs)
+        out,
+        record,
+        configs,
+        weights,
+        None,
+        extra,
+        null_texts=[null_text] * len(configs),
+        overwrite=overwrite,
     )
