@@ -40,6 +40,11 @@ def check_stage_chain(configs: list[StageConfig]) -> None:
     if configs[0].is_super_resolution:
         raise ValueError("the first stage of a cascade must be a base (non-SR) stage")
     for i, (lo, hi) in enumerate(zip(configs[:-1], configs[1:], strict=True), start=1):
+        if hi.lowres_size is None:
+            raise ValueError(
+                f"stage {i} is a base stage (it takes no low-res image); only the first stage "
+                f"of a cascade may be one, the others must be super-resolution stages"
+            )
         if hi.lowres_size != lo.resolution:
             raise ValueError(
                 f"stage {i} upsamples from {hi.lowres_size} px but stage {i - 1} "
