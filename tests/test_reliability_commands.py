@@ -137,3 +137,45 @@ def test_verify_rehashes_every_file(model_dir, tmp_path, capsys):  # noqa: F811
     del index["checksums"]
     (m / "model_index.json").write_text(json.dumps(index))
     assert "records no checksums" in one_line(capsys, main(["verify", str(m)]))
+
+
+# ---- sample --overwrite: the earlier run stays whole until the new one is in place ---------
+def run_files(out):
+    return {p.name: p.read_bytes() for p in sorted(Path(out).iterdir()) if p.is_file()}
+
+
+def test_a_failed_overwrite_leaves_the_earlier_run_whole(model_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    out = tmp_path / "out"
+    argv = ["sample", "a red circle", "--model", str(model_dir), "--steps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    before = run_files(out)
+    capsys.readouterr()
+    (out / "0001.png").mkdir()  # the new run's second image cannot go there
+    err = one_line(capsys, main([*argv, "--num-images", "2", "--seed", "5", "--overwrite"]))
+    assert "0001.png there is a directory where this run writes a file" in err  # before work
+    assert run_files(out) == before and (out / "0001.png").is_dir()
+    (out / "0001.png").rmdir()
+    import imagen.cli.output as output
+
+    real, calls = os.replace, []
+
+    def full_disk_at_the_second_move_in(src, dst):
+        if Path(src).parent.name.endswith(".partial") and Path(dst).parent == out:
+            calls.append(dst)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device", str(dst))
+        real(src, dst)
+
+    monkeypatch.setattr(output.os, "replace", full_disk_at_the_second_move_in)
+    assert main([*argv, "--num-images", "2", "--seed", "5", "--overwrite"]) == 2
+    assert len(calls) > 2 and run_files(out) == before  # the earlier run, moved back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left aside
+    monkeypatch.setattr(output.os, "replace", real)
+    assert main([*argv, "--num-images", "2", "--seed", "5", "--overwrite"]) == 0
+    rows = (out / "manifest.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and sorted(run_files(out)) == [
+        "0000.png",
+        "0001.png",
+        "grid.png",
+        "manifest.jsonl",
+    ]

@@ -131,9 +131,14 @@ def foreign_vocabulary(base, sr):
 
 
 def scheduler(field, value):
+    """Set a field of the base's scheduler config (None: leave it out, as diffusers may)."""
+
     def edit(base, sr):
         path = base / "scheduler" / "scheduler_config.json"
-        edit_json(path, lambda c: c.__setitem__(field, value))
+        change = (
+            (lambda c: c.pop(field)) if value is None else (lambda c: c.__setitem__(field, value))
+        )
+        edit_json(path, change)
 
     return edit
 
@@ -158,6 +163,7 @@ CASES = [
     ("t5-layers", t5_config("num_layers", 10**6), "num_layers must be an integer in [1, 128]"),
     ("t5-type", t5_config("model_type", "bert"), "model_type 'bert' is not a T5 encoder"),
     ("thresholding", scheduler("thresholding", "yes"), "thresholding must be true or false"),
+    ("no-beta-schedule", scheduler("beta_schedule", None), "beta_schedule is 'linear'"),
     ("trained-betas", scheduler("trained_betas", [0.1] * 4), "trained_betas replace the schedule"),
     # weights that do not fit the config, or are not safetensors at all
     ("wider-config", unet("block_out_channels", [16, 64]), "does not fit the network of its"),
@@ -363,3 +369,22 @@ def test_the_unet_range_table_knows_every_argument_of_the_installed_diffusers(ti
     for part in ("if-i", "if-ii"):  # the published layout passes
         path = tiny / part / "unet" / "config.json"
         check_unet_2d_condition(json.loads(path.read_text()), str(path))
+
+
+def test_an_imported_model_edited_afterwards_is_refused_when_it_loads(tiny, tmp_path, capsys):
+    """The ranges hold wherever a diffusers-unet config is read, not only at import."""
+    from test_cli_errors import reseal
+
+    out = tmp_path / "m"
+    assert imported(tiny, out) == 0
+    edit_json(
+        out / "stage0" / "config.json",
+        lambda c: c["unet"]["config"].update(layers_per_block=100_000),
+    )
+    reseal(out)
+    capsys.readouterr()
+    argv = ["sample", "a red cat", "--model", str(out), "--steps", "1"]
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "layers_per_block must be an integer in [1, 16]" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "s").exists()

@@ -279,7 +279,7 @@ def load_cascade(
         dirs = [root / name for name in index["stages"]]
         lm = LowMemory(dirs, te, torch.device(device), weights_dtype, keep_text_encoder)
         return Cascade(text_encoder, [meta_stage(d) for d in dirs], lm)
+    stages = [load_stage(root / name, device) for name in index["stages"]]  # checked first
     if text_encoder is None:
         text_encoder = load_text_encoder(encoder_config(te), device, text_dtype)
-    stages = [load_stage(root / name, device) for name in index["stages"]]
     return Cascade(text_encoder, stages)

@@ -24,7 +24,7 @@ from torch import Tensor
 from imagen.models import model_target, validate
 from imagen.models.stage import Stage, StageConfig
 from imagen.models.validate import file_sha256
-from imagen.utils.config import load_json_file
+from imagen.utils.config import ConfigError, load_json_file
 from imagen.utils.tensors import (
     fsync_dir,
     load_strict,
@@ -289,7 +289,10 @@ def read_stage_config(directory: str | Path) -> StageConfig:
     cfg_path = Path(directory) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{Path(directory)} has no config.json")
-    cfg = StageConfig.from_dict(load_json_file(cfg_path, "stage config"))
+    try:
+        cfg = StageConfig.from_dict(load_json_file(cfg_path, "stage config"))
+    except ConfigError as e:  # name the file (the loader's own errors already do)
+        raise ConfigError(e if str(cfg_path) in str(e) else f"{cfg_path}: {e}") from None
     validate.check_stage_config(cfg, str(cfg_path))
     return cfg
 

@@ -73,8 +73,9 @@ def _scheduler(root: Path, folder: str = "scheduler") -> dict[str, Any]:
     if folder == "scheduler":
         want |= {"prediction_type": "epsilon", "variance_type": "learned_range"}
     for key, value in want.items():
-        if cfg.get(key, value) != value:
-            raise ValueError(f"{root / folder}: {key} is {cfg.get(key)!r}, IF stages use {value!r}")
+        got = cfg.get(key, import_checks.DDPM_DEFAULTS[key])  # [import checks] diffusers' default
+        if got != value:
+            raise ValueError(f"{root / folder}: {key} is {got!r}, IF stages use {value!r}")
     return cfg
 
 

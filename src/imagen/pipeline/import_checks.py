@@ -82,6 +82,16 @@ def read_config(path: Path, within: Path | None = None, **limits: int) -> dict[s
     return data
 
 
+# what diffusers' DDPMScheduler assumes for a field its config leaves out: a missing
+# beta_schedule is linear there, not IF's cosine, so it is read as diffusers would read it
+DDPM_DEFAULTS = {
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "variance_type": "fixed_small",
+}
+
+
 def read_scheduler(path: Path, within: Path) -> dict[str, Any]:
     """A ``scheduler_config.json``, its fields type- and range-checked."""
     cfg = read_config(path, within)
@@ -201,6 +211,9 @@ def check_component(
     config_path = folder / component.config_file
     config = read_config(config_path, within)
     component.check_config(config, str(config_path))
+    for other in sorted(folder.glob("*.json")):  # what the library may read beside it, bounded
+        if other.name != component.config_file:
+            read_config(other, within)
     files = weight_files(folder, weights or component.weights, within)
     module = build_on_meta(component, config, config_path)
     header = read_headers(files)
