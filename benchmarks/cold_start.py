@@ -143,12 +143,12 @@ def breakdown_child(out_dir: str) -> None:
     """Run as a child process: one ``imagen sample`` of PROMPT, phase by phase, as the CLI
     runs it; prints each phase's seconds as JSON (``start`` is seconds since the epoch)."""
     t = [time.time()]
-    from imagen.cli.output import StagedOutput
-    from imagen.cli.sample import write_grid, write_outputs
     from imagen.models.cascade import Cascade
     from imagen.models.model_dir import load_stage, read_index
     from imagen.pipeline import BUNDLED_MODEL, ImagenPipeline
+    from imagen.pipeline.outputs import write_grid, write_outputs
     from imagen.text.encoders import TextEncoderConfig, load_text_encoder
+    from imagen.utils.outputs import StagedOutput
 
     t.append(time.time())
     index = read_index(BUNDLED_MODEL)

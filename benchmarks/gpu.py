@@ -29,7 +29,7 @@ from common import matmul_peak, sync, table, timed, write
 from sampling import time_stage
 from train_throughput import loader_rate, make_step, step_flops, trainer_rate
 
-from imagen.models.stage import SamplingConfig
+from imagen.models.sampling import SamplingConfig
 from imagen.pipeline import ImagenPipeline, compile_unets
 
 # preset, batches to try (largest first; a batch that runs out of memory falls back), trainer

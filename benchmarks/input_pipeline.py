@@ -21,18 +21,11 @@ from common import table, write
 from PIL import Image, ImageDraw
 
 from imagen.data.config import DataConfig
-from imagen.data.shapes import (
-    BACKGROUND,
-    PALETTE,
-    SUPERSAMPLE,
-    Scene,
-    ShapesDataset,
-    draw_shape,
-    pil_to_tensor,
-)
+from imagen.data.shapes import BACKGROUND, PALETTE, SUPERSAMPLE, Scene, ShapesDataset, draw_shape
 from imagen.models.presets import get_preset
 from imagen.training.config import TrainConfig
 from imagen.training.data import collate, make_loader
+from imagen.utils.pil import pil_to_tensor
 
 
 def whole_canvas(scene: Scene, size: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import time
 import torch
 from common import peak_rss_mb, sync, table, write
 
-from imagen.models.stage import SamplingConfig
+from imagen.models.sampling import SamplingConfig
 from imagen.pipeline import ImagenPipeline
 
 

@@ -15,7 +15,8 @@ import torch
 from imagen.diffusion.guidance import Conditioning
 from imagen.diffusion.schedules import NoiseSchedule
 from imagen.models.presets import tiny_base
-from imagen.models.stage import SamplingConfig, Stage
+from imagen.models.sampling import SamplingConfig
+from imagen.models.stage import Stage
 from imagen.text.encoders import HashTextEncoder
 
 

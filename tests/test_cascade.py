@@ -5,7 +5,8 @@ import torch
 
 from imagen.models.cascade import Cascade, load_cascade, read_index
 from imagen.models.presets import tiny_base, tiny_sr
-from imagen.models.stage import Edit, SamplingConfig, Stage
+from imagen.models.sampling import SamplingConfig
+from imagen.models.stage import Edit, Stage
 from imagen.text.encoders import HashTextEncoder
 
 
@@ -40,7 +41,7 @@ def test_three_stage_cascade_samples_the_right_shapes_deterministically():
 def test_every_sampler_runs_every_stage(sampler):
     cascade = make_cascade()
     cfgs = [SamplingConfig(sampler=sampler, steps=3, guidance=2.0) for _ in range(3)]
-    out = cascade.sample(PROMPTS, cfgs, torch.Generator().manual_seed(0))[0]
+    out = cascade.sample(PROMPTS, sampling=cfgs, generator=torch.Generator().manual_seed(0))[0]
     assert out.shape == (2, 3, 64, 64) and torch.isfinite(out).all()
 
 

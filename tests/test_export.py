@@ -16,8 +16,8 @@ from imagen.cli.main import main
 from imagen.models import model_dir
 from imagen.models.cascade import load_cascade
 from imagen.models.model_dir import check_text_encoder, portable_text_encoder
-from imagen.training.checkpoint import checkpoint_dirs
 from imagen.training.export import export_model
+from imagen.training.rundir import RunDirectory
 from imagen.training.trainer import train_stage
 
 
@@ -58,7 +58,7 @@ def test_a_failing_export_leaves_the_existing_model_untouched(runs, tmp_path, mo
     misfit = copy_run(runs, "sr", tmp_path / "sr-misfit", unet__channels=12)
     damaged = tmp_path / "base-damaged"
     shutil.copytree(runs / "base", damaged)
-    flip_bytes(checkpoint_dirs(damaged)[-1] / "ema.safetensors")
+    flip_bytes(RunDirectory(damaged).checkpoints()[-1] / "ema.safetensors")
     failures = [
         ([runs / "sr", runs / "base"], ValueError, "must be a base"),
         ([runs / "base", other_encoder], ValueError, "trained with text encoder"),
@@ -125,7 +125,7 @@ def test_a_stage_is_replaced_without_the_runs_of_the_others(runs, tmp_path):
 def test_export_skips_a_damaged_newest_checkpoint_with_a_warning(runs, tmp_path, caplog):
     run = tmp_path / "base"
     shutil.copytree(runs / "base2", run)  # checkpoints at steps 3 and 5
-    flip_bytes(checkpoint_dirs(run)[-1] / "ema.safetensors")
+    flip_bytes(RunDirectory(run).checkpoints()[-1] / "ema.safetensors")
     with caplog.at_level(logging.WARNING):
         root = export_model([run], tmp_path / "m")
     assert "skipping a damaged checkpoint" in caplog.text

@@ -18,7 +18,7 @@ from test_sample_cli import model_dir  # noqa: F401 - fixture
 from imagen.cli.main import main
 from imagen.data.checker import check_image
 from imagen.data.shapes import render_scene, scene_for_caption
-from imagen.models.stage import SamplingConfig
+from imagen.models.sampling import SamplingConfig
 from imagen.pipeline import BUNDLED_MODEL, ImagenPipeline, resolve_model
 
 needs_minilm = pytest.mark.skipif(
@@ -54,7 +54,9 @@ def test_an_empty_negative_prompt_is_the_null_caption():
     cfgs = [SamplingConfig(steps=2, guidance=3.0) for _ in range(3)]
 
     def run(**kw):
-        return cascade.sample(PROMPTS, cfgs, torch.Generator().manual_seed(0), **kw)[0]
+        return cascade.sample(
+            PROMPTS, sampling=cfgs, generator=torch.Generator().manual_seed(0), **kw
+        )[0]
 
     assert torch.allclose(run(), run(negative=["", ""]), atol=1e-6)
     assert not torch.allclose(run(), run(negative=["red", "blue"]), atol=1e-3)

@@ -165,9 +165,9 @@ def test_fine_tune_an_imported_stage_resume_and_export(tiny_if, tmp_path):
     bit-exact, the exported model (fixed variance after eps-only training) samples."""
     from imagen.models.cascade import load_cascade
     from imagen.text.cache import EmbeddingCache, build_cache
-    from imagen.training.checkpoint import checkpoint_dirs
     from imagen.training.config import parse_cascade_config
     from imagen.training.export import export_model
+    from imagen.training.rundir import RunDirectory
     from imagen.training.trainer import train_stage
     from imagen.utils.tensors import load_tensors
 
@@ -193,7 +193,7 @@ def test_fine_tune_an_imported_stage_resume_and_export(tiny_if, tmp_path):
     log = [json.loads(x)["loss"] for x in lines]
     assert np.mean(log[-3:]) < np.mean(log[:3])
     a, b = (
-        load_tensors(checkpoint_dirs(tmp_path / r)[-1] / "model.safetensors")
+        load_tensors(RunDirectory(tmp_path / r).checkpoints()[-1] / "model.safetensors")
         for r in ("straight", "split")
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -224,7 +224,7 @@ def test_negative_prompt_matches_diffusers_and_edits_run(tiny_if):
     from imagen.pipeline import ImagenPipeline
 
     base, _, model = tiny_if
-    pipe = ImagenPipeline.from_pretrained(model)
+    pipe = ImagenPipeline.from_pretrained(model, dtype=torch.float32)  # bf16 CPUs: as diffusers
     kw = dict(steps=[10, 4], seed=5, return_all_stages=True, negative_prompt="a blue sofa")
     ours = pipe(PROMPTS[0], **kw).stages[0][0]
     ref = IFPipeline.from_pretrained(base)(
@@ -264,3 +264,26 @@ def test_low_memory_holds_one_part_at_a_time(tiny_if):
     out = bf16(PROMPTS[0], steps=[2, 2], seed=2).images[0]
     assert out.size == (SR_SIZE, SR_SIZE)
     assert bf16.cascade.encoder_record()["padding"] == "max_length"
+
+
+def test_export_steps_of_a_stage_stored_with_a_named_list(tiny_if, tmp_path):
+    """`imagen export --steps-per-stage` on an IF stage whose default is one of IF's named
+    timestep lists: the list gives way to trailing spacing, exactly as a sampling call's
+    overrides resolve (one implementation: SamplingOverrides.apply)."""
+    from imagen.models.model_dir import read_stage_config
+    from imagen.models.sampling import SamplingOverrides
+    from imagen.pipeline import ImagenPipeline
+    from imagen.training.export import export_model
+
+    model = tiny_if[2]
+    fast = tmp_path / "fast"
+    stages = [model / "stage0", model / "stage1"]
+    export_model(stages, fast, sampling=SamplingOverrides(spacing=["fast27", None]))
+    stored = read_stage_config(fast / "stage0").sampling
+    assert (stored.spacing, stored.steps) == ("fast27", 27)
+    argv = ["export", str(fast / "stage0"), str(fast / "stage1"), "--out", str(tmp_path / "ten")]
+    assert main([*argv, "--steps-per-stage", "10,4"]) == 0
+    exported = [read_stage_config(tmp_path / "ten" / f"stage{k}").sampling for k in (0, 1)]
+    assert (exported[0].steps, exported[0].spacing) == (10, "trailing")
+    called = ImagenPipeline.from_pretrained(fast).sampling_configs(SamplingOverrides(steps=[10, 4]))
+    assert called == exported

@@ -243,7 +243,7 @@ def test_foreign_host_headers_are_refused(server):
 
 
 def test_quality_steps_and_url_expiry():
-    from imagen.models.stage import SamplingConfig
+    from imagen.models.sampling import SamplingConfig
     from imagen.server.openai_schema import ImageStore, steps_for_quality
 
     defaults = [SamplingConfig(steps=8), SamplingConfig(steps=6), SamplingConfig(steps=4)]

@@ -155,7 +155,7 @@ def test_a_failed_overwrite_leaves_the_earlier_run_whole(model_dir, tmp_path, ca
     assert "0001.png there is a directory where this run writes a file" in err  # before work
     assert run_files(out) == before and (out / "0001.png").is_dir()
     (out / "0001.png").rmdir()
-    import imagen.cli.output as output
+    import imagen.utils.outputs as output
 
     real, calls = os.replace, []
 

@@ -21,11 +21,11 @@ from imagen.data import sources
 from imagen.data.config import DataConfig
 from imagen.data.folders import ImageTextFolder
 from imagen.data.images import Preprocess, decode_image, load_image_record, to_rgb
-from imagen.data.shapes import pil_to_tensor
 from imagen.data.sources import SourceKind, get_source
 from imagen.data.webdataset import BAD_SHARD, WebDatasetSource, shard_captions
 from imagen.training.data import dataset_captions
 from imagen.training.trainer import train_stage
+from imagen.utils.pil import pil_to_tensor
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -17,6 +17,7 @@ from test_sample_cli import model_dir  # noqa: F401 - fixture
 
 from imagen.cli import sample as sample_cli
 from imagen.cli.main import main
+from imagen.pipeline import outputs as run_outputs
 
 
 def names(d):
@@ -58,8 +59,8 @@ def test_memory_depends_on_the_batch_not_on_the_number_of_images(
     tmp_path,
     monkeypatch,
 ):
-    monkeypatch.setattr(sample_cli, "GRID_IMAGES", 2)
-    live, real_add = [], sample_cli.RunWriter.add
+    monkeypatch.setattr(run_outputs, "GRID_IMAGES", 2)
+    live, real_add = [], run_outputs.RunWriter.add
 
     def images():
         gc.collect()
@@ -74,7 +75,7 @@ def test_memory_depends_on_the_batch_not_on_the_number_of_images(
 
     before = images()  # those other tests keep
 
-    monkeypatch.setattr(sample_cli.RunWriter, "add", add)
+    monkeypatch.setattr(run_outputs.RunWriter, "add", add)
     argv = ["sample", "a", "b", "--model", str(model_dir), "--steps", "1", "--num-images", "4"]
     assert main([*argv, "--batch-size", "2", "--out", str(tmp_path / "o")]) == 0
     assert len(live) == 4 and len(rows(tmp_path / "o")) == 8
@@ -99,14 +100,14 @@ def test_prompts_are_read_lazily(tmp_path):
 
 
 def test_sigterm_mid_run_leaves_nothing_behind(model_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
-    real_add = sample_cli.RunWriter.add
+    real_add = run_outputs.RunWriter.add
 
     def add(self, out, sources=None):  # SIGTERM (a real signal) once images are being written
         real_add(self, out, sources)
         assert list(tmp_path.glob(".out.*.partial/0001.png"))
         os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(sample_cli.RunWriter, "add", add)
+    monkeypatch.setattr(run_outputs.RunWriter, "add", add)
     argv = ["sample", "x", "--model", str(model_dir), "--steps", "1", "--num-images", "1000000000"]
     with pytest.raises(SystemExit) as e:  # a billion images: the first batch comes at once
         main([*argv, "--batch-size", "2", "--out", str(tmp_path / "out")])

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from imagen.diffusion.denoiser import Prediction
 from imagen.diffusion.samplers import get_sampler, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule, respaced_timesteps
 
@@ -22,7 +23,7 @@ def exact_denoiser(schedule):
     def denoise(x, t):
         ab = float(schedule.alpha_bar[t])
         a = math.sqrt(ab)
-        return MU + (a * S * S / (a * a * S * S + 1 - ab)) * (x - a * MU)
+        return Prediction(MU + (a * S * S / (a * a * S * S + 1 - ab)) * (x - a * MU))
 
     return denoise
 
@@ -97,7 +98,7 @@ def test_every_sampler_takes_any_step_count_and_lands_on_x0_hat():
 
             def denoise(x, t, seen=seen):
                 seen.append(t)
-                return torch.zeros_like(x)
+                return Prediction(torch.zeros_like(x))
 
             out = get_sampler(name)(
                 denoise,

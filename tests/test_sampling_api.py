@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_cascade import PROMPTS, make_cascade
 
+from imagen.diffusion.denoiser import Prediction
 from imagen.diffusion.samplers import (
     SAMPLERS,
     Cancelled,
@@ -17,7 +18,8 @@ from imagen.diffusion.samplers import (
     get_sampler,
     sample_ddim,
 )
-from imagen.models.stage import SamplingConfig, StageConfig
+from imagen.models.sampling import SamplingConfig
+from imagen.models.stage import StageConfig
 from imagen.pipeline import BUNDLED_MODEL, ImagenPipeline, SamplingOverrides, sampling_summary
 
 
@@ -27,7 +29,9 @@ def test_samplers_declare_their_options():
     assert SamplingConfig(sampler="ddpm").sampler_options() == {"variance": "posterior"}
     assert SamplingConfig(sampler="dpmpp").sampler_options() == {}
     with pytest.raises(ValueError, match="has no option"):
-        get_sampler("dpmpp")(lambda x, t: x, torch.zeros(2), [10], torch.ones(20), eta=1.0)
+        get_sampler("dpmpp")(
+            lambda x, t: Prediction(x), torch.zeros(2), [10], torch.ones(20), eta=1.0
+        )
 
 
 def test_existing_config_files_keep_their_sampler_fields():
@@ -80,7 +84,9 @@ def test_progress_reaches_every_step_of_every_stage():
     cascade = make_cascade()
     seen: list[Progress] = []
     cfgs = [SamplingConfig(steps=s) for s in (3, 2, 1)]
-    cascade.sample(PROMPTS, cfgs, torch.Generator().manual_seed(0), progress=seen.append)
+    cascade.sample(
+        PROMPTS, sampling=cfgs, generator=torch.Generator().manual_seed(0), progress=seen.append
+    )
     assert [(p.stage, p.step, p.steps) for p in seen] == [
         (0, 1, 3), (0, 2, 3), (0, 3, 3), (1, 1, 2), (1, 2, 2), (2, 1, 1)
     ]  # fmt: skip

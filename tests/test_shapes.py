@@ -27,10 +27,10 @@ from imagen.data.shapes import (
     all_captions,
     draw_shape,
     parse_caption,
-    pil_to_tensor,
     render_scene,
     scene_for_caption,
 )
+from imagen.utils.pil import pil_to_tensor
 
 
 def rendered(size, n=400, seed=1):

@@ -16,7 +16,6 @@ from imagen.models.cascade import load_cascade
 from imagen.models.presets import tiny_base, tiny_sr
 from imagen.models.stage import Stage
 from imagen.text.encoders import TextEncoderConfig
-from imagen.training.checkpoint import checkpoint_dirs
 from imagen.training.config import (
     CascadeRunConfig,
     DataConfig,
@@ -25,6 +24,7 @@ from imagen.training.config import (
     parse_cascade_config,
 )
 from imagen.training.export import export_model
+from imagen.training.rundir import RunDirectory
 from imagen.training.trainer import NonFiniteLossError, Trainer, train_stage
 from imagen.utils.tensors import load_tensors
 
@@ -105,11 +105,11 @@ def test_stop_and_resume_equals_straight_through(tmp_path):
     train_stage(
         config(steps=6, precision="bf16"), 0, tmp_path / "split", resume=True, progress=False
     )
-    a = load_tensors(checkpoint_dirs(tmp_path / "straight")[-1] / "model.safetensors")
-    b = load_tensors(checkpoint_dirs(tmp_path / "split")[-1] / "model.safetensors")
+    a = load_tensors(RunDirectory(tmp_path / "straight").checkpoints()[-1] / "model.safetensors")
+    b = load_tensors(RunDirectory(tmp_path / "split").checkpoints()[-1] / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
-    ea = load_tensors(checkpoint_dirs(tmp_path / "straight")[-1] / "ema.safetensors")
-    eb = load_tensors(checkpoint_dirs(tmp_path / "split")[-1] / "ema.safetensors")
+    ea = load_tensors(RunDirectory(tmp_path / "straight").checkpoints()[-1] / "ema.safetensors")
+    eb = load_tensors(RunDirectory(tmp_path / "split").checkpoints()[-1] / "ema.safetensors")
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
 
@@ -136,7 +136,7 @@ def test_checkpoint_with_wrong_shapes_is_a_clear_error(tmp_path):
     opt = make_optimizer(TrainConfig(), list(model.parameters()))
     with pytest.raises(ValueError, match="does not match the model configuration"):
         restore_checkpoint(
-            checkpoint_dirs(tmp_path / "r")[-1],
+            RunDirectory(tmp_path / "r").checkpoints()[-1],
             model,
             ema,
             opt,
@@ -148,7 +148,7 @@ def test_checkpoints_are_safetensors_and_json_only(tmp_path):
     train_stage(
         config(steps=3, keep_checkpoints=1, checkpoint_every=1), 0, tmp_path / "r", progress=False
     )
-    (ckpt,) = checkpoint_dirs(tmp_path / "r")  # only the last one is kept
+    (ckpt,) = RunDirectory(tmp_path / "r").checkpoints()  # only the last one is kept
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "ema.safetensors",
         "model.safetensors",
@@ -172,7 +172,7 @@ def test_nan_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         train_stage(
             config(steps=20, checkpoint_every=2, max_bad_steps=3), 0, tmp_path / "r", progress=False
         )
-    last = checkpoint_dirs(tmp_path / "r")[-1]
+    last = RunDirectory(tmp_path / "r").checkpoints()[-1]
     state = json.loads((last / "state.json").read_text())
     # calls 2 and 3 were skipped (steps 2 and 3 made no update); 7, 8 and 9 stopped the run
     assert state["step"] == 6 and state["bad_steps"] == 2
@@ -264,14 +264,14 @@ def test_sigkill_never_corrupts_the_latest_checkpoint(tmp_path):
         proc = subprocess.Popen([sys.executable, str(script), str(run)], env=env)
         deadline = time.time() + 60
         while (
-            not checkpoint_dirs(run) or checkpoint_dirs(run)[-1] in steps[-1:]
+            not RunDirectory(run).checkpoints() or RunDirectory(run).checkpoints()[-1] in steps[-1:]
         ):  # wait for a new one
             time.sleep(0.05)
             assert time.time() < deadline and proc.poll() is None
         time.sleep(rng.uniform(0.0, 0.5))  # then kill at a random moment of the checkpointing loop
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        dirs = checkpoint_dirs(run)
+        dirs = RunDirectory(run).checkpoints()
         assert dirs, "no complete checkpoint survived"
         for d in dirs:  # every checkpoint that looks complete loads
             json.loads((d / "state.json").read_text())
@@ -336,8 +336,8 @@ def test_two_gloo_processes_equal_one_process_with_the_concatenated_batch(tmp_pa
     torch.manual_seed(0)  # the trainer's initialisation, to show how far training moved the weights
     init = Stage(tiny_base(16, 32)).unet.state_dict()
     for name in ("model", "ema"):
-        a = load_tensors(checkpoint_dirs(tmp_path / "two")[-1] / f"{name}.safetensors")
-        b = load_tensors(checkpoint_dirs(tmp_path / "one")[-1] / f"{name}.safetensors")
+        a = load_tensors(RunDirectory(tmp_path / "two").checkpoints()[-1] / f"{name}.safetensors")
+        b = load_tensors(RunDirectory(tmp_path / "one").checkpoints()[-1] / f"{name}.safetensors")
         assert set(a) == set(b)
         moved = max((a[k] - init[k]).abs().max().item() for k in a)
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -369,8 +369,8 @@ RESUME_SCRIPT = (
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     train_stage(config(steps=3, batch_size=4), 0, tmp_path / "big", progress=False)
     train_stage(config(steps=3, batch_size=2, grad_accum=2), 0, tmp_path / "acc", progress=False)
-    a = load_tensors(checkpoint_dirs(tmp_path / "big")[-1] / "model.safetensors")
-    b = load_tensors(checkpoint_dirs(tmp_path / "acc")[-1] / "model.safetensors")
+    a = load_tensors(RunDirectory(tmp_path / "big").checkpoints()[-1] / "model.safetensors")
+    b = load_tensors(RunDirectory(tmp_path / "acc").checkpoints()[-1] / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5
     assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "acc"), rel=1e-4)
 
@@ -383,8 +383,8 @@ def test_adafactor_trains_and_resumes_exactly(tmp_path):
     train_stage(
         config(steps=4, optimizer="adafactor"), 0, tmp_path / "r", resume=True, progress=False
     )
-    a = load_tensors(checkpoint_dirs(tmp_path / "s")[-1] / "model.safetensors")
-    b = load_tensors(checkpoint_dirs(tmp_path / "r")[-1] / "model.safetensors")
+    a = load_tensors(RunDirectory(tmp_path / "s").checkpoints()[-1] / "model.safetensors")
+    b = load_tensors(RunDirectory(tmp_path / "r").checkpoints()[-1] / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
     from imagen.diffusion.guidance import ThresholdConfig
     from imagen.diffusion.schedules import DiffusionConfig, NoiseSchedule
     from imagen.models.cascade import Cascade, load_cascade
-    from imagen.models.stage import Edit, SamplingConfig, Stage, StageConfig
+    from imagen.models.sampling import SamplingConfig
+    from imagen.models.stage import Edit, Stage, StageConfig
     from imagen.models.unet import UNet, UNetConfig
     from imagen.pipeline import ImagenPipeline
     from imagen.text.encoders import TextEncoder, TextEncoderConfig, load_text_encoder
@@ -26,7 +27,7 @@ _LAZY: dict[str, str] = {
     "Edit": "imagen.models.stage",
     "ImagenPipeline": "imagen.pipeline",
     "NoiseSchedule": "imagen.diffusion.schedules",
-    "SamplingConfig": "imagen.models.stage",
+    "SamplingConfig": "imagen.models.sampling",
     "Stage": "imagen.models.stage",
     "StageConfig": "imagen.models.stage",
     "TextEncoder": "imagen.text.encoders",

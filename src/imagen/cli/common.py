@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
-    from imagen.models.stage import SamplingConfig
+    from imagen.models.sampling import SamplingConfig
     from imagen.pipeline import ImagenPipeline, SamplingOverrides
 
 Command = Callable[[argparse.Namespace], int]
@@ -196,6 +196,8 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
     return text
 
+
+WEIGHT_DTYPE_NAMES = ("fp16", "fp32", "bf16", "int8")  # utils/tensors.py WEIGHT_DTYPES, torch-free
 
 # ---- options shared by several commands --------------------------------------------------
 MODEL_HELP = (

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imagen.cli.common import MODEL_HELP, command, positive_float, positive_int
-from imagen.cli.output import check_output_dir
+from imagen.utils.outputs import check_output_dir
 
 if TYPE_CHECKING:  # imported where used, so that `imagen --help` needs no torch
     from PIL import Image
@@ -90,32 +90,6 @@ def sample_section(
     return _section(title, grid, out.images, DEMO_PROMPTS, info), info
 
 
-def train_small_base(out_dir: Path, minutes: float, seed: int) -> Path:
-    """Train a small 32 px base model on Shapes for ``minutes`` and export it."""
-    from imagen.models.presets import shapes_base32
-    from imagen.text.encoders import TextEncoderConfig
-    from imagen.training.config import CascadeRunConfig, StageRun, TrainConfig
-    from imagen.training.export import export_model
-    from imagen.training.trainer import train_stage
-
-    stage = shapes_base32()
-    train = TrainConfig(
-        batch_size=32,
-        max_steps=1_000_000,
-        lr=5e-4,
-        warmup_steps=100,
-        ema_decay=0.995,
-        sample_every=0,
-        checkpoint_every=500,
-        time_budget_s=minutes * 60,
-        seed=seed,
-    )
-    cfg = CascadeRunConfig(TextEncoderConfig("minilm", 32), stages=[StageRun(stage, train)])
-    run = out_dir / "train-run"
-    train_stage(cfg, 0, run, resume=True)
-    return export_model([run], out_dir / "trained-model")
-
-
 def run_demo(
     out_dir: str | Path, model: str | None = None, train_minutes: float | None = None, seed: int = 0
 ) -> Path:
@@ -137,7 +111,9 @@ def run_demo(
     sections.append(html_part)
     print(f"bundled cascade: checker accuracy {info['checker_accuracy']}")
     if train_minutes:
-        model_dir = train_small_base(out, train_minutes, seed)
+        from imagen.training.small_base import train_small_base
+
+        model_dir, curves_path = train_small_base(out, train_minutes, seed)
         trained = ImagenPipeline.from_pretrained(model_dir)
         index = json.loads((model_dir / "model_index.json").read_text())
         html_part, info = sample_section(
@@ -147,7 +123,7 @@ def run_demo(
             {"training": index["training"]},
         )
         sections.append(html_part)
-        curves = Image.open(out / "train-run" / "curves.png")
+        curves = Image.open(curves_path)
         sections.append(
             f"<h3>Its training curves</h3><img src='{_png_data_uri(curves)}' "
             "style='image-rendering:auto' alt='training loss and learning rate by step'>"

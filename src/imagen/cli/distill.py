@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from imagen.cli.common import (
+    WEIGHT_DTYPE_NAMES,
     UsageError,
     command,
     device,
@@ -15,10 +16,8 @@ from imagen.cli.common import (
     float_list,
     positive_int,
 )
-from imagen.cli.output import check_output_dir
 from imagen.cli.train import add_run_options, run_config
-
-DTYPES = ("fp16", "fp32", "bf16", "int8")
+from imagen.utils.outputs import check_output_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument(
         "--model-out", help="also write the teacher's model with this stage replaced by the student"
     )
-    d.add_argument("--dtype", choices=DTYPES, default="fp16", help="weights of --model-out")
+    d.add_argument(
+        "--dtype", choices=WEIGHT_DTYPE_NAMES, default="fp16", help="weights of --model-out"
+    )
     d.add_argument("--device", type=device, help="cpu, cuda ... (default: cuda if available)")
     d.add_argument("--threads", type=positive_int, help="CPU threads for torch")
 
@@ -88,20 +89,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     )
     print(f"distilled stage {args.stage} to step {summary['step']} in {summary['run_dir']}")
     if args.model_out:
-        write_model(args, teacher)
+        from imagen.training.export import replace_stage
+        from imagen.utils.tensors import weights_dtype
+
+        root = replace_stage(
+            args.teacher, args.stage, args.out, args.model_out, weights_dtype(args.dtype)
+        )
+        print(f"wrote model directory {root} (stage {args.stage} distilled from {teacher})")
     return 0
-
-
-def write_model(args: argparse.Namespace, teacher: Path) -> None:
-    """The teacher's model with the distilled stage in place of its teacher."""
-    import torch
-
-    from imagen.models.model_dir import read_index
-    from imagen.training.export import export_model
-
-    names = read_index(args.teacher)["stages"]
-    items = [Path(args.teacher) / n for n in names]
-    items[args.stage] = Path(args.out)
-    dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
-    root = export_model(items, args.model_out, dtype=dtype.get(args.dtype, torch.int8))
-    print(f"wrote model directory {root} (stage {args.stage} distilled from {teacher})")

@@ -1,5 +1,6 @@
-"""``imagen eval shapes`` (Shapes prompt-following accuracy) and ``imagen eval fid`` (FID and
-KID against a folder of real images)."""
+"""``imagen eval shapes`` (Shapes prompt-following accuracy), ``imagen eval fid`` (FID and
+KID against a folder of real images), and (cli/prompt_eval.py) ``imagen eval clip``,
+``imagen eval compare`` and ``imagen eval prompts``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imagen.cli import prompt_eval
 from imagen.cli.common import (
     UsageError,
     add_model_options,
@@ -20,7 +22,7 @@ from imagen.cli.common import (
     positive_int,
     sampling_overrides,
 )
-from imagen.cli.output import StagedOutput, check_output_dir
+from imagen.utils.outputs import StagedOutput, check_output_dir
 
 if TYPE_CHECKING:
     from imagen.pipeline import ImagenPipeline
@@ -28,7 +30,11 @@ if TYPE_CHECKING:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """The ``eval`` command and its kinds."""
-    v = sub.add_parser("eval", help="evaluate a model (shapes: prompt-following accuracy)")
+    v = sub.add_parser(
+        "eval",
+        help="evaluate a model (shapes: prompt-following accuracy; clip: CLIP score over a "
+        "prompt suite; compare: two sampling settings)",
+    )
     vsub = v.add_subparsers(dest="eval_kind", required=True)
     vs = vsub.add_parser("shapes", help="Shapes checker accuracy per group and per stage")
     vs.add_argument("--num", type=positive_int, default=50, help="prompts per group")
@@ -56,12 +62,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--batch-size", type=positive_int, default=32)
         add_model_options(q)
+    prompt_eval.add_parsers(vsub)
 
 
 @command("eval")
 def cmd_eval(args: argparse.Namespace) -> int:
-    run = eval_shapes_command if args.eval_kind == "shapes" else eval_fid_command
-    report = run(args)
+    if args.eval_kind == "prompts":
+        return prompt_eval.list_prompts(args)
+    runners = {"shapes": eval_shapes_command, "fid": eval_fid_command, **prompt_eval.RUNNERS}
+    report = runners[args.eval_kind](args)
     report["model"] = args.model or "bundled"
     print(json.dumps(report, indent=2))
     return 0

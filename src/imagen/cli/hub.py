@@ -52,7 +52,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 @command("import")
 def cmd_import(args: argparse.Namespace) -> int:
-    from imagen.cli.output import check_output_dir, sigterm_exits
+    from imagen.utils.outputs import check_output_dir, sigterm_exits
 
     check_output_dir(args.out)  # writable, before anything is read
     from imagen.pipeline.diffusers_import import import_if

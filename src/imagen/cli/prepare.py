@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imagen.cli.common import command, positive_int
-from imagen.cli.output import check_output_dir
+from imagen.utils.outputs import check_output_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ The option names are a contract other tools rely on; keep them.
 Work is streamed: prompts are read from ``--prompts-file`` as they are needed, and images are
 generated, written and let go of one batch at a time, so memory depends on ``--batch-size``,
 not on ``--num-images`` or the file's length (``grid.png`` shows the first
-:data:`GRID_IMAGES`). An output directory holding an earlier run (its numbered PNGs,
+:data:`~imagen.pipeline.outputs.GRID_IMAGES`). An output directory holding an earlier run (its numbered PNGs,
 grid.png or manifest.jsonl) is refused unless ``--overwrite`` is given; with it, that run's
 files are replaced as a whole and other files there are kept.
 """
@@ -14,7 +14,6 @@ files are replaced as a whole and other files there are kept.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,6 @@ from imagen.cli.common import (
     UsageError,
     add_model_options,
     add_sampling_options,
-    checked_configs,
     command,
     finite_float,
     load_pipeline,
@@ -30,15 +28,14 @@ from imagen.cli.common import (
     sampling_overrides,
     unit_float,
 )
-from imagen.cli.output import StagedOutput
+from imagen.utils.outputs import StagedOutput
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from PIL import Image
 
-    from imagen.models.stage import SamplingConfig
-    from imagen.pipeline import ImagenPipeline, PipelineOutput, Progress
+    from imagen.pipeline import ImagenPipeline, Progress
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,8 +76,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 OVERWRITE_HELP = "replace an earlier run in --out (its images, grid and manifest; nothing else)"
-RUN_FILES = r"\d{4,}(_stage\d+)?\.png|grid\.png|manifest\.jsonl"  # what a run writes
-GRID_IMAGES = 64  # grid.png shows the first 64 images (a grid of a million would not fit)
 
 
 MAX_PROMPT_CHARS = 10_000  # a line longer than this is not a prompt (text encoders keep <= 512)
@@ -164,31 +159,32 @@ def open_image(path: str | None, flag: str, mode: str = "RGB") -> Image.Image | 
 
 
 class ProgressBars:
-    """One tqdm bar per stage, counting image-steps."""
+    """One tqdm bar per stage, counting image-steps; a stage's bar starts with its first step
+    (its total is the images times the steps that stage runs, as the pipeline resolved them)."""
 
-    def __init__(self, names: list[str], totals: list[int]) -> None:
-        from tqdm import tqdm
-
-        self.bars = [
-            tqdm(total=t, desc=n, unit="img-step", leave=True)
-            for n, t in zip(names, totals, strict=True)
-        ]
+    def __init__(self, names: list[str], images: int) -> None:
+        self.names, self.images = names, images
+        self.bars: dict[int, Any] = {}
 
     def __call__(self, p: Progress) -> None:
+        if p.stage not in self.bars:
+            from tqdm import tqdm
+
+            self.bars[p.stage] = tqdm(
+                total=self.images * p.steps, desc=self.names[p.stage], unit="img-step", leave=True
+            )
         self.bars[p.stage].update(p.batch_size)
 
     def close(self) -> None:
-        for b in self.bars:
+        for b in self.bars.values():
             b.close()
 
 
-def progress_bars(
-    pipe: ImagenPipeline, configs: list[SamplingConfig], images: int, start: int = 0
-) -> ProgressBars:
-    stages = pipe.cascade.stages
+def progress_bars(pipe: ImagenPipeline, images: int, start: int = 0) -> ProgressBars:
+    """The bars of a run of ``images`` images through the stages from ``start``."""
+    stages = pipe.cascade.stages[start:]
     return ProgressBars(
-        [f"stage {k} ({stages[k].config.resolution}px)" for k in range(start, len(stages))],
-        [images * c.steps for c in configs[start:]],
+        [f"stage {k} ({st.config.resolution}px)" for k, st in enumerate(stages, start)], images
     )
 
 
@@ -203,26 +199,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if mask and not init:
         raise UsageError("--mask needs --init-image")
     from imagen.pipeline import resolve_model
+    from imagen.pipeline.outputs import RUN_FILES, RunWriter
 
     model = resolve_model(args.model)
+    overrides = sampling_overrides(args)
     with StagedOutput(args.out, run_files=RUN_FILES, overwrite=args.overwrite) as staged:
         pipe = load_pipeline(args, model)
-        configs = checked_configs(pipe, args)
         edit = pipe.make_edit(init, args.strength, mask)
-        bars = progress_bars(pipe, configs, total)
+        bars = progress_bars(pipe, total)
         writer = RunWriter(staged, str(model), args.save_stages)
         try:
             for prompts, seeds in work_batches(args):
-                negatives = [args.negative_prompt] * len(prompts) if args.negative_prompt else None
                 out = pipe.generate(
                     prompts,
                     seeds,
-                    configs,
-                    args.batch_size,
-                    args.save_stages,
-                    edit,
-                    bars,
-                    negatives,
+                    overrides,
+                    batch_size=args.batch_size,
+                    return_all_stages=args.save_stages,
+                    edit=edit,
+                    progress=bars,
+                    negative_prompts=[args.negative_prompt] * len(prompts),
                 )
                 writer.add(out)
         finally:
@@ -253,13 +249,13 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     first = open_image(args.images[0], "IMAGE")
     assert first is not None
     from imagen.pipeline import resolve_model
+    from imagen.pipeline.outputs import RUN_FILES, RunWriter
 
     model = resolve_model(args.model)
+    overrides = sampling_overrides(args)
     with StagedOutput(args.out, run_files=RUN_FILES, overwrite=args.overwrite) as staged:
         pipe = load_pipeline(args, model)
-        configs = checked_configs(pipe, args)
-        start = pipe.upscale_start(max(first.size))
-        bars = progress_bars(pipe, configs, len(args.images), start)
+        bars = progress_bars(pipe, len(args.images), pipe.upscale_start(max(first.size)))
         writer = RunWriter(staged, str(model))
         size = first.size
         try:
@@ -268,7 +264,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
                 out = pipe.upscale(
                     [open_image(p, "IMAGE") for p in paths],  # type: ignore[misc]
                     args.prompt,
-                    sampling_overrides(args),
+                    overrides,
                     seed=args.seed + b,
                     batch_size=args.batch_size,
                     negative_prompt=args.negative_prompt,
@@ -282,90 +278,3 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         target = staged.commit()
     print(f"upscaled {writer.count} image(s) to {size[0]} px in {target}")
     return 0
-
-
-class RunWriter:
-    """Writes a run's PNGs and manifest.jsonl (one row per image, with its settings) batch
-    by batch as they finish, keeping only the first :data:`GRID_IMAGES` for grid.png."""
-
-    def __init__(self, staged: StagedOutput, model: str, save_stages: bool = False) -> None:
-        self.staged, self.model, self.save_stages = staged, model, save_stages
-        self.manifest = open(staged.path("manifest.jsonl"), "w", encoding="utf-8")  # noqa: SIM115
-        self.count = 0
-        self.grid: list[tuple[Image.Image, str]] = []
-
-    def add(self, out: PipelineOutput, sources: list[str] | None = None) -> None:
-        """Write the images of one finished batch (``sources``: the input file of each)."""
-        from imagen.pipeline import sampling_summary
-
-        settings = sampling_summary(out.sampling)
-        for i, (img, prompt, seed) in enumerate(
-            zip(out.images, out.prompts, out.seeds, strict=True)
-        ):
-            name = f"{self.count:04d}.png"
-            img.save(self.staged.path(name))
-            rec: dict[str, Any] = {
-                "prompt": prompt,
-                "seed": seed,
-                "path": name,
-                "size": list(img.size),
-                "model": self.model,
-                "stages": settings,
-            }
-            if out.negative_prompts:
-                rec["negative_prompt"] = out.negative_prompts[i]
-            if sources is not None:
-                rec["source"] = sources[i]
-            if self.save_stages:
-                rec["stage_paths"] = []
-                for k, imgs in enumerate(out.stages[:-1]):
-                    sname = f"{self.count:04d}_stage{k}.png"
-                    imgs[i].save(self.staged.path(sname))
-                    rec["stage_paths"].append(sname)
-            self.manifest.write(json.dumps(rec) + "\n")
-            if len(self.grid) < GRID_IMAGES:
-                self.grid.append((img, f"{prompt} (seed {seed})"))
-            self.count += 1
-
-    def close(self) -> None:
-        """Finish the manifest."""
-        self.manifest.close()
-
-    def write_grid(self) -> None:
-        """Write grid.png of the first images (after a run that succeeded)."""
-        if self.grid:
-            save_grid(self.staged, self.grid)
-
-
-def write_outputs(
-    staged: StagedOutput,
-    out: PipelineOutput,
-    model: str,
-    save_stages: bool = False,
-    sources: list[str] | None = None,
-) -> None:
-    """The PNGs and manifest.jsonl of a finished run held in memory (as the commands write
-    them batch by batch; for callers with one :class:`PipelineOutput`)."""
-    writer = RunWriter(staged, model, save_stages)
-    try:
-        writer.add(out, sources)
-    finally:
-        writer.close()
-
-
-def write_grid(staged: StagedOutput, out: PipelineOutput) -> None:
-    """grid.png of a run held in memory: its first :data:`GRID_IMAGES` images, captioned."""
-    n = min(GRID_IMAGES, len(out.images))
-    save_grid(
-        staged, [(out.images[j], f"{out.prompts[j]} (seed {out.seeds[j]})") for j in range(n)]
-    )
-
-
-def save_grid(staged: StagedOutput, items: list[tuple[Image.Image, str]]) -> None:
-    """grid.png of (image, caption) pairs, six columns at most."""
-    from imagen.utils.grid import captioned_grid
-
-    images, captions = zip(*items, strict=True)
-    captioned_grid(list(images), list(captions), columns=min(6, len(images))).save(
-        staged.path("grid.png")
-    )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from imagen.cli.common import (
     MODEL_OVERWRITE_HELP,
+    WEIGHT_DTYPE_NAMES,
     UsageError,
     command,
     device,
@@ -20,9 +21,10 @@ from imagen.cli.common import (
     positive_int,
     threshold,
 )
-from imagen.cli.output import check_output_dir
+from imagen.utils.outputs import check_output_dir
 
 if TYPE_CHECKING:
+    from imagen.models.sampling import SamplingOverrides
     from imagen.training.config import CascadeRunConfig
 
 
@@ -82,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--weights", choices=["ema", "model"], default="ema")
     e.add_argument(
         "--dtype",
-        choices=["fp16", "fp32", "bf16", "int8"],
+        choices=WEIGHT_DTYPE_NAMES,
         default="fp16",
         help="weight storage; int8: weight-only, one scale per output channel",
     )
@@ -134,29 +136,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 @command("export")
 def cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
-    from imagen.training.export import export_model
-
     check_output_dir(args.out)
     for run in args.runs:
         if not os.path.isdir(run):
             raise UsageError(f"training run directory not found: {run}")
-    dtype = {
-        "fp16": torch.float16,
-        "fp32": torch.float32,
-        "bf16": torch.bfloat16,
-        "int8": torch.int8,
-    }[args.dtype]
     notes = read_notes(args.notes) if args.notes else None
-    from imagen.cli.output import sigterm_exits
+    from imagen.training.export import export_model
+    from imagen.utils.outputs import sigterm_exits
+    from imagen.utils.tensors import weights_dtype
 
     with sigterm_exits():  # SIGTERM removes the half-written model beside --out, as Ctrl-C does
         root = export_model(
             args.runs,
             args.out,
             args.weights,
-            dtype,
+            weights_dtype(args.dtype),
             notes,
             sampling=sampling_changes(args),
             overwrite=args.overwrite,
@@ -178,22 +172,18 @@ def read_notes(path: str) -> dict:
     return notes
 
 
-def sampling_changes(args: argparse.Namespace) -> list[dict] | None:
-    """Per-stage changes to the exported stages' default sampling settings, if any."""
-    n = len(args.runs)
-    changes: list[dict] = [{} for _ in range(n)]
-    for name, values in (("steps", args.steps_per_stage), ("guidance", args.guidance_per_stage)):
-        if values is None:
-            continue
-        if len(values) != n:
-            raise UsageError(f"--{name}-per-stage has {len(values)} values for {n} stages")
-        for c, v in zip(changes, values, strict=True):
-            c[name] = v
-    for name in ("precision", "threshold"):
-        if getattr(args, name) is not None:
-            for c in changes:
-                c[name] = getattr(args, name)
-    return changes if any(changes) else None
+def sampling_changes(args: argparse.Namespace) -> SamplingOverrides | None:
+    """The changes to the exported stages' default sampling settings, if any (resolved by
+    :meth:`SamplingOverrides.apply`, as a sampling call's are)."""
+    from imagen.models.sampling import SamplingOverrides
+
+    changes = SamplingOverrides(
+        steps=args.steps_per_stage,
+        guidance=args.guidance_per_stage,
+        precision=args.precision,
+        threshold=args.threshold,
+    )
+    return changes if changes != SamplingOverrides() else None
 
 
 @command("embed")

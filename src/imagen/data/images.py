@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from imagen.data.shapes import pil_to_tensor
+from imagen.utils.pil import pil_to_tensor
 
 # 64 MP: the largest common camera sensors (61 MP, 9504 x 6336) pass, while one decode stays
 # under about 200 MB as 8-bit RGB (400 MB for 16-bit input) per data-loader worker, whatever

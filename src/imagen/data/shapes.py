@@ -240,25 +240,13 @@ def render_scene(scene: Scene, size: int) -> Image.Image:
 
 def render_batch(scenes: list[Scene], size: int) -> torch.Tensor:
     """Scenes rendered as one float tensor (N, 3, size, size) in [-1, 1]: the pixels of
-    :func:`render_scene` and the values of :func:`pil_to_tensor`, converted in one go."""
+    :func:`render_scene` and the values of :func:`~imagen.utils.pil.pil_to_tensor`, converted in one go."""
     out = Image.new("RGB", (size, size * len(scenes)), BACKGROUND)
     for k, scene in enumerate(scenes):
         _paste_scene(out, k * size, scene, size)
     arr = np.array(out).reshape(len(scenes), size, size, 3)
     images = torch.empty(len(scenes), 3, size, size)  # contiguous, as collating wants
     return images.copy_(torch.from_numpy(arr).permute(0, 3, 1, 2)).div_(127.5).sub_(1.0)
-
-
-def pil_to_tensor(img: Image.Image) -> torch.Tensor:
-    """uint8 RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def tensor_to_pil(x: torch.Tensor) -> Image.Image:
-    """Float tensor (3, H, W) in [-1, 1] -> uint8 RGB PIL image."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
 
 
 @dataclass

@@ -10,27 +10,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from imagen.diffusion.denoiser import Denoiser, Prediction
 from imagen.diffusion.schedules import NoiseSchedule
-
-Denoiser = Callable[[Tensor, int], Tensor]
-"""A denoiser maps a batch of noisy images x_t and an integer training timestep t to x0_hat.
-One made from a network that also predicts its variance (an output with twice the image's
-channels, as DeepFloyd IF's) has a ``variance`` attribute: the last call's interpolation v in
-[-1, 1] between the posterior variance and beta, which the DDPM sampler's ``learned_range``
-variance reads (:func:`learned_variance`)."""
-
-
-def learned_variance(denoise: Denoiser) -> Tensor:
-    """The variance interpolation v of ``denoise``'s last call, or a clear error when its
-    network predicts none."""
-    v = getattr(denoise, "variance", None)
-    if v is None:
-        raise ValueError(
-            "the learned_range DDPM variance needs a stage that predicts its variance (an "
-            "imported DeepFloyd IF stage); choose posterior or beta"
-        )
-    return v
-
+from imagen.utils.system import autocast
 
 ThresholdMode = Literal["dynamic", "static", "none"]
 
@@ -186,9 +168,11 @@ def make_denoiser(
     threshold: ThresholdConfig | None = None,
     autocast_dtype: torch.dtype | None = None,
     uncond: Conditioning | None = None,
+    learned_variance: bool = False,
 ) -> Denoiser:
     """Wrap a U-Net (or a compiled version of it) and its schedule as a denoiser
-    ``(x_t, t) -> thresholded x0_hat`` (with ``variance`` set where the network predicts one).
+    ``(x_t, t) -> Prediction`` (the thresholded x0_hat, and with ``learned_variance`` the
+    variance interpolation the network outputs after the image's channels).
 
     ``autocast_dtype`` (for example torch.bfloat16) runs the U-Net under autocast; the sampler
     state and the conversions stay in float32. Nothing here synchronises with the device.
@@ -201,6 +185,7 @@ def make_denoiser(
         threshold or ThresholdConfig(),
         autocast_dtype,
         uncond,
+        learned_variance,
     )
 
 
@@ -215,20 +200,15 @@ class _GuidedDenoiser:
     threshold: ThresholdConfig
     autocast_dtype: torch.dtype | None
     uncond: Conditioning | None
-    variance: Tensor | None = None  # the last call's learned-variance output, if any
+    learned_variance: bool
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, t: int) -> Tensor:
+    def __call__(self, x: Tensor, t: int) -> Prediction:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        with torch.autocast(
-            x.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        ):
+        with autocast(x.device.type, self.autocast_dtype):
             out = guided_output(
                 self.model, x, tt.float(), self.cond, self.guidance_scale, self.uncond
             )
         c = x.shape[1]
-        self.variance = out[:, c:].float() if out.shape[1] > c else None
-        x0 = self.schedule.to_x0(out[:, :c].float(), x, tt)
-        return apply_threshold(x0, self.threshold)
+        x0 = apply_threshold(self.schedule.to_x0(out[:, :c].float(), x, tt), self.threshold)
+        return Prediction(x0, out[:, c:].float() if self.learned_variance else None)

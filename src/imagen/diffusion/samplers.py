@@ -1,4 +1,5 @@
-"""Samplers: plain functions over a denoiser ``(x_t, t) -> x0_hat``, as in k-diffusion.
+"""Samplers: plain functions over a denoiser ``(x_t, t) -> Prediction`` (x0_hat, and the
+learned variance where a network has one; diffusion/denoiser.py), as in k-diffusion.
 
 Every sampler takes the same arguments, so it works with any model (through
 :func:`imagen.diffusion.guidance.make_denoiser`) and any number of steps: ``timesteps`` is a descending
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imagen.diffusion.guidance import Denoiser, learned_variance
+from imagen.diffusion.denoiser import Denoiser, Prediction
 from imagen.diffusion.sampler_names import SAMPLER_HELP, SAMPLER_NAMES
 
 Callback = Callable[[int, Tensor], None]
@@ -103,6 +104,26 @@ def _alpha_bars(alpha_bar: Tensor, timesteps: list[int]) -> list[tuple[float, fl
 DDPM_VARIANCES = ("posterior", "beta", "learned_range")
 
 
+def learned_variance(p: Prediction) -> Tensor:
+    """The variance interpolation v of a prediction, or a clear error when its network
+    predicts none."""
+    if p.variance is None:
+        raise ValueError(
+            "the learned_range DDPM variance needs a stage that predicts its variance (an "
+            "imported DeepFloyd IF stage); choose posterior or beta"
+        )
+    return p.variance
+
+
+def ddim_step(
+    x: Tensor, x0: Tensor, alpha_t: Any, sigma_t: Any, alpha_s: Any, noise_s: Any
+) -> Tensor:
+    """The deterministic part of a DDIM step from t to s (Song et al. 2021, eq. 12):
+    alpha_s x0 + noise_s eps, with eps = (x - alpha_t x0) / sigma_t the noise x0 implies and
+    ``noise_s`` its weight at s (sigma_s for eta = 0). Floats, or tensors per sample."""
+    return alpha_s * x0 + noise_s * (x - alpha_t * x0) / sigma_t
+
+
 def sample_ddpm(
     denoise: Denoiser,
     x: Tensor,
@@ -122,7 +143,8 @@ def sample_ddpm(
         raise ValueError(f"variance must be one of {', '.join(DDPM_VARIANCES)}, got {variance!r}")
     pairs = _alpha_bars(alpha_bar, timesteps)
     for i, (t, (ab_t, ab_s)) in enumerate(zip(timesteps, pairs, strict=True)):
-        x0 = denoise(x, t)
+        p = denoise(x, t)
+        x0 = p.x0
         beta = 1 - ab_t / ab_s
         # posterior mean of q(x_s | x_t, x0) (Ho et al. 2020, eq. 7, with respaced betas)
         coef_x0 = math.sqrt(ab_s) * beta / (1 - ab_t)
@@ -132,7 +154,7 @@ def sample_ddpm(
             posterior = beta * (1 - ab_s) / (1 - ab_t)
             noise = randn_like(x, generator)
             if variance == "learned_range":
-                f = (learned_variance(denoise) + 1) / 2
+                f = (learned_variance(p) + 1) / 2
                 log_var = f * math.log(beta) + (1 - f) * math.log(max(posterior, 1e-20))
                 x = x + torch.exp(0.5 * log_var) * noise
             else:
@@ -156,10 +178,10 @@ def sample_ddim(
     deterministic probability-flow sampler; eta = 1 matches ancestral sampling."""
     pairs = _alpha_bars(alpha_bar, timesteps)
     for i, (t, (ab_t, ab_s)) in enumerate(zip(timesteps, pairs, strict=True)):
-        x0 = denoise(x, t)
-        eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+        x0 = denoise(x, t).x0
         sigma = eta * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))
-        x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - sigma**2, 0.0)) * eps
+        noise_s = math.sqrt(max(1 - ab_s - sigma**2, 0.0))
+        x = ddim_step(x, x0, math.sqrt(ab_t), math.sqrt(1 - ab_t), math.sqrt(ab_s), noise_s)
         if sigma > 0:
             x = x + sigma * randn_like(x, generator)
         if callback is not None:
@@ -185,7 +207,7 @@ def sample_dpmpp_2m(
     x0_prev: Tensor | None = None
     h_prev = 0.0
     for i, (t, (ab_t, ab_s)) in enumerate(zip(timesteps, pairs, strict=True)):
-        x0 = denoise(x, t)
+        x0 = denoise(x, t).x0
         if ab_s >= 1.0:  # the last step lands on the clean image: x_0 = D = x0_hat
             x = x0
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,7 @@ def to_uint8(images: list[Image.Image] | Tensor) -> Tensor:
     """PIL images, or a float tensor in [-1, 1], as a uint8 (N, 3, H, W) tensor."""
     if isinstance(images, Tensor):
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arrays = [torch.from_numpy(__import__("numpy").asarray(im.convert("RGB"))) for im in images]
+    arrays = [torch.from_numpy(__import__("numpy").array(im.convert("RGB"))) for im in images]
     return torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
 
 
@@ -91,8 +92,9 @@ def cached_features(net: FeatureNetwork, images_fn: Any, key: str, cache_dir: Pa
     return feats
 
 
-def fid_kid(real: Tensor, fake: Tensor) -> dict[str, float]:
-    """FID and KID (torchmetrics) between two feature sets."""
+def fid_kid(real: Tensor, fake: Tensor, with_fid: bool = True) -> dict[str, float]:
+    """FID and KID (torchmetrics) between two feature sets (KID alone without ``with_fid``:
+    FID's eigendecomposition of a D x D matrix is the costly part)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -102,16 +104,22 @@ def fid_kid(real: Tensor, fake: Tensor) -> dict[str, float]:
         def forward(self, x: Tensor) -> Tensor:
             return x
 
-    fid = FrechetInceptionDistance(feature=Given(), normalize=False)
     subset = min(len(real), len(fake), 1000)
-    kid = KernelInceptionDistance(feature=Given(), subset_size=subset, normalize=False)
-    for m in (fid, kid):
+    with warnings.catch_warnings():  # "will save all extracted features": they are given
+        warnings.filterwarnings("ignore", message=".*extracted features in buffer")
+        kid = KernelInceptionDistance(feature=Given(), subset_size=subset, normalize=False)
+    metrics = [kid]
+    if with_fid:
+        fid = FrechetInceptionDistance(feature=Given(), normalize=False)
+        metrics.append(fid)
+    for m in metrics:
         m.update(real, real=True)
         m.update(fake, real=False)
     kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+    out = {"kid": float(kid_mean), "kid_std": float(kid_std)}
+    return {"fid": float(fid.compute()), **out} if with_fid else out
 
 
 def clip_score_status() -> str:
-    """CLIP score needs CLIP weights, which no installable package ships here."""
-    return "skipped: no CLIP model is available locally"
+    """Where the CLIP score is: its own command, which needs CLIP weights."""
+    return "not computed here: see imagen eval clip (it needs a CLIP model)"

@@ -164,16 +164,16 @@ def record_evaluation(
     """Write an evaluation into the model's model_index.json (``evaluation``: the report and
     the command that reproduces it; ``evaluation_check``: a small evaluation at default
     settings that a test reruns exactly). The index is replaced atomically."""
-    from imagen.models.model_dir import INDEX_FILE
+    from imagen.models.model_dir import update_index
 
-    path = Path(model_dir) / INDEX_FILE
-    index = json.loads(path.read_text())
-    index["evaluation"] = {"command": command, **report}
-    index["evaluation_check"] = {
-        **CHECK,
-        "accuracy": check["accuracy"],
-        "accuracy_strict": check["accuracy_strict"],
-    }
-    tmp = path.with_name(f".{INDEX_FILE}.tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
-    tmp.replace(path)
+    update_index(
+        model_dir,
+        {
+            "evaluation": {"command": command, **report},
+            "evaluation_check": {
+                **CHECK,
+                "accuracy": check["accuracy"],
+                "accuracy_strict": check["accuracy_strict"],
+            },
+        },
+    )

@@ -20,13 +20,15 @@ from imagen.models.model_dir import (
     read_index,
     save_model_dir,
 )
-from imagen.models.stage import Edit, SamplingConfig, Stage, StageConfig
+from imagen.models.sampling import SamplingConfig
+from imagen.models.stage import Edit, Stage, StageConfig
 from imagen.text.encoders import (
     TextEmbedding,
     TextEncoder,
     TextEncoderConfig,
     check_encoder_matches,
     load_text_encoder,
+    load_text_encoder_low_memory,
 )
 from imagen.utils.lowmem import compute_in_float32
 from imagen.utils.system import bf16_supported
@@ -118,6 +120,7 @@ class Cascade(nn.Module):
     def sample(
         self,
         prompts: list[str] | TextEmbedding,
+        *,
         sampling: list[SamplingConfig] | None = None,
         generator: Generators = None,
         autocast_dtype: torch.dtype | None = None,
@@ -165,7 +168,17 @@ class Cascade(nn.Module):
                 images_total=b,
             )
             gen = generator if seeds is None else stage_generators(seeds)
-            images = st.sample(text, images, s, gen, autocast_dtype, progress, edit, neg, at)
+            images = st.sample(
+                text,
+                images,
+                s,
+                gen,
+                autocast_dtype,
+                progress=progress,
+                edit=edit,
+                negative=neg,
+                at=at,
+            )
             images = images.clamp(-1, 1)
             self._done(k)
             outs.append(images)
@@ -227,8 +240,9 @@ class LowMemory:
         return self.dtype not in (torch.bfloat16, torch.float16) or bf16_supported(self.device)
 
     def load_encoder(self) -> TextEncoder:
-        encoder = load_text_encoder(encoder_config(self.encoder_record), self.device, self.dtype)
-        return encoder if self._fast_bf16() else compute_in_float32(encoder)
+        return load_text_encoder_low_memory(
+            encoder_config(self.encoder_record), self.device, self.dtype
+        )
 
     def materialise(self, stage: Stage, k: int) -> None:
         """Give ``stage`` (built on the meta device) its weights, if it has none now."""

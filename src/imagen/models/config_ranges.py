@@ -16,8 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-MAX_WIDTH = 16384  # channels (the project's own U-Net has the same limit)
-MAX_IMAGE_SIZE = 8192
+from imagen.models.limits import MAX_IMAGE_SIZE, MAX_WIDTH  # the project's own U-Net's too
+
 MAX_LEVELS = 8  # down (and up) blocks of a diffusers U-Net; IF and SD have 4
 MAX_LAYERS = 16  # layers per block; IF has 3, SD 2
 MAX_TRANSFORMER_LAYERS = 32  # transformer layers per block; SDXL has 10

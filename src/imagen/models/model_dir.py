@@ -11,7 +11,6 @@ working directory.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -25,8 +24,8 @@ from imagen.models import model_target, validate
 from imagen.models.stage import Stage, StageConfig
 from imagen.models.validate import file_sha256
 from imagen.utils.config import ConfigError, load_json_file
+from imagen.utils.files import fsync_dir, write_json
 from imagen.utils.tensors import (
-    fsync_dir,
     load_strict,
     load_tensors,
     load_weights,
@@ -89,13 +88,6 @@ def check_text_encoder(record: dict[str, Any], root: str | Path) -> dict[str, An
 
 
 # ---- writing -------------------------------------------------------------------------------
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _link_or_copy(source: Path, path: Path, copy: bool) -> None:
     """Hard-link ``source`` to ``path`` (no copy of multi-GB weights), else symlink it (across
     file systems); copy it with ``copy``."""
@@ -141,7 +133,7 @@ def _write_model(
         name = f"stage{k}"
         (root / name).mkdir()
         cfg = replace(cfg, text_encoder=dict(text_encoder))
-        _write_json(root / name / "config.json", cfg.to_dict())
+        write_json(root / name / "config.json", cfg.to_dict(), atomic=False)
         _write_weights(weights, root / name / "model.safetensors", dtype)
         files = list(STAGE_FILES)
         if k < len(null_texts) and null_texts[k] is not None:
@@ -154,7 +146,7 @@ def _write_model(
     index = {"format": FORMAT, "version": 1, "text_encoder": text_encoder, "stages": names}
     index.update(extra)
     index["checksums"] = checksums
-    _write_json(root / INDEX_FILE, index)
+    write_json(root / INDEX_FILE, index, atomic=False)
     fsync_dir(root)
 
 
@@ -354,3 +346,15 @@ def load_stage(
     load_strict(stage.unet, state, str(d / "model.safetensors"), assign=large)
     stage.null_text = read_null_text(d)
     return stage.to(device).eval()
+
+
+def update_index(directory: str | Path, entries: dict[str, Any]) -> None:
+    """Set top-level ``entries`` of a model directory's ``model_index.json`` (an evaluation
+    record, notes), replacing the file atomically. The stages, their files and checksums are
+    not entries that can be set here."""
+    fixed = {"format", "version", "text_encoder", "stages", "checksums"} & set(entries)
+    if fixed:
+        raise ValueError(f"update_index cannot change {', '.join(sorted(fixed))}")
+    path = Path(directory) / INDEX_FILE
+    index = read_index(Path(directory))
+    write_json(path, {**index, **entries})

@@ -1,8 +1,8 @@
 """Network kinds: the registry of the networks a :class:`~imagen.models.stage.Stage` can run.
 
-Every kind has a config type and a builder. The config exposes what the stage needs to know
+Every kind has a config type and a builder. The config implements :class:`NetworkConfig`
 (``image_size``, ``in_channels`` (the image's), ``lowres_cond``, ``guidance_cond``,
-``text_dim``, ``learned_variance``); the built module is called as
+``text_dim``, ``learned_variance``, ``check_sizes``); the built module is called as
 ``net(x, t, text, mask, lowres, aug_level[, guidance])`` and returns the prediction, with the
 image's channels, then the variance interpolation where ``learned_variance`` is set. So the
 stage, the samplers and the trainer never ask which kind they run.
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
 from imagen.models.config_ranges import check_unet_2d_condition
+from imagen.models.limits import MAX_IMAGE_SIZE, MAX_WIDTH, check_range
 from imagen.models.unet import UNet, UNetConfig
 from imagen.utils.config import config_from_dict
 
@@ -40,9 +41,8 @@ class DiffusersUNetConfig:
         c = self.config
         if not isinstance(c, dict) or not c:
             raise ValueError("a diffusers-unet stage needs the network's config record")
-        check_unet_2d_condition(
-            c, "config"
-        )  # every field's type and range (models/config_ranges.py)
+        # every field's type and range, wherever the record is parsed (models/config_ranges.py)
+        check_unet_2d_condition(c, "config")
         for key in ("sample_size", "in_channels", "out_channels"):
             value = c.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -75,10 +75,44 @@ class DiffusersUNetConfig:
 
     @property
     def learned_variance(self) -> bool:
+        """IF's stages output the variance interpolation after the image's channels."""
         return int(self.config["out_channels"]) == 2 * self.image_channels
+
+    def check_sizes(self, source: str) -> None:
+        """Raise unless the record's sizes, where it has them, are within models/limits.py."""
+        c = self.config
+        check_range(source, "unet.config.sample_size", c.get("sample_size", 1), 1, MAX_IMAGE_SIZE)
+        widths = c.get("block_out_channels") or ()
+        if isinstance(widths, list | tuple) and all(isinstance(w, int) for w in widths):
+            check_range(source, "unet.config.block_out_channels", widths, 1, MAX_WIDTH)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@runtime_checkable
+class NetworkConfig(Protocol):
+    """What every network kind's config declares, so that the stage, the samplers, the
+    trainer and the model checks never ask which kind they run."""
+
+    image_size: int  # side of the images (or latents) the network denoises
+    in_channels: int  # channels of those images (an SR stage's input adds the low-res image's)
+    lowres_cond: bool  # super-resolution: conditioned on the upsampled low-res image
+    guidance_cond: bool  # takes the guidance weight as an input (guidance distillation)
+    text_dim: int  # width of the text embeddings it reads
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the output has the variance interpolation after the prediction."""
+        ...
+
+    def check_sizes(self, source: str) -> None:
+        """Raise a one-line ValueError naming ``source`` for sizes beyond models/limits.py."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as the record a stage's config.json stores."""
+        ...
 
 
 @dataclass(frozen=True)

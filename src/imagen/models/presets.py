@@ -9,7 +9,8 @@ from collections.abc import Callable
 import torch
 
 from imagen.diffusion.schedules import DiffusionConfig
-from imagen.models.stage import SamplingConfig, Stage, StageConfig
+from imagen.models.sampling import SamplingConfig
+from imagen.models.stage import Stage, StageConfig
 from imagen.models.unet import UNetConfig, count_parameters
 
 T5_XXL_DIM = 4096

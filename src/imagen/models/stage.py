@@ -10,7 +10,6 @@ network through :meth:`Stage.forward`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -19,15 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from imagen.diffusion.guidance import (
-    Conditioning,
-    Denoiser,
-    ThresholdConfig,
-    make_denoiser,
-    model_output,
-)
+from imagen.diffusion.denoiser import Denoiser, Prediction
+from imagen.diffusion.guidance import Conditioning, guided_output, make_denoiser, model_output
 from imagen.diffusion.samplers import (
-    SAMPLERS,
     Generators,
     Progress,
     ProgressCallback,
@@ -38,64 +31,14 @@ from imagen.diffusion.samplers import (
 from imagen.diffusion.schedules import (
     DiffusionConfig,
     NoiseSchedule,
-    check_spacing,
     clipped_start,
     respaced_timesteps,
 )
 from imagen.models.networks import get_network, network_config
+from imagen.models.sampling import SamplingConfig
 from imagen.models.unet import UNetConfig, config_from_dict
 from imagen.text.encoders import TextEmbedding, pad_embeddings, unpad_embeddings
-from imagen.utils.system import bf16_supported
-
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclass
-class SamplingConfig:
-    """How a stage is sampled by default; every field can be overridden per call."""
-
-    sampler: str = "dpmpp"  # a name in imagen.diffusion.samplers.SAMPLERS: ddpm | ddim | dpmpp
-    steps: int = 20  # number of denoiser evaluations (respaced timesteps)
-    guidance: float = 3.0  # classifier-free guidance scale (1 = no guidance)
-    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
-    aug_level: float = 0.2  # SR stages: noise-augmentation level of the low-res input, in [0, 1)
-    precision: str = "fp32"  # fp32, or bf16 (autocast, where the device supports it)
-    eta: float = 0.0  # the ddim sampler's eta option: 0 deterministic, 1 ancestral
-    ddpm_variance: str = (
-        "posterior"  # the ddpm sampler's variance: posterior, beta or learned_range
-    )
-    spacing: str = "trailing"  # timesteps: trailing, leading (diffusers' DDPM) or an IF list name
-    lambda_min: float | None = None  # clip the noisiest timestep to lambda >= this (IF: -5.1)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.threshold, dict):
-            self.threshold = ThresholdConfig(**self.threshold)
-        get_sampler(self.sampler)  # raises on an unknown name
-        for spec in SAMPLERS.values():  # every sampler's options, whichever runs
-            for option in spec.options:
-                option.check(getattr(self, option.config_field))
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
-        if not math.isfinite(self.guidance) or self.guidance < 0:
-            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
-        if not 0.0 <= self.aug_level < 1.0:
-            raise ValueError(f"aug_level must be in [0, 1), got {self.aug_level}")
-        check_spacing(self.spacing, self.steps)
-        if self.lambda_min is not None and not math.isfinite(self.lambda_min):
-            raise ValueError(f"lambda_min must be a finite number, got {self.lambda_min}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
-
-    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        """The autocast dtype this config asks for on ``device``: bf16 only where it is fast
-        there (it falls back to float32 elsewhere), None for float32."""
-        if self.precision == "bf16" and bf16_supported(device):
-            return torch.bfloat16
-        return None
-
-    def sampler_options(self) -> dict[str, Any]:
-        """The keyword arguments of this config's sampler (its declared options)."""
-        return {o.name: getattr(self, o.config_field) for o in get_sampler(self.sampler).options}
+from imagen.utils.system import autocast as autocast_to
 
 
 @dataclass
@@ -288,7 +231,7 @@ class Stage(nn.Module):
         ``t`` under ``cond``, with optional autocast; ``net`` replaces the U-Net (a compiled or
         DDP-wrapped version of it)."""
         net = net or self.compiled or self.unet
-        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=bool(autocast)):
+        with autocast_to(x.device.type, autocast):
             return model_output(net, x, t.float(), cond)
 
     # ---- training ------------------------------------------------------------------------
@@ -319,6 +262,35 @@ class Stage(nn.Module):
         return (self.schedule.loss_weight(t) * per_sample).mean()
 
     # ---- sampling ------------------------------------------------------------------------
+    def guidance_inputs(
+        self, cond: Conditioning, scale: float | Tensor
+    ) -> tuple[Conditioning, float | Tensor]:
+        """How guidance at ``scale`` (one weight, or one per sample) reaches this stage's
+        network: a guidance-distilled U-Net takes the weight as an input and runs one pass
+        (scale 1); any other runs classifier-free guidance at ``scale``."""
+        if not self.config.unet.guidance_cond:
+            return cond, scale
+        b, device = cond.text.shape[0], cond.text.device
+        weight = (
+            scale if isinstance(scale, Tensor) else torch.full((b,), float(scale), device=device)
+        )
+        return replace(cond, guidance=weight), 1.0
+
+    def guided_output(
+        self,
+        x: Tensor,
+        t: Tensor,
+        cond: Conditioning,
+        scale: float | Tensor,
+        autocast: torch.dtype | None = None,
+    ) -> Tensor:
+        """The network's guided prediction (the stage's target, unthresholded) at per-sample
+        timesteps ``t``: what a distillation student learns from its teacher."""
+        cond, scale = self.guidance_inputs(cond, scale)
+        with autocast_to(x.device.type, autocast):
+            out = guided_output(self.compiled or self.unet, x, t.float(), cond, scale)
+        return out.float()
+
     def denoiser(
         self,
         cond: Conditioning,
@@ -326,19 +298,22 @@ class Stage(nn.Module):
         autocast: torch.dtype | None = None,
         uncond: Conditioning | None = None,
     ) -> Denoiser:
-        """This stage as a denoiser ``(x_t, t) -> x0_hat`` with guidance (away from the null
-        caption, or from ``uncond``) and thresholding. A guidance-distilled U-Net takes the
-        guidance weight as an input and runs one pass per step."""
-        net, s = self.compiled or self.unet, sampling
-        if not self.config.unet.guidance_cond:
-            return make_denoiser(
-                net, self.schedule, cond, s.guidance, s.threshold, autocast, uncond
-            )
-        if uncond is not None:
+        """This stage as a denoiser ``(x_t, t) -> Prediction`` with guidance (away from the
+        null caption, or from ``uncond``) and thresholding. A guidance-distilled U-Net takes
+        the guidance weight as an input and runs one pass per step."""
+        if uncond is not None and self.config.unet.guidance_cond:
             raise ValueError("a guidance-distilled stage cannot steer away from a negative prompt")
-        weight = torch.full((cond.text.shape[0],), float(s.guidance), device=cond.text.device)
-        cond = replace(cond, guidance=weight)
-        return make_denoiser(net, self.schedule, cond, 1.0, s.threshold, autocast)
+        cond, scale = self.guidance_inputs(cond, sampling.guidance)
+        return make_denoiser(
+            self.compiled or self.unet,
+            self.schedule,
+            cond,
+            scale,  # type: ignore[arg-type]
+            sampling.threshold,
+            autocast,
+            uncond,
+            learned_variance=self.config.unet.learned_variance,
+        )
 
     def timesteps(self, sampling: SamplingConfig) -> list[int]:
         """The descending training timesteps ``sampling`` visits on this stage's schedule."""
@@ -426,9 +401,8 @@ def _keep_known(denoise: Denoiser, image: Tensor, mask: Tensor, size: int) -> De
     every step, so each sampler's final step (which lands on x0_hat) keeps it exactly."""
     m = F.interpolate(mask, size=(size, size), mode="nearest").clamp(0, 1)
 
-    def inpaint(x: Tensor, t: int) -> Tensor:
-        x0 = m * denoise(x, t) + (1 - m) * image
-        inpaint.variance = getattr(denoise, "variance", None)  # type: ignore[attr-defined]
-        return x0
+    def inpaint(x: Tensor, t: int) -> Prediction:
+        p = denoise(x, t)
+        return replace(p, x0=m * p.x0 + (1 - m) * image)
 
     return inpaint

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from imagen.models.limits import MAX_BLOCKS, MAX_IMAGE_SIZE, MAX_LEVELS, MAX_WIDTH, check_range
 from imagen.text.encoders import masked_mean
 from imagen.utils.config import config_from_dict
 
@@ -62,6 +63,32 @@ class UNetConfig:
                 f"image_size {self.image_size} is not divisible by 2**{levels} "
                 f"(the number of downsamplings)"
             )
+
+    @property
+    def learned_variance(self) -> bool:
+        """The project's U-Net predicts the stage's target only (no variance channels)."""
+        return False
+
+    def check_sizes(self, source: str) -> None:
+        """Raise unless every size is within the limits of models/limits.py (an untrusted
+        config cannot ask for absurd memory)."""
+        check_range(source, "unet.image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        check_range(source, "unet.in_channels", self.in_channels, 1, 64)
+        check_range(source, "unet.channels", self.channels, 1, MAX_WIDTH)
+        check_range(source, "unet.channel_mults", self.channel_mults, 1, MAX_WIDTH)
+        if not 1 <= len(self.channel_mults) <= MAX_LEVELS:
+            raise ValueError(f"{source}: unet.channel_mults must have 1 to {MAX_LEVELS} levels")
+        widest = self.channels * max(self.channel_mults)
+        if widest > MAX_WIDTH:
+            raise ValueError(f"{source}: unet is {widest} channels wide (the limit is {MAX_WIDTH})")
+        check_range(source, "unet.num_res_blocks", self.num_res_blocks, 0, MAX_BLOCKS)
+        check_range(source, "unet.attn_resolutions", self.attn_resolutions, 1)
+        check_range(source, "unet.cross_attn_resolutions", self.cross_attn_resolutions, 1)
+        check_range(source, "unet.attn_head_dim", self.attn_head_dim, 1, MAX_WIDTH)
+        check_range(source, "unet.text_dim", self.text_dim, 1, MAX_WIDTH)
+        check_range(source, "unet.norm_groups", self.norm_groups, 1, MAX_WIDTH)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{source}: unet.dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

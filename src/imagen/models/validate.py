@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from imagen.models.limits import MAX_IMAGE_SIZE, MAX_TIMESTEPS, check_range
 from imagen.models.stage import StageConfig
 
 FORMAT = "imagen-cascade"
@@ -39,14 +40,6 @@ FILE_DTYPE = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-# Upper bounds of a stage's sizes: far above any real model (DeepFloyd IF-I-XL is 2816 wide at
-# 64 px), low enough that a hostile config.json cannot ask for terabytes before it is refused.
-MAX_WIDTH = 16384
-MAX_IMAGE_SIZE = 8192
-MAX_LEVELS = 12
-MAX_BLOCKS = 64
-MAX_TIMESTEPS = 100_000
-
 Shapes = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, safetensors dtype)
 
 
@@ -133,58 +126,19 @@ def verify_file(path: Path, want: str | None, index: Path) -> None:
 
 
 # ---- a stage's configuration ---------------------------------------------------------------
-def _at_least(source: str, name: str, value: Any, low: float, high: float | None = None) -> None:
-    values = value if isinstance(value, tuple | list) else (value,)
-    for v in values:
-        if v < low or (high is not None and v > high):
-            bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise ValueError(f"{source}: {name} must be {bound}, got {v}")
-
-
 def check_stage_config(cfg: StageConfig, source: str) -> None:
     """Raise unless the sizes and numbers of ``cfg`` (read from ``source``) are ones a network
     can be built from: positive, within the bounds above (so building the U-Net cannot be
     asked for absurd memory), diffusion constants in their ranges."""
-    from imagen.models.unet import UNetConfig
-
-    if isinstance(cfg.unet, UNetConfig):
-        _check_unet(cfg.unet, source)
-    else:  # another network kind (an imported diffusers U-Net): its sizes, where it has them
-        record = getattr(cfg.unet, "config", {})
-        _at_least(
-            source, "unet.config.sample_size", record.get("sample_size", 1), 1, MAX_IMAGE_SIZE
-        )
-        widths = record.get("block_out_channels") or ()
-        if isinstance(widths, list | tuple) and all(isinstance(w, int) for w in widths):
-            _at_least(source, "unet.config.block_out_channels", widths, 1, MAX_WIDTH)
+    cfg.unet.check_sizes(source)  # each network kind checks its own sizes
     if cfg.lowres_size is not None:
-        _at_least(source, "lowres_size", cfg.lowres_size, 1, MAX_IMAGE_SIZE)
+        check_range(source, "lowres_size", cfg.lowres_size, 1, MAX_IMAGE_SIZE)
     _check_diffusion(cfg, source)
-
-
-def _check_unet(u: Any, source: str) -> None:
-    _at_least(source, "unet.image_size", u.image_size, 1, MAX_IMAGE_SIZE)
-    _at_least(source, "unet.in_channels", u.in_channels, 1, 64)
-    _at_least(source, "unet.channels", u.channels, 1, MAX_WIDTH)
-    _at_least(source, "unet.channel_mults", u.channel_mults, 1, MAX_WIDTH)
-    if not 1 <= len(u.channel_mults) <= MAX_LEVELS:
-        raise ValueError(f"{source}: unet.channel_mults must have 1 to {MAX_LEVELS} levels")
-    widest = u.channels * max(u.channel_mults)
-    if widest > MAX_WIDTH:
-        raise ValueError(f"{source}: unet is {widest} channels wide (the limit is {MAX_WIDTH})")
-    _at_least(source, "unet.num_res_blocks", u.num_res_blocks, 0, MAX_BLOCKS)
-    _at_least(source, "unet.attn_resolutions", u.attn_resolutions, 1)
-    _at_least(source, "unet.cross_attn_resolutions", u.cross_attn_resolutions, 1)
-    _at_least(source, "unet.attn_head_dim", u.attn_head_dim, 1, MAX_WIDTH)
-    _at_least(source, "unet.text_dim", u.text_dim, 1, MAX_WIDTH)
-    _at_least(source, "unet.norm_groups", u.norm_groups, 1, MAX_WIDTH)
-    if not 0.0 <= u.dropout < 1.0:
-        raise ValueError(f"{source}: unet.dropout must be in [0, 1), got {u.dropout}")
 
 
 def _check_diffusion(cfg: StageConfig, source: str) -> None:
     d = cfg.diffusion
-    _at_least(source, "diffusion.timesteps", d.timesteps, 2, MAX_TIMESTEPS)
+    check_range(source, "diffusion.timesteps", d.timesteps, 2, MAX_TIMESTEPS)
     if not d.min_snr_gamma > 0:
         raise ValueError(f"{source}: diffusion.min_snr_gamma must be > 0, got {d.min_snr_gamma}")
     if not 0.0 < d.linear_beta_start <= d.linear_beta_end < 1.0:

@@ -1,6 +1,7 @@
 """Sampling for users: prompts in, PIL images out (:class:`ImagenPipeline`)."""
 
 from imagen.diffusion.samplers import Cancelled, Progress, ProgressCallback
+from imagen.models.sampling import SamplingOverrides, sampling_summary
 from imagen.pipeline.hub import BUNDLED_MODEL, push_model, resolve_model
 from imagen.pipeline.pipeline import (
     CompileFallback,
@@ -8,7 +9,6 @@ from imagen.pipeline.pipeline import (
     PipelineOutput,
     compile_unets,
 )
-from imagen.pipeline.settings import SamplingOverrides, sampling_summary
 
 __all__ = [
     "BUNDLED_MODEL",

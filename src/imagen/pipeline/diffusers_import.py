@@ -13,22 +13,25 @@ directory records the sources and the weights' licence notice.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from imagen.diffusion.guidance import ThresholdConfig
 from imagen.diffusion.schedules import DiffusionConfig
-from imagen.models.cascade import LOW_MEMORY_BYTES, LowMemory
+from imagen.models.cascade import LOW_MEMORY_BYTES
 from imagen.models.model_dir import WeightsFile, check_model_target, save_model_dir
 from imagen.models.networks import DiffusersUNetConfig
-from imagen.models.stage import SamplingConfig, StageConfig
+from imagen.models.sampling import SamplingConfig
+from imagen.models.stage import StageConfig
 from imagen.pipeline import import_checks
 from imagen.pipeline.hub import REPO_ID, hub_snapshot
 from imagen.pipeline.import_checks import trusted_root
-from imagen.text.encoders import TextEncoder, TextEncoderConfig, load_text_encoder
+from imagen.text.encoders import (
+    TextEncoder,
+    TextEncoderConfig,
+    load_text_encoder,
+    load_text_encoder_low_memory,
+)
 
 BASE, SR = "IFPipeline", "IFSuperResolutionPipeline"
 IF_NOISE_LEVEL = 250  # the SR pipelines' default augmentation timestep
@@ -142,7 +145,7 @@ def _load_encoder(config: TextEncoderConfig) -> TextEncoder:
     files = Path(config.name).glob("*.safetensors")
     if sum(f.stat().st_size for f in files) <= LOW_MEMORY_BYTES:
         return load_text_encoder(config)
-    return LowMemory([], asdict(config), torch.device("cpu")).load_encoder()
+    return load_text_encoder_low_memory(config)
 
 
 def import_if(

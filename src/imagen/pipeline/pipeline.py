@@ -17,17 +17,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from imagen.data.shapes import pil_to_tensor, tensor_to_pil
 from imagen.diffusion.samplers import ProgressCallback
 from imagen.diffusion.schedules import check_spacing
 from imagen.models.cascade import Cascade, load_cascade
 from imagen.models.model_dir import read_index
-from imagen.models.stage import Edit, SamplingConfig, resize
+from imagen.models.sampling import PerStage, SamplingConfig, SamplingOverrides
+from imagen.models.stage import Edit, resize
 from imagen.pipeline.hub import resolve_model
-from imagen.pipeline.settings import PerStage, SamplingOverrides
 from imagen.text.encoders import TextEmbedding
 from imagen.text.vocabulary import unknown_words
 from imagen.utils.compile import CompileFallback
+from imagen.utils.pil import pil_to_tensor, tensor_to_pil
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +175,14 @@ class ImagenPipeline:
         return self.generate(
             [p for p in prompts for _ in range(n)],
             [seed + j for j in range(len(prompts) * n)],
-            self.sampling_configs(overrides),
-            batch_size,
-            return_all_stages,
-            self.make_edit(init_image, strength, mask),
-            progress,
-            None if negatives is None else [p for p in negatives for _ in range(n)],
+            overrides,
+            batch_size=batch_size,
+            return_all_stages=return_all_stages,
+            edit=self.make_edit(init_image, strength, mask),
+            progress=progress,
+            negative_prompts=None
+            if negatives is None
+            else [p for p in negatives for _ in range(n)],
         )
 
     @torch.no_grad()
@@ -188,7 +190,8 @@ class ImagenPipeline:
         self,
         prompts: list[str],
         seeds: list[int],
-        sampling: list[SamplingConfig] | None = None,
+        overrides: SamplingOverrides | None = None,
+        *,
         batch_size: int = 16,
         return_all_stages: bool = False,
         edit: Edit | None = None,
@@ -196,15 +199,16 @@ class ImagenPipeline:
         negative_prompts: list[str] | None = None,
     ) -> PipelineOutput:
         """One image per (prompt, seed) pair (and negative prompt, if given), ``batch_size`` at a
-        time; each distinct text is encoded once. The lower-level entry point of
-        :meth:`__call__` and the server."""
+        time, each stage sampled with its defaults changed by ``overrides``; each distinct text
+        is encoded once. The lower-level entry point of :meth:`__call__`, the command line and
+        the server."""
         if not prompts:
             raise ValueError("no prompts given")
         if len(seeds) != len(prompts) or batch_size < 1:
             raise ValueError("give one seed per prompt and a batch_size >= 1")
         negatives = _one_per_image(negative_prompts, len(prompts), "negative prompt")
         work = _Batches(list(prompts), list(seeds), negatives)
-        sampling = sampling or self.sampling_configs()
+        sampling = self.sampling_configs(overrides)
         return self._run(work, sampling, batch_size, return_all_stages, edit, progress)
 
     @torch.no_grad()
@@ -275,16 +279,16 @@ class ImagenPipeline:
             chunk = slice(start, min(start + batch_size, total))
             outs = self.cascade.sample(
                 _rows(text, rows, work.prompts[chunk]),
-                sampling,
-                None,  # each stage draws from fresh generators seeded with the images' seeds
-                None,  # each stage runs at the precision its sampling config asks for
-                True,
-                _in_call(progress, start, total),
-                edit,
-                None if work.negatives is None else _rows(text, rows, work.negatives[chunk]),
-                start_stage,
-                None if work.lowres is None else work.lowres[chunk],
-                work.seeds[chunk],
+                sampling=sampling,
+                return_all_stages=True,
+                progress=_in_call(progress, start, total),
+                edit=edit,
+                negative=None
+                if work.negatives is None
+                else _rows(text, rows, work.negatives[chunk]),
+                start_stage=start_stage,
+                lowres=None if work.lowres is None else work.lowres[chunk],
+                seeds=work.seeds[chunk],  # every stage draws from generators seeded with them
             )
             for k, imgs in enumerate(outs):
                 per_stage[k].extend(tensor_to_pil(x) for x in imgs.cpu())

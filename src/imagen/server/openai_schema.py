@@ -27,7 +27,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from imagen.models.stage import SamplingConfig
+from imagen.models.sampling import SamplingConfig
 from imagen.server.schema import ServerConfig, prompt_model, settings_model
 
 QUALITY_STEPS = {

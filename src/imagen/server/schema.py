@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from imagen.data.images import to_rgb
 from imagen.diffusion.samplers import sampler_names
-from imagen.models.stage import SamplingConfig
+from imagen.models.sampling import SamplingConfig
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

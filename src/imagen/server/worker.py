@@ -211,12 +211,11 @@ class ModelWorker:
         started = time.time()
         try:
             pipe = self.pipeline(batch[0].stages)
-            sampling = pipe.sampling_configs(batch[0].overrides)
             out = pipe.generate(
                 prompts,
                 seeds,
-                sampling,
-                len(prompts),
+                batch[0].overrides,
+                batch_size=len(prompts),
                 edit=batch[0].edit,
                 progress=progress,
                 negative_prompts=negatives,

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from imagen.text.t5 import can_clean_captions, if_caption
+from imagen.utils.lowmem import compute_in_float32
+from imagen.utils.system import bf16_supported
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +363,19 @@ def load_text_encoder(
     else:
         encoder = HFTextEncoder(name, name, config.max_length, dtype)
     return encoder.to(device)
+
+
+def load_text_encoder_low_memory(
+    config: TextEncoderConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> TextEncoder:
+    """The encoder a config names, its weights held in ``dtype`` (bf16: T5-XXL in 9.5 GB) and
+    computed in float32 where the device has no fast bf16 (utils/lowmem.py): how a low-memory
+    cascade and ``imagen import`` hold a large encoder."""
+    encoder = load_text_encoder(config, device, dtype)
+    slow = dtype in (torch.bfloat16, torch.float16) and not bf16_supported(torch.device(device))
+    return compute_in_float32(encoder) if slow else encoder
 
 
 def check_encoder_matches(expected: dict[str, object], encoder: TextEncoder) -> None:

@@ -29,7 +29,8 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from imagen.models.model_dir import file_sha256
-from imagen.utils.tensors import fsync_dir, load_tensors, save_tensors
+from imagen.utils.files import fsync_dir, write_json
+from imagen.utils.tensors import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,10 @@ def step_of(path: Path) -> int:
     return int(path.name[len(PREFIX) :])
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary directories are ignored)."""
-    root = Path(run_dir) / "checkpoints"
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Complete checkpoints in a run's checkpoints directory ``root``, oldest first
+    (temporary directories are ignored)."""
+    root = Path(root)
     if not root.is_dir():
         return []
     found = [
@@ -96,15 +98,8 @@ def _digest(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(
-    run_dir: Path,
+    root: Path,
     step: int,
     model_state: dict[str, Tensor],
     ema_state: dict[str, Tensor],
@@ -112,8 +107,9 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write a checkpoint atomically, then delete all but the newest ``keep`` up to it."""
-    root = Path(run_dir) / "checkpoints"
+    """Write a checkpoint into the checkpoints directory ``root`` (RunDirectory knows where
+    it is) atomically, then delete all but the newest ``keep`` up to it."""
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
@@ -126,13 +122,13 @@ def save_checkpoint(
     record = {**state, "step": step, "optimizer": opt_meta}
     record[CHECKSUMS] = {name: file_sha256(tmp / name) for name in WEIGHT_FILES}
     record[STATE_DIGEST] = _digest(record)
-    _write_json(tmp / STATE_FILE, record)
+    write_json(tmp / STATE_FILE, record, atomic=False)
     fsync_dir(tmp)
     if final.exists():  # the same step, from a run that resumed before it: found damaged
         _move_aside(final)
     os.rename(tmp, final)
     fsync_dir(root)
-    _prune(run_dir, final, keep)
+    _prune(root, final, keep)
     for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a killed writer
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
@@ -147,11 +143,11 @@ def _move_aside(ckpt: Path) -> None:
     log.warning("moved %s aside to %s: this run superseded it", ckpt, aside.name)
 
 
-def _prune(run_dir: Path, newest: Path, keep: int) -> None:
+def _prune(root: Path, newest: Path, keep: int) -> None:
     """Keep the ``keep`` newest checkpoints up to ``newest`` (just written and hashed). Later
     ones can only be checkpoints a resumed run found damaged: they are moved aside, never
     deleted, and never counted as kept."""
-    ckpts = checkpoint_dirs(run_dir)
+    ckpts = checkpoint_dirs(root)
     for later in [p for p in ckpts if step_of(p) > step_of(newest)]:
         _move_aside(later)
     for old in [p for p in ckpts if step_of(p) <= step_of(newest)][:-keep]:

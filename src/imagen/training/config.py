@@ -26,7 +26,7 @@ from imagen.models.presets import get_preset
 from imagen.models.stage import BLUR_MAX, StageConfig
 from imagen.models.validate import check_stage_config
 from imagen.text.encoders import TextEncoderConfig
-from imagen.utils.config import config_from_dict, load_config_file
+from imagen.utils.config import config_from_dict, load_config_file, show_value
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -193,7 +193,7 @@ def parse_cascade_config(data: dict[str, Any]) -> CascadeRunConfig:
     stages = []
     entries = data.get("stages", [])
     if not isinstance(entries, list):
-        raise ValueError(f"stages: expected a list of stage entries, got {_show(entries)}")
+        raise ValueError(f"stages: expected a list of stage entries, got {show_value(entries)}")
     for i, entry in enumerate(entries):
         _check_stage_entry(i, entry)
         init = entry.get("init")
@@ -228,17 +228,12 @@ def init_stage_dir(init: str) -> Path:
     return Path(root) / index["stages"][int(k)]
 
 
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _check_stage_entry(i: int, entry: Any) -> None:
     """Raise unless stage entry ``i`` is a mapping of known keys of the right kinds."""
     if not isinstance(entry, dict):
         raise ValueError(
             f"stages[{i}]: expected a mapping (preset, stage, train, data, init), "
-            f"got {_show(entry)}"
+            f"got {show_value(entry)}"
         )
     extra = set(map(str, entry)) - {"preset", "stage", "train", "data", "init"}
     if extra:
@@ -247,13 +242,13 @@ def _check_stage_entry(i: int, entry: Any) -> None:
         raise ValueError(f"stage {i}: give a preset or an init model, not both")
     if "preset" in entry and not isinstance(entry["preset"], str):
         raise ValueError(
-            f"stages[{i}].preset: expected a preset name, got {_show(entry['preset'])}"
+            f"stages[{i}].preset: expected a preset name, got {show_value(entry['preset'])}"
         )
     if entry.get("init") is not None and not isinstance(entry["init"], str):
         raise ValueError(f"stage {i}: init must be MODEL_DIR or MODEL_DIR:K")
     for key in ("stage", "train", "data"):
         if entry.get(key) is not None and not isinstance(entry[key], dict):
-            raise ValueError(f"stages[{i}].{key}: expected a mapping, got {_show(entry[key])}")
+            raise ValueError(f"stages[{i}].{key}: expected a mapping, got {show_value(entry[key])}")
 
 
 def load_cascade_config(path: str | Path) -> CascadeRunConfig:

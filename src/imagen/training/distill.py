@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from imagen.diffusion.guidance import Conditioning, apply_threshold, guided_output
+from imagen.diffusion.guidance import Conditioning, apply_threshold
+from imagen.diffusion.samplers import ddim_step
 from imagen.diffusion.schedules import respaced_timesteps
 from imagen.models.stage import Stage, StageConfig, TrainingDraws
 from imagen.text.encoders import TextEmbedding
@@ -131,15 +132,12 @@ class Distiller:
     def _teacher_out(
         self, x: Tensor, t: Tensor, cond: Conditioning, weight: Tensor, autocast: torch.dtype | None
     ) -> Tensor:
-        """The teacher's guided prediction (its target) at per-sample weights."""
-        net = self.teacher.unet
-        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=bool(autocast)):
-            if self.teacher.config.unet.guidance_cond:  # one pass, the weight as an input
-                out = guided_output(net, x, t.float(), replace(cond, guidance=weight), 1.0)
-            else:  # classifier-free guidance at the drawn weights, or at the fixed one
-                scale = weight if self.config.mode == "guidance" else self.config.guidance
-                out = guided_output(net, x, t.float(), cond, scale)
-        return out.float()
+        """The teacher's guided prediction (its target) at per-sample weights: the drawn ones
+        (guidance mode, or a guidance-distilled teacher), else the fixed weight."""
+        drawn = self.config.mode == "guidance" or self.teacher.config.unet.guidance_cond
+        return self.teacher.guided_output(
+            x, t, cond, weight if drawn else self.config.guidance, autocast
+        )
 
     def _guidance_loss(
         self,
@@ -169,10 +167,8 @@ class Distiller:
         return apply_threshold(x0, self.teacher.config.sampling.threshold)
 
     def _ddim(self, x: Tensor, x0: Tensor, t: Tensor, s: Tensor) -> Tensor:
-        """One deterministic DDIM step from t to s (s = -1: the clean image)."""
-        a_t, s_t = self._alpha_sigma(t, x.ndim)
-        a_s, s_s = self._alpha_sigma(s, x.ndim)
-        return a_s * x0 + s_s * (x - a_t * x0) / s_t
+        """One deterministic DDIM step from t to s per sample (s = -1: the clean image)."""
+        return ddim_step(x, x0, *self._alpha_sigma(t, x.ndim), *self._alpha_sigma(s, x.ndim))
 
     def _progressive_loss(
         self,

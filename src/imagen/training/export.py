@@ -28,6 +28,7 @@ from imagen.models.model_dir import (
     save_model_dir,
     verify_stage,
 )
+from imagen.models.sampling import SamplingOverrides
 from imagen.models.stage import Stage, StageConfig
 from imagen.training.checkpoint import read_weights
 from imagen.training.config import init_stage_dir
@@ -126,7 +127,7 @@ def export_model(
     weights: str = "ema",
     dtype: torch.dtype = torch.float16,
     notes: dict[str, Any] | None = None,
-    sampling: list[dict[str, Any]] | None = None,
+    sampling: SamplingOverrides | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Build a model directory from its stages, base stage first. Each item is a training run
@@ -135,9 +136,10 @@ def export_model(
     stays int8, whatever ``dtype``) with the training record that model kept, so one stage
     can be replaced without the runs of the others; ``out_dir`` may be that same model. The
     text encoder must be the same for every stage. A model at ``out_dir`` is replaced only by
-    a complete, loadable one. ``sampling`` (one dict per stage, e.g. ``{"steps": 10}``)
-    changes the stages' default sampling settings. What is at ``out_dir`` is checked before
-    anything is read (``overwrite``: see :func:`~imagen.models.model_dir.check_model_target`)."""
+    a complete, loadable one. ``sampling`` changes the stages' default sampling settings (one
+    value for every stage or one per stage, resolved as the pipeline resolves a call's). What is
+    at ``out_dir`` is checked before anything is read (``overwrite``: see
+    :func:`~imagen.models.model_dir.check_model_target`)."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     if not run_dirs:
@@ -145,13 +147,9 @@ def export_model(
     check_model_target(out_dir, overwrite, len(run_dirs))
     sources = [stage_source(item, weights) for item in run_dirs]
     if sampling is not None:
-        if len(sampling) != len(sources):
-            raise ValueError(f"{len(sampling)} sampling changes for {len(sources)} stages")
-        for src, changes in zip(sources, sampling, strict=True):
-            s = src.config.sampling
-            if "threshold" in changes:  # a percentile or a mode name
-                changes = {**changes, "threshold": s.threshold.override(changes["threshold"])}
-            src.config = replace(src.config, sampling=replace(s, **changes))
+        configs = sampling.apply([src.config.sampling for src in sources])
+        for src, changed in zip(sources, configs, strict=True):
+            src.config = replace(src.config, sampling=changed)
     check_sources(sources)
     extra = {
         "training": [s.training for s in sources],
@@ -172,3 +170,15 @@ def export_model(
         null_texts=[s.null_text for s in sources],
         overwrite=overwrite,
     )
+
+
+def replace_stage(
+    model_dir: str | Path, stage: int, run_dir: str | Path, out_dir: str | Path, dtype: torch.dtype
+) -> Path:
+    """The model at ``model_dir`` with stage ``stage`` replaced by the run at ``run_dir`` (a
+    distilled or fine-tuned student), written to ``out_dir``; the other stages are copied as
+    stored."""
+    names = read_index(model_dir)["stages"]
+    items: list[str | Path] = [Path(model_dir) / n for n in names]
+    items[stage] = Path(run_dir)
+    return export_model(items, out_dir, dtype=dtype)

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imagen.data.shapes import tensor_to_pil
 from imagen.models.stage import Stage, resize
 from imagen.text.encoders import TextEncoder
 from imagen.training.data import collate
 from imagen.utils.grid import captioned_grid
+from imagen.utils.pil import tensor_to_pil
 from imagen.utils.plot import curves_image
 
 

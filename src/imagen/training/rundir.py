@@ -30,6 +30,7 @@ from imagen.training.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from imagen.utils.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,6 @@ LOG_FILE = "log.jsonl"
 SUMMARY_FILE = "summary.json"
 VOCABULARY_FILE = "vocabulary.json"  # the words of the training captions, where known
 CHECKPOINTS = "checkpoints"
-
-
-def write_json_atomically(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON under a temporary name, fsync it, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class RunLog:
@@ -95,10 +86,10 @@ class RunDirectory:
         """Create the directory and write the pending options: the run now has output."""
         self.path.mkdir(parents=True, exist_ok=True)
         if self._pending_options is not None:
-            write_json_atomically(self.options_path, self._pending_options)
+            write_json(self.options_path, self._pending_options)
             self._pending_options = None
         if self._pending_vocabulary is not None:
-            write_json_atomically(self.path / VOCABULARY_FILE, self._pending_vocabulary)
+            write_json(self.path / VOCABULARY_FILE, self._pending_vocabulary)
             self._pending_vocabulary = None
 
     def read_options(self) -> dict[str, Any]:
@@ -127,7 +118,7 @@ class RunDirectory:
     # ---- checkpoints ---------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (complete: not necessarily intact)."""
-        return checkpoint_dirs(self.path)
+        return checkpoint_dirs(self.path / CHECKPOINTS)
 
     def previous_run(self) -> list[str]:
         """What here shows that a run was started in this directory before."""
@@ -194,7 +185,7 @@ class RunDirectory:
     ) -> Path:
         self.materialize()
         return save_checkpoint(
-            self.path, step, model_state, ema_state, optimizer_state, state, keep
+            self.path / CHECKPOINTS, step, model_state, ema_state, optimizer_state, state, keep
         )
 
     @staticmethod
@@ -251,7 +242,7 @@ class RunDirectory:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.materialize()
-        write_json_atomically(self.path / SUMMARY_FILE, summary)
+        write_json(self.path / SUMMARY_FILE, summary)
 
     def write_vocabulary(self, words: list[str]) -> None:
         """Record the words of the run's training captions (exported with the model), with the

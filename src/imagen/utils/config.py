@@ -32,7 +32,7 @@ def config_from_dict(cls: type[T], data: Any, where: str | None = None) -> T:
     name = where or cls.__name__
     prefix = "" if where is None else f"{where}: "
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{name}: expected a mapping of fields, got {_show(data)}")
+        raise ConfigError(f"{name}: expected a mapping of fields, got {show_value(data)}")
     init_fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(str(k) for k in set(data) - set(init_fields))
     if unknown:
@@ -145,7 +145,8 @@ def _describe(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A value as error messages quote it: its repr, cut to 60 characters."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -158,7 +159,7 @@ def _fail(path: str, expected: str, value: Any) -> typing.NoReturn:
             hint = " (YAML reads 1e-4 as text: write 1.0e-4)"
         except ValueError:
             pass
-    raise ConfigError(f"{path}: expected {expected}, got {_show(value)}{hint}")
+    raise ConfigError(f"{path}: expected {expected}, got {show_value(value)}{hint}")
 
 
 # ---- reading config text, bounded ------------------------------------------------------------

@@ -39,3 +39,10 @@ def bf16_supported(device: torch.device) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast at ``dtype`` on ``device_type`` (for example bf16), or off (float32) when
+    ``dtype`` is None: the one switch every network call (training, sampling, distillation)
+    goes through."""
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)

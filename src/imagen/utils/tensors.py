@@ -10,6 +10,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+WEIGHT_DTYPES = {
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "int8": torch.int8,  # weight-only, one scale per output channel (see quantize_int8)
+}
+"""How weights can be stored, by the name the command line and configs use."""
+
+
+def weights_dtype(name: str) -> torch.dtype:
+    """The storage dtype called ``name`` (fp16, fp32, bf16 or int8)."""
+    try:
+        return WEIGHT_DTYPES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown weights dtype {name!r}; choose one of {', '.join(WEIGHT_DTYPES)}"
+        ) from None
+
 
 def state_dict_differences(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
     """Human-readable differences between a model's parameters and a state dict."""
@@ -41,18 +59,6 @@ def check_state(model: nn.Module, state: dict[str, Tensor], source: str = "check
             f"{source} does not match the model configuration ({len(diffs)} difference(s)):\n"
             f"  {shown}{more}"
         )
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (after a rename) to disk where the platform allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_tensors(tensors: dict[str, Tensor], path: Path, dtype: torch.dtype | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Output directories: checked before any work starts, and written atomically.
+"""Output directories: checked before any work starts, and written atomically (torch-free:
+the command line checks ``--out`` before importing anything heavy).
 
 :class:`StagedOutput` writes a run's files into a hidden staging directory beside the target
 and moves them into place only when the run succeeded (the manifest last), so an output
@@ -28,7 +29,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-from imagen.cli.common import UsageError
+
+class OutputError(ValueError):
+    """An output path that cannot be used (reported to the user as one line, exit status 2)."""
 
 
 def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
@@ -37,21 +40,21 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     writable (tried by making and removing an empty directory there)."""
     target = Path(os.path.abspath(Path(path).expanduser()))
     if target.exists() and not target.is_dir():
-        raise UsageError(f"{flag} {path}: exists and is not a directory")
+        raise OutputError(f"{flag} {path}: exists and is not a directory")
     existing = target
     while not existing.exists():
         if existing.is_symlink():  # a dangling link: writing there fails only at the end
-            raise UsageError(
+            raise OutputError(
                 f"{flag} {path}: {existing} is a symlink to {os.readlink(existing)}, "
                 f"which does not exist"
             )
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file, not a directory")
+        raise OutputError(f"{flag} {path}: {existing} is a file, not a directory")
     try:  # a real probe: permissions, read-only and special file systems all show here
         os.rmdir(tempfile.mkdtemp(prefix=".imagen-probe-", dir=existing))
     except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot write in {existing} ({e.strerror})") from None
+        raise OutputError(f"{flag} {path}: cannot write in {existing} ({e.strerror})") from None
     return target
 
 
@@ -128,13 +131,13 @@ class StagedOutput:
             if self.run_files and self.run_files.fullmatch(p.name) and p.is_dir()
         ]
         if blocked:
-            raise UsageError(
+            raise OutputError(
                 f"{flag} {target}: {blocked[0]} there is a directory where this run writes a "
                 f"file; move it, or choose another {flag}"
             )
         if earlier and not overwrite:
             shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
-            raise UsageError(
+            raise OutputError(
                 f"{flag} {target} already holds an earlier run ({len(earlier)} file(s): "
                 f"{shown}); choose another {flag}, or pass --overwrite to replace that run"
             )
@@ -149,7 +152,7 @@ class StagedOutput:
                 )
             )
         except OSError as e:
-            raise UsageError(f"{flag} {target}: cannot write there ({e.strerror})") from None
+            raise OutputError(f"{flag} {target}: cannot write there ({e.strerror})") from None
         self.committed = False
         self._sigterm = sigterm_exits()
 
@@ -180,14 +183,14 @@ class StagedOutput:
         names = sorted(p.name for p in self.staging.iterdir())
         earlier = self.earlier_run()
         if earlier and not self.overwrite:  # another run finished there meanwhile
-            raise UsageError(
+            raise OutputError(
                 f"{self.flag} {self.target}: an earlier run appeared there during this one; "
                 f"nothing was written"
             )
         for name in names:  # a new file's name taken by a directory (or a link): refused now
             there = self.target / name
             if os.path.lexists(there) and not there.is_symlink() and not there.is_file():
-                raise UsageError(
+                raise OutputError(
                     f"{self.flag} {self.target}: {name} there is not a file (a directory?), so "
                     f"this run's {name} cannot replace it; nothing was replaced"
                 )
