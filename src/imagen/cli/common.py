@@ -20,6 +20,12 @@ COMMANDS: dict[str, Command] = {}
 """Every command's function by its name; each command module registers its own."""
 
 
+MODEL_OVERWRITE_HELP = (
+    "write over a directory that holds other files than a model's: an earlier model's own "
+    "files (its index and stage files) are replaced, every other file is kept"
+)
+
+
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
 
@@ -39,6 +45,25 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class ExclusiveBoolean(argparse.BooleanOptionalAction):
+    """``--flag`` / ``--no-flag``; giving both is a usage error (argparse would let the last
+    one win silently)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        seen = f"_given_{self.dest}"
+        earlier = getattr(namespace, seen, None)
+        if earlier is not None and earlier != option_string:
+            parser.error(f"{earlier} and {option_string} exclude each other; give one")
+        setattr(namespace, seen, option_string)
+        super().__call__(parser, namespace, values, option_string)
 
 
 # ---- argument types ----------------------------------------------------------------------
@@ -206,7 +231,7 @@ def add_model_options(p: argparse.ArgumentParser, default_device: str | None = "
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
     p.add_argument(
         "--low-memory",
-        action=argparse.BooleanOptionalAction,
+        action=ExclusiveBoolean,
         default=None,
         help="hold one part of the cascade in memory at a time, weights in bf16 (default: for "
         "models over 2 GiB of weights, such as DeepFloyd IF)",

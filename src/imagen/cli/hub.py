@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from imagen.cli.common import UsageError, command, positive_int
+from imagen.cli.common import MODEL_OVERWRITE_HELP, UsageError, command, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="PX",
         help="the input size of an x4 upscaler imported alone (default 256: 1024 px out)",
     )
+    i.add_argument("--overwrite", action="store_true", help=MODEL_OVERWRITE_HELP)
 
 
 @command("push")
@@ -60,10 +61,20 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 @command("import")
 def cmd_import(args: argparse.Namespace) -> int:
+    from imagen.utils.outputs import check_output_dir, sigterm_exits
+
+    check_output_dir(args.out)  # writable, before anything is read
     from imagen.pipeline.diffusers_import import import_if
 
-    out = import_if(
-        args.sources, args.out, args.copy, args.text_encoder, args.variant, args.x4_size
-    )
+    with sigterm_exits():  # SIGTERM removes the half-written model beside --out, as Ctrl-C does
+        out = import_if(
+            args.sources,
+            args.out,
+            args.copy,
+            args.text_encoder,
+            args.variant,
+            args.overwrite,
+            x4_size=args.x4_size,
+        )
     print(f"imported {len(args.sources)} stage(s) into {out}")
     return 0

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imagen.cli.common import (
+    MODEL_OVERWRITE_HELP,
     WEIGHT_DTYPE_NAMES,
     UsageError,
     command,
@@ -100,6 +101,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="default thresholding of every stage: a dynamic percentile, or static or none",
     )
     e.add_argument("--notes", help="a JSON file whose object is recorded in model_index.json")
+    e.add_argument("--overwrite", action="store_true", help=MODEL_OVERWRITE_HELP)
 
     m = sub.add_parser("embed", help="precompute the text embeddings of a dataset's captions")
     m.add_argument("config", help="cascade config: its text_encoder and data are used")
@@ -151,6 +153,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             weights_dtype(args.dtype),
             notes,
             sampling=sampling_changes(args),
+            overwrite=args.overwrite,
         )
     print(f"wrote model directory {root}")
     return 0

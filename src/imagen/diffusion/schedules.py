@@ -234,9 +234,12 @@ SPACINGS = ("trailing", "leading")
 (diffusion/timestep_lists.py) is a fixed list instead."""
 
 
-def check_spacing(spacing: str, steps: int) -> None:
+def check_spacing(spacing: str, steps: int, num_timesteps: int | None = None) -> None:
     """Raise ValueError unless ``spacing`` is known and, for a named list, ``steps`` is its
-    length."""
+    length; with ``num_timesteps`` (a schedule's), also unless the steps fit that schedule
+    (IF's lists start at timestep 999: a schedule of fewer than 1000 timesteps has none)."""
+    if num_timesteps is not None and steps > num_timesteps:
+        raise ValueError(f"cannot sample with {steps} steps from a {num_timesteps}-step schedule")
     if spacing in SPACINGS:
         return
     if spacing not in IF_TIMESTEPS:
@@ -245,6 +248,11 @@ def check_spacing(spacing: str, steps: int) -> None:
     if steps != len(IF_TIMESTEPS[spacing]):
         raise ValueError(
             f"the timestep list {spacing!r} has {len(IF_TIMESTEPS[spacing])} steps, not {steps}"
+        )
+    if num_timesteps is not None and max(IF_TIMESTEPS[spacing]) >= num_timesteps:
+        raise ValueError(
+            f"the timestep list {spacing!r} is for a schedule of {max(IF_TIMESTEPS[spacing]) + 1}"
+            f" timesteps; this stage's has {num_timesteps} (use trailing or leading spacing)"
         )
 
 
@@ -280,9 +288,7 @@ def respaced_timesteps(
     """
     if steps < 1:
         raise ValueError(f"number of sampling steps must be >= 1, got {steps}")
-    if steps > num_timesteps:
-        raise ValueError(f"cannot sample with {steps} steps from a {num_timesteps}-step schedule")
-    check_spacing(spacing, steps)
+    check_spacing(spacing, steps, num_timesteps)
     if spacing in IF_TIMESTEPS:
         return list(IF_TIMESTEPS[spacing])
     span = num_timesteps if start is None else start + 1

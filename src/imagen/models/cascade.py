@@ -46,7 +46,10 @@ def check_stage_chain(configs: list[StageConfig]) -> None:
         raise ValueError("a cascade needs at least one stage")
     for i, (lo, hi) in enumerate(zip(configs[:-1], configs[1:], strict=True), start=1):
         if not hi.is_super_resolution:
-            raise ValueError(f"stage {i} is a base stage; only the first stage can be one")
+            raise ValueError(
+                f"stage {i} is a base stage (it takes no low-res image); only the first stage "
+                f"of a cascade may be one, the others must be super-resolution stages"
+            )
         if hi.lowres_size != lo.resolution:
             raise ValueError(
                 f"stage {i} upsamples from {hi.lowres_size} px but stage {i - 1} "

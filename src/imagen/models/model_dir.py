@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from imagen.models import validate
+from imagen.models import model_target, validate
 from imagen.models.spaces import SPACE_WEIGHTS
 from imagen.models.stage import Stage
 from imagen.models.stage_config import StageConfig
 from imagen.models.validate import file_sha256
-from imagen.utils.config import load_json_file
+from imagen.utils.config import ConfigError, load_json_file
 from imagen.utils.files import fsync_dir, write_json
 from imagen.utils.tensors import (
     load_strict,
@@ -158,24 +158,16 @@ def _write_model(
     fsync_dir(root)
 
 
-def _check_target(root: Path) -> None:
-    """Refuse to replace anything but a model directory or an empty directory."""
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(f"{root} exists and is not a directory")
-    if root.is_dir() and any(root.iterdir()) and not (root / INDEX_FILE).is_file():
-        raise FileExistsError(
-            f"refusing to replace {root}: it is not empty and not a model directory "
-            f"(no {INDEX_FILE})"
-        )
-    if (root / INDEX_FILE).is_file():  # replace the model, never files the user keeps there
-        extra = validate.foreign_files(root, (*STAGE_FILES, NULL_TEXT_FILE, SPACE_WEIGHTS))
-        if extra:
-            shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
-            raise FileExistsError(
-                f"refusing to replace the model at {root}: it also holds {len(extra)} file(s) "
-                f"that are not part of the model ({shown}); move them out, or choose another "
-                f"directory"
-            )
+def check_model_target(
+    directory: str | Path, overwrite: bool = False, stages: int = 0
+) -> model_target.Target:
+    """How a model of ``stages`` stages may be written at ``directory``: absent, empty, or a
+    model directory this project wrote; anything else (a user's files, a diffusers pipeline's
+    ``model_index.json``) is a FileExistsError, or with ``overwrite`` kept beside the new
+    model (models/model_target.py). Cheap: commands call it before loading anything."""
+    return model_target.check_target(
+        Path(directory), (*STAGE_FILES, NULL_TEXT_FILE, SPACE_WEIGHTS), overwrite, stages
+    )
 
 
 def _swap_into_place(tmp: Path, root: Path) -> None:
@@ -204,6 +196,7 @@ def save_model_dir(
     verify: bool = False,
     null_texts: list[tuple[Tensor, Tensor] | None] | None = None,
     spaces: list[StageWeights | None] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model_index.json`` and one sub-directory per stage; ``dtype`` is the weights'
     storage type: float16 (default), bfloat16, float32, or int8 (weight-only, per channel).
@@ -212,10 +205,13 @@ def save_model_dir(
     given as a :class:`WeightsFile` is linked; ``null_texts`` are the stages' null captions
     where they have one (tokens (L, D), mask (L,)); ``spaces`` the weights of latent stages'
     spaces (their VAEs, kept in float32). With ``verify``, every stage is loaded from the new
-    files before they replace what is at ``directory``."""
+    files before they replace what is at ``directory``. What is at ``directory`` is checked
+    first (:func:`check_model_target`; ``overwrite`` keeps files that are not the earlier
+    model's beside the new one)."""
     root = Path(directory)
-    _check_target(root)
+    target = check_model_target(root, overwrite, len(configs))
     root.parent.mkdir(parents=True, exist_ok=True)
+    model_target.remove_stale_staging(root.parent)
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -227,7 +223,10 @@ def save_model_dir(
         if verify:
             for k in range(len(configs)):
                 load_stage(tmp / f"stage{k}")
-        _swap_into_place(tmp, root)
+        if target.merge:
+            model_target.merge_into_place(tmp, target)
+        else:
+            _swap_into_place(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -258,12 +257,48 @@ def verify_stage(directory: str | Path) -> None:
         validate.verify_file(d / f, want, d.parent / INDEX_FILE)
 
 
+def verify_model_dir(directory: str | Path) -> tuple[int, int]:
+    """``imagen verify``: every file the index records hashed again in full (no stamp stands
+    in, and the stamps of large files are renewed), then each stage's config and weights
+    checked against its network built on the meta device. A one-line ValueError names every
+    file that is missing or differs; returns the number of files and bytes hashed."""
+    root = Path(directory)
+    index = read_index(root)
+    checksums = index.get("checksums")
+    if not checksums:
+        raise ValueError(f"{root} records no checksums (written before them): nothing to verify")
+    bad, size = [], 0
+    for key, want in checksums.items():
+        stage, _, name = str(key).partition("/")
+        path = validate.stage_path(root, stage) / name
+        if not name or "/" in name or not path.is_file():
+            bad.append(f"{key} (missing)")
+            continue
+        size += path.stat().st_size
+        if validate.checked_sha256(path, full=True) != want:
+            bad.append(f"{key} (damaged)")
+    if bad:
+        raise ValueError(
+            f"{root}: {len(bad)} of {len(checksums)} file(s) do not match their sha256 in "
+            f"{INDEX_FILE}: {', '.join(bad)}"
+        )
+    for name in index["stages"]:
+        d = root / name
+        with torch.device("meta"):
+            stage = Stage(read_stage_config(d))
+        validate.check_weights(stage.unet, d / "model.safetensors")
+    return len(checksums), size
+
+
 def read_stage_config(directory: str | Path) -> StageConfig:
     """The configuration of a stage directory (config.json)."""
     cfg_path = Path(directory) / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{Path(directory)} has no config.json")
-    cfg = StageConfig.from_dict(load_json_file(cfg_path, "stage config"))
+    try:
+        cfg = StageConfig.from_dict(load_json_file(cfg_path, "stage config"))
+    except ConfigError as e:  # name the file (the loader's own errors already do)
+        raise ConfigError(e if str(cfg_path) in str(e) else f"{cfg_path}: {e}") from None
     validate.check_stage_config(cfg, str(cfg_path))
     return cfg
 

@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
+from imagen.models.config_ranges import check_unet_2d_condition
 from imagen.models.limits import MAX_IMAGE_SIZE, MAX_WIDTH, check_range
 from imagen.models.unet import UNet, UNetConfig
 from imagen.utils.config import config_from_dict
@@ -43,6 +44,8 @@ class DiffusersUNetConfig:
         c = self.config
         if not isinstance(c, dict) or not c:
             raise ValueError("a diffusers-unet stage needs the network's config record")
+        # every field's type and range, wherever the record is parsed (models/config_ranges.py)
+        check_unet_2d_condition(c, "config")
         for key in ("sample_size", "in_channels", "out_channels"):
             value = c.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -66,9 +66,12 @@ def check_index(index: Any, path: Path) -> None:
     te = index.get("text_encoder")
     if not isinstance(te, dict) or not isinstance(te.get("name"), str):
         raise ValueError(f"{path}: text_encoder must be a record with a name")
-    length = te.get("max_length")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-        raise ValueError(f"{path}: text_encoder.max_length must be a positive integer")
+    for key in ("max_length", "dim"):
+        value = te.get(key, 1)  # dim: recorded by imports and newer exports
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{path}: text_encoder.{key} must be a positive integer, got {value!r}"
+            )
     check_checksums(index.get("checksums"), path)
 
 
@@ -153,16 +156,30 @@ def expected_tensors(state: dict[str, torch.Tensor]) -> Shapes:
     return {k: (tuple(v.shape), FILE_DTYPE.get(v.dtype, str(v.dtype))) for k, v in state.items()}
 
 
+MAX_HEADER_BYTES = 16 << 20  # a safetensors header (IF-I-XL's is about 150 kB)
+
+
 def read_header(path: Path) -> Shapes:
     """Names, shapes and dtypes of the tensors of a safetensors file, from its header alone
-    (no tensor data is read); a damaged file raises safetensors' own error."""
-    from safetensors import safe_open
+    (no tensor data is read): a header over :data:`MAX_HEADER_BYTES`, or a file that is not
+    safetensors or is cut short, is a one-line ValueError naming the file."""
+    from safetensors import SafetensorError, safe_open
 
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    claimed = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if claimed < 0 or claimed > MAX_HEADER_BYTES or 8 + claimed > size:
+        what = "header too large" if claimed > MAX_HEADER_BYTES else "header cut short"
+        raise ValueError(f"{path} is not a readable safetensors file ({what}; {size} bytes)")
     out: Shapes = {}
-    with safe_open(str(path), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-            sl = f.get_slice(key)
-            out[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                sl = f.get_slice(key)
+                out[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     return out
 
 
@@ -245,7 +262,7 @@ def foreign_files(root: Path, stage_files: tuple[str, ...]) -> list[str]:
 
 # ---- hashing once --------------------------------------------------------------------------
 STAMP_BYTES = 256 << 20  # files this large are hashed in full once, then known by a stamp
-_HASHED: dict[tuple[str, int, int, int], str] = {}  # (path, size, mtime, inode) -> sha256
+_HASHED: dict[tuple[str, int, int, int, str], str] = {}  # (path, size, mtime, inode, sample)
 
 
 def _stamp_file() -> Path:
@@ -279,16 +296,47 @@ def _write_stamp(key: str, digest: str) -> None:
         pass  # no stamp: the file is hashed again next time
 
 
-def checked_sha256(path: Path) -> str:
+SAMPLE_BLOCK = 1 << 20  # the stamp's sample: the first and last MiB ...
+SAMPLE_SPREAD = (16, 64 << 10)  # ... and 16 blocks of 64 KiB spread evenly between them
+
+
+def sample_sha256(path: Path, size: int) -> str:
+    """A sha256 of a sample of a large file: its first and last MiB (the safetensors header
+    and the last tensors) and 16 blocks of 64 KiB spread evenly in between: about 3 MiB read,
+    so a stamp also catches an edit there that kept the size and the mtime."""
+    h = hashlib.sha256()
+    count, block = SAMPLE_SPREAD
+    middle = size - 2 * SAMPLE_BLOCK
+    reads = [(0, size)]  # a file this small is its own sample
+    if middle > count * block:
+        reads = [(0, SAMPLE_BLOCK), (size - SAMPLE_BLOCK, SAMPLE_BLOCK)]
+        reads += [(SAMPLE_BLOCK + middle * i // count, block) for i in range(count)]
+    with open(path, "rb") as f:
+        for start, length in reads:
+            f.seek(start)
+            h.update(f.read(length))
+    return h.hexdigest()
+
+
+def checked_sha256(path: Path, full: bool = False) -> str:
     """The sha256 of ``path``. A file under :data:`STAMP_BYTES` is hashed in full each time;
-    a larger one (multi-GB imported weights) in full once, after which its stamp (path, size,
-    mtime and inode with the digest, in ``$IMAGEN_CACHE_DIR`` or ``~/.cache/imagen``) stands
-    in while the file is unchanged: an edit shows, bit rot of a large file after its first
-    check does not."""
+    a larger one (multi-GB imported weights) in full once (or whenever ``full``, as ``imagen
+    verify`` asks), after which its stamp (path, size, mtime, inode and the hash of a sample
+    of its bytes (:func:`sample_sha256`), with the digest, in ``$IMAGEN_CACHE_DIR`` or
+    ``~/.cache/imagen``) stands in while they are unchanged: an edit that changes the size or
+    the mtime shows, and so does one in the sampled 3 MiB; other bit rot of a large file after
+    its first check shows only to ``imagen verify``."""
     st = path.stat()
     if st.st_size < STAMP_BYTES:  # small files are read in full every time (bit rot shows)
         return file_sha256(path)
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    sample = sample_sha256(path, st.st_size)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, sample)
+    if full:
+        _HASHED.pop(key, None)
+        digest = file_sha256(path)
+        _write_stamp("|".join(map(str, key)), digest)
+        _HASHED[key] = digest
+        return digest
     if key in _HASHED:
         return _HASHED[key]
     stamp = "|".join(map(str, key))

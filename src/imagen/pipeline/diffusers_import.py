@@ -14,7 +14,6 @@ directory records the sources and the weights' licence notice.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,13 @@ import torch
 from imagen.diffusion.guidance import ThresholdConfig
 from imagen.diffusion.schedules import DiffusionConfig
 from imagen.models.cascade import LOW_MEMORY_BYTES
-from imagen.models.model_dir import WeightsFile, save_model_dir
+from imagen.models.model_dir import WeightsFile, check_model_target, save_model_dir
 from imagen.models.networks import DiffusersUNetConfig
 from imagen.models.sampling import SamplingConfig
 from imagen.models.stage_config import StageConfig
+from imagen.pipeline import import_checks
 from imagen.pipeline.hub import REPO_ID, hub_snapshot
+from imagen.pipeline.import_checks import trusted_root
 from imagen.pipeline.x4_import import (
     UPSCALE,
     X4_LICENCE,
@@ -53,16 +54,9 @@ LICENCE = (
 )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path.parent} is not a diffusers pipeline part (no {path.name})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return data
+def _read_json(path: Path, within: Path | None = None) -> dict[str, Any]:
+    # [import checks] a regular file inside the pipeline folder, read bounded (size, depth)
+    return import_checks.read_config(path, within)
 
 
 def resolve_source(source: str) -> tuple[Path, str | None]:
@@ -78,7 +72,7 @@ def resolve_source(source: str) -> tuple[Path, str | None]:
 
 
 def _pipeline_class(root: Path) -> str:
-    index = _read_json(root / "model_index.json")
+    index = _read_json(root / "model_index.json", trusted_root(root))
     name = index.get("_class_name")
     if name not in (BASE, SR, UPSCALE):
         raise ValueError(
@@ -89,28 +83,30 @@ def _pipeline_class(root: Path) -> str:
 
 def _scheduler(root: Path, folder: str = "scheduler") -> dict[str, Any]:
     """The DDPM scheduler config of a pipeline part, checked to be what IF's stages use."""
-    cfg = _read_json(root / folder / "scheduler_config.json")
+    # [import checks] bounded, every field type- and range-checked
+    cfg = import_checks.read_scheduler(root / folder / "scheduler_config.json", trusted_root(root))
     want = {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000}
     if folder == "scheduler":
         want |= {"prediction_type": "epsilon", "variance_type": "learned_range"}
     for key, value in want.items():
-        if cfg.get(key, value) != value:
-            raise ValueError(f"{root / folder}: {key} is {cfg.get(key)!r}, IF stages use {value!r}")
+        got = cfg.get(key, import_checks.DDPM_DEFAULTS[key])  # [import checks] diffusers' default
+        if got != value:
+            raise ValueError(f"{root / folder}: {key} is {got!r}, IF stages use {value!r}")
     return cfg
 
 
 def _weights(root: Path, variant: str | None) -> Path:
     names = WEIGHT_NAMES if variant is None else (f"diffusion_pytorch_model.{variant}.safetensors",)
-    for name in names:
-        if (root / "unet" / name).is_file():
-            return root / "unet" / name
-    raise FileNotFoundError(f"{root / 'unet'} has no weights file ({' or '.join(names)})")
+    # [import checks] config ranges, safetensors only, the header against the network on meta
+    unet = import_checks.UNET
+    return import_checks.check_component(root / "unet", unet, trusted_root(root), names).weights[0]
 
 
 def if_stage_config(root: Path, lowres_size: int | None) -> StageConfig:
     """A diffusers-unet stage config with IF's sampling defaults for the pipeline at ``root``
     (a super-resolution stage when ``lowres_size`` is given)."""
-    unet = _read_json(root / "unet" / "config.json")
+    unet = _read_json(root / "unet" / "config.json", trusted_root(root))
+    import_checks.UNET.check_config(unet, str(root / "unet" / "config.json"))  # [import checks]
     sched = _scheduler(root)
     sr = lowres_size is not None
     if sr:
@@ -200,14 +196,17 @@ def _import_stage(
     return _Imported(if_stage_config(root, lowres), weights, None, t5)
 
 
-def _null_captions(encoders: list[TextEncoderConfig]) -> tuple[list, list]:
+def _null_captions(
+    encoders: list[TextEncoderConfig], loaded: TextEncoder | None
+) -> tuple[list, list]:
     """Each stage's encoder record and null caption (its encoder's "", as the pipelines
-    encode it), loading each distinct encoder once and releasing it."""
+    encode it), loading each distinct encoder once (``loaded``: T5, checked and loaded
+    already) and releasing it."""
     records, nulls, done = [], [], {}
     for config in encoders:
         key = (config.name, config.kind)
         if key not in done:
-            encoder = _load_encoder(config)
+            encoder = loaded if loaded is not None and not config.kind else _load_encoder(config)
             null = encoder.encode([""])
             done[key] = (
                 {**encoder.config(), "dim": encoder.dim},
@@ -219,20 +218,43 @@ def _null_captions(encoders: list[TextEncoderConfig]) -> tuple[list, list]:
     return records, nulls
 
 
+def _checked_t5(
+    te_config: TextEncoderConfig, te_root: Path, stages: list[_Imported], roots: list[Path]
+) -> TextEncoder:
+    """[import checks] the tokenizer and T5 checked before they load, then their output;
+    returns the loaded encoder."""
+    te = import_checks.check_text_encoder(
+        Path(te_config.name),
+        Path(str(te_config.tokenizer)),
+        trusted_root(te_root),
+        [s.config.unet.text_dim for s in stages],
+        [root / "unet" for root in roots],
+    )
+    encoder = import_checks.load_checked(lambda: _load_encoder(te_config), Path(te_config.name))
+    import_checks.check_encoder_output(
+        encoder, int(te.config.get("vocab_size", 32128)), Path(str(te_config.tokenizer))
+    )
+    return encoder
+
+
 def import_if(
     sources: list[str],
     out: str | Path,
     copy: bool = False,
     text_encoder: str | None = None,
     variant: str | None = None,
+    overwrite: bool = False,
     x4_size: int | None = None,
 ) -> Path:
     """Write the model directory ``out`` for diffusers pipelines ``sources``: DeepFloyd IF's
     base and super-resolution stages, then optionally the Stable Diffusion x4 upscaler as the
     last stage (or the x4 upscaler alone: a model that only upscales ``x4_size`` px images,
-    256 by default)."""
+    256 by default), after checking every part it uses (pipeline/import_checks.py,
+    pipeline/x4_checks.py): nothing is written unless all pass. ``overwrite`` keeps files
+    other than an earlier model's beside the new one."""
     if not sources:
         raise ValueError("give at least one pipeline: the IF base (IFPipeline) first")
+    check_model_target(out, overwrite, len(sources))  # [import checks] before anything is read
     resolved = [resolve_source(s) for s in sources]
     classes = [_pipeline_class(root) for root, _ in resolved]
     _check_order(classes)
@@ -242,7 +264,12 @@ def import_if(
     for (root, _), cls in zip(resolved, classes, strict=True):
         lowres = stages[-1].config.resolution if stages else x4_size
         stages.append(_import_stage(root, cls, lowres, t5, (copy, variant)))
-    records, nulls = _null_captions([s.encoder for s in stages])
+    encoder = None
+    if t5 is not None:
+        te_root = if_roots[0] if text_encoder is None else Path(text_encoder).expanduser().resolve()
+        encoder = _checked_t5(t5, te_root, [s for s in stages if s.encoder is t5], if_roots)
+    records, nulls = _null_captions([s.encoder for s in stages], encoder)
+    del encoder  # released: the model directory references it
     licences = [LICENCE] if if_roots else []
     licences += [X4_LICENCE] if UPSCALE in classes else []
     extra = {
@@ -261,4 +288,5 @@ def import_if(
         extra,
         null_texts=nulls,
         spaces=[s.space for s in stages],
+        overwrite=overwrite,
     )

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 
 from imagen.diffusion.samplers import ProgressCallback
+from imagen.diffusion.schedules import check_spacing
 from imagen.models.cascade import LOW_MEMORY_BYTES, Cascade, Embeddings, load_cascade
 from imagen.models.lowres import resize
 from imagen.models.model_dir import read_index
@@ -133,7 +134,13 @@ class ImagenPipeline:
         if self.autocast_dtype is not None and overrides.precision is None:
             forced = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
             overrides = replace(overrides, precision=forced)
-        return overrides.apply(defaults)
+        configs = overrides.apply(defaults)
+        for k, (st, c) in enumerate(zip(self.cascade.stages, configs, strict=True)):
+            try:  # the steps and the spacing against the stage's own schedule, before any work
+                check_spacing(c.spacing, c.steps, st.config.diffusion.timesteps)
+            except ValueError as e:
+                raise ValueError(f"stage {k}: {e}") from None
+        return configs
 
     @torch.no_grad()
     def __call__(

@@ -28,6 +28,8 @@ from imagen.models.networks import DiffusersUNetConfig
 from imagen.models.sampling import SamplingConfig
 from imagen.models.spaces import SpaceConfig
 from imagen.models.stage_config import StageConfig
+from imagen.pipeline.import_checks import read_config, trusted_root
+from imagen.pipeline.x4_checks import check_x4, new_name
 from imagen.text.encoders import TextEncoderConfig
 from imagen.utils.config import load_json_file
 
@@ -50,28 +52,16 @@ _OLD_ATTENTION = {
 }
 
 
-def _config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path.parent} is not a diffusers pipeline part (no {path.name})")
-    data = load_json_file(path, str(path))
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    return data
-
-
-def _part_weights(root: Path, part: str, variant: str | None) -> Path:
-    names = WEIGHT_NAMES if variant is None else (f"diffusion_pytorch_model.{variant}.safetensors",)
-    for name in names:
-        if (root / part / name).is_file():
-            return root / part / name
-    raise FileNotFoundError(f"{root / part} has no weights file ({' or '.join(names)})")
+def _config(root: Path, *parts: str) -> dict[str, Any]:
+    """A config of the pipeline at ``root``: a regular file inside it, read bounded."""
+    return read_config(root.joinpath(*parts), trusted_root(root))
 
 
 def _schedule(root: Path) -> DiffusionConfig:
     """The diffusion of the upscaler's DDIM scheduler; its low-res noising scheduler must be
     the same schedule (the stage noises the low-res image with its own)."""
-    main = _config(root / "scheduler" / "scheduler_config.json")
-    low = _config(root / "low_res_scheduler" / "scheduler_config.json")
+    main = _config(root, "scheduler", "scheduler_config.json")
+    low = _config(root, "low_res_scheduler", "scheduler_config.json")
     want = {"beta_schedule": "scaled_linear", "prediction_type": "v_prediction"}
     for key, value in want.items():
         if main.get(key) != value:
@@ -94,7 +84,7 @@ def _schedule(root: Path) -> DiffusionConfig:
 
 
 def _sampling(root: Path, max_noise_level: int) -> SamplingConfig:
-    sched = _config(root / "scheduler" / "scheduler_config.json")
+    sched = _config(root, "scheduler", "scheduler_config.json")
     if sched.get("timestep_spacing", "leading") != "leading":
         raise ValueError(f"{root / 'scheduler'}: only leading timestep spacing is supported")
     return SamplingConfig(
@@ -115,9 +105,9 @@ def _sampling(root: Path, max_noise_level: int) -> SamplingConfig:
 def x4_stage_config(root: Path, lowres_size: int | None) -> StageConfig:
     """The latent SR stage of the upscaler at ``root``, taking ``lowres_size`` px images (the
     stage below's, or :data:`X4_LOWRES` for the upscaler alone)."""
-    index = _config(root / "model_index.json")
-    unet = dict(_config(root / "unet" / "config.json"))
-    vae = _config(root / "vae" / "config.json")
+    index = _config(root, "model_index.json")
+    unet = dict(_config(root, "unet", "config.json"))
+    vae = _config(root, "vae", "config.json")
     size = lowres_size or X4_LOWRES
     unet["sample_size"] = size  # the network is convolutional: it runs at the input's size
     space = SpaceConfig(
@@ -168,24 +158,21 @@ class X4Weights:
 
 
 def x4_weights(root: Path, variant: str | None, copy: bool) -> X4Weights:
-    """The weights files of the upscaler at ``root``."""
+    """The weights files of the upscaler at ``root``, every part checked first
+    (pipeline/x4_checks.py)."""
     from safetensors import safe_open
 
-    unet = WeightsFile(_part_weights(root, "unet", variant), copy)
-    vae_path = _part_weights(root, "vae", variant)
+    unet_path, vae_path = check_x4(root, variant)
+    unet = WeightsFile(unet_path, copy)
     with safe_open(str(vae_path), "pt") as f:
         names = list(f.keys())
-    if not any(old in n for n in names for old in _OLD_ATTENTION):
+    if all(new_name(n) == n for n in names):
         return X4Weights(unet, WeightsFile(vae_path, copy))
     from imagen.utils.tensors import load_tensors
 
-    state = load_tensors(vae_path)
     renamed = {}
-    for name, tensor in state.items():
-        for old, new in _OLD_ATTENTION.items():
-            if "attentions" in name and old in name:
-                name = name.replace(old, new)
-                if tensor.ndim == 4:  # old 1x1-conv attention projections
-                    tensor = tensor[:, :, 0, 0]
-        renamed[name] = tensor
+    for name, tensor in load_tensors(vae_path).items():
+        if new_name(name) != name and tensor.ndim == 4:  # old 1x1-conv attention projections
+            tensor = tensor[:, :, 0, 0]
+        renamed[new_name(name)] = tensor
     return X4Weights(unet, renamed)

@@ -219,7 +219,9 @@ def edit_for(req: Any, cfg: ServerConfig) -> Any:
     images: the routes run it off the event loop)."""
     if req.init_image is None:
         return None
-    init = decode_upload(b64_upload(req.init_image, cfg.max_image_side, "init_image"))
+    init = decode_upload(
+        b64_upload(req.init_image, cfg.max_image_side, "init_image"), what="init_image"
+    )
     mask = None
     if req.mask is not None:
         mask = decode_upload(b64_upload(req.mask, cfg.max_image_side, "mask"), "L", "mask")

@@ -15,6 +15,11 @@ WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
 OPEN_PATHS = ("/", "/v1/health")  # the page (static HTML) and the health check need no key
 
 
+def header_values(scope: dict, name: bytes) -> list[str]:
+    """Every value of the request header ``name`` (lower case), in order."""
+    return [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == name]
+
+
 def split_host(value: str) -> tuple[str, str]:
     """A Host header as (name, port): ``[::1]:8000`` -> ("[::1]", "8000")."""
     value = value.strip().lower()
@@ -52,7 +57,10 @@ class HostAllowList:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        hosts = header_values(scope, b"host")
+        if len(hosts) > 1:
+            return await send_error(send, scope["path"], 400, "the request has two Host headers")
+        host = hosts[0] if hosts else ""
         if not host:
             return await send_error(send, scope["path"], 400, "the request has no Host header")
         if not host_allowed(host, self.allowed):
@@ -90,7 +98,11 @@ class ApiKeys:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        given = header_values(scope, b"authorization")
+        if len(given) > 1:  # which one counts is the proxy's guess: refuse, never pick one
+            message = f"the request has {len(given)} Authorization headers; send one"
+            return await send_error(send, scope["path"], 400, message, "invalid_request")
+        header = given[0] if given else ""
         if self.valid(header):
             return await self.app(scope, receive, send)
         message = "invalid API key" if header else "missing API key: send Authorization: Bearer KEY"

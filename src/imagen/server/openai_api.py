@@ -77,6 +77,14 @@ def validated(model: type[BaseModel], values: dict[str, Any]) -> Any:
         raise OpenAIError(400, message, param) from None
 
 
+def only_files(form: Form, names: tuple[str, ...]) -> None:
+    """A 400 for a file part the route does not take (as for an unknown text field)."""
+    for part in form.files:
+        if part.removesuffix("[]") not in names:
+            takes = " and ".join(names)
+            raise OpenAIError(400, f"{part}: unknown file part (this route takes {takes})", part)
+
+
 def the_file(form: Form, name: str, required: bool) -> bytes | None:
     """The one upload named ``name`` (or ``name[]``, as the SDK sends lists)."""
     files = form.files.get(name, []) + form.files.get(f"{name}[]", [])
@@ -242,6 +250,7 @@ def add_openai_routes(app: Any, pipe: ImagenPipeline, cfg: ServerConfig, model_n
     async def from_upload(request: Any, kind: str) -> tuple[Any, Any]:
         """The validated fields and the decoded edit of an edits or variations form."""
         form = await form_of(request)
+        only_files(form, ("image", "mask") if kind == "edits" else ("image",))
         image = the_file(form, "image", True)
         mask = the_file(form, "mask", False) if kind == "edits" else None
         req = validated(models[kind], form.fields)

@@ -58,13 +58,21 @@ def open_upload(raw: bytes, max_side: int, what: str = "") -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError):
+    except Image.DecompressionBombError:  # Pillow's own limit, far above max_side
+        raise ValueError(
+            f"{_named(what)}too many pixels: the header claims over "
+            f"{2 * Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels (at most {max_side} px a side)"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise ValueError(f"{_named(what)}not a PNG, JPEG or WebP image") from None
     if im.format not in ("PNG", "JPEG", "WEBP"):
         raise ValueError(f"{_named(what)}expected a PNG, JPEG or WebP image, got {im.format}")
     side = max(im.size)
     if side > max_side:
-        raise ValueError(f"{_named(what)}{side} px is larger than {max_side} px")
+        w, h = im.size
+        raise ValueError(
+            f"{_named(what)}too many pixels: {w}x{h}, {side} px is larger than {max_side} px"
+        )
     return im
 
 
@@ -75,7 +83,7 @@ def decode_upload(im: Image.Image, mode: str = "RGB", what: str = "") -> Image.I
         im.load()
         return to_rgb(im)[0] if mode == "RGB" else im.convert(mode)
     except (OSError, ValueError, SyntaxError, EOFError):
-        raise ValueError(f"{_named(what)}damaged or truncated") from None
+        raise ValueError(f"{_named(what)}damaged or truncated image data") from None
 
 
 def b64_upload(data: str, max_side: int, what: str = "") -> Image.Image:
@@ -85,7 +93,7 @@ def b64_upload(data: str, max_side: int, what: str = "") -> Image.Image:
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("not a base64-encoded PNG, JPEG or WebP image") from None
+        raise ValueError(f"{_named(what)}not a base64-encoded PNG, JPEG or WebP image") from None
     return open_upload(raw, max_side, what)
 
 

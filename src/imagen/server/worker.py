@@ -57,6 +57,11 @@ def random_seed() -> int:
     return int.from_bytes(uuid.uuid4().bytes[:4], "little")
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class QueueFull(Exception):
     """``max_queue`` requests are waiting or running already."""
 
@@ -102,6 +107,9 @@ class ModelWorker:
             await asyncio.wait({job.future}, timeout=0.25)
             if not job.future.done() and await is_disconnected():
                 job.cancelled.set()  # the worker drops it, or stops its batch
+                # nobody awaits the answer now: take it when it comes, so asyncio does not
+                # log "Future exception was never retrieved" for the Cancelled it ends with
+                job.future.add_done_callback(_retrieve)
                 raise ClientGone
         try:
             return job.future.result()

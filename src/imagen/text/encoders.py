@@ -163,7 +163,8 @@ class PaddedT5Encoder(TextEncoder):
 
         try:
             self.tokenizer = T5Tokenizer.from_pretrained(tokenizer or name)
-            model = T5EncoderModel.from_pretrained(name, dtype=dtype)
+            # safetensors only: a pickle (pytorch_model.bin) is never loaded, even beside them
+            model = T5EncoderModel.from_pretrained(name, dtype=dtype, use_safetensors=True)
         except OSError as e:
             raise OSError(f"could not load the T5 text encoder from {name!r}: {e}") from e
         self.model = model.eval().requires_grad_(False)

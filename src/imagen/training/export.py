@@ -20,6 +20,7 @@ from imagen.models.cascade import check_stage_chain
 from imagen.models.model_dir import (
     INDEX_FILE,
     StageWeights,
+    check_model_target,
     read_index,
     read_null_text,
     read_stage_config,
@@ -136,6 +137,7 @@ def export_model(
     dtype: torch.dtype = torch.float16,
     notes: dict[str, Any] | None = None,
     sampling: SamplingOverrides | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Build a model directory from its stages, base stage first. Each item is a training run
     directory (the newest checkpoint that verifies; EMA weights by default) or a stage
@@ -144,11 +146,14 @@ def export_model(
     can be replaced without the runs of the others; ``out_dir`` may be that same model. The
     text encoder must be the same for every stage. A model at ``out_dir`` is replaced only by
     a complete, loadable one. ``sampling`` changes the stages' default sampling settings (one
-    value for every stage or one per stage, resolved as the pipeline resolves a call's)."""
+    value for every stage or one per stage, resolved as the pipeline resolves a call's). What is
+    at ``out_dir`` is checked before anything is read (``overwrite``: see
+    :func:`~imagen.models.model_dir.check_model_target`)."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     if not run_dirs:
         raise ValueError("nothing to export: name at least one run or stage directory")
+    check_model_target(out_dir, overwrite, len(run_dirs))
     sources = [stage_source(item, weights) for item in run_dirs]
     if sampling is not None:
         configs = sampling.apply([src.config.sampling for src in sources])
@@ -173,6 +178,7 @@ def export_model(
         verify=True,
         null_texts=[s.null_text for s in sources],
         spaces=[s.space for s in sources],
+        overwrite=overwrite,
     )
 
 

@@ -171,30 +171,39 @@ MAX_NODES = 200_000  # values after YAML aliases are expanded (real configs: a f
 FORMATS = {".json": "JSON", ".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}
 
 
-def read_config_text(path: str | Path, what: str = "config") -> str:
+def read_config_text(
+    path: str | Path, what: str = "config", max_bytes: int = MAX_CONFIG_BYTES
+) -> str:
     """The UTF-8 text of a config file (a leading BOM dropped), or a ConfigError if it is
-    larger than :data:`MAX_CONFIG_BYTES` or not UTF-8; checked before it is read whole."""
+    larger than ``max_bytes`` (:data:`MAX_CONFIG_BYTES`) or not UTF-8; checked before it is
+    read whole."""
     p = Path(path)
     size = p.stat().st_size
-    if size > MAX_CONFIG_BYTES:
+    if size > max_bytes:
         raise ConfigError(
             f"{p}: {size / 2**20:.1f} MiB is too large for a {what} "
-            f"(the limit is {MAX_CONFIG_BYTES >> 20} MiB)"
+            f"(the limit is {max_bytes >> 20} MiB)"
         )
     with open(p, "rb") as f:
-        data = f.read(MAX_CONFIG_BYTES + 1)
+        data = f.read(max_bytes + 1)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8 text") from None
 
 
-def parse_config_text(text: str, kind: str, source: str) -> Any:
+def parse_config_text(
+    text: str,
+    kind: str,
+    source: str,
+    max_bytes: int = MAX_CONFIG_BYTES,
+    max_nodes: int = MAX_NODES,
+) -> Any:
     """Parse ``text`` as ``kind`` (JSON, TOML or YAML) within the limits above: too deep, too
     many values (YAML aliases counted as expanded) or a syntax error is a one-line
     ConfigError naming ``source`` (and the line, where the parser knows it)."""
-    if len(text) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{source}: too large (the limit is {MAX_CONFIG_BYTES >> 20} MiB)")
+    if len(text) > max_bytes:
+        raise ConfigError(f"{source}: too large (the limit is {max_bytes >> 20} MiB)")
     try:
         if kind == "JSON":
             data = _parse_json(text, source)
@@ -204,7 +213,7 @@ def parse_config_text(text: str, kind: str, source: str) -> Any:
             data = _parse_yaml(text, source)
     except RecursionError:
         raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep") from None
-    check_bounds(data, source)
+    check_bounds(data, source, max_nodes)
     return data
 
 
@@ -279,16 +288,16 @@ def _check_yaml_events(events: Any, source: str) -> None:
             add(values, depth + 1)
 
 
-def check_bounds(data: Any, source: str) -> None:
+def check_bounds(data: Any, source: str, max_nodes: int = MAX_NODES) -> None:
     """Raise a ConfigError if parsed ``data`` nests deeper than :data:`MAX_DEPTH` or holds more
-    than :data:`MAX_NODES` values (walked without recursion)."""
+    than ``max_nodes`` (:data:`MAX_NODES`) values (walked without recursion)."""
     todo: list[tuple[Any, int]] = [(data, 0)]
     count = 0
     while todo:
         value, depth = todo.pop()
         count += 1
-        if count > MAX_NODES:
-            raise ConfigError(f"{source}: more than {MAX_NODES} values")
+        if count > max_nodes:
+            raise ConfigError(f"{source}: more than {max_nodes} values")
         if isinstance(value, dict | list | tuple):
             if depth >= MAX_DEPTH:
                 raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep")
@@ -305,8 +314,15 @@ def load_config_file(path: str | Path, what: str = "config") -> Any:
     return parse_config_text(read_config_text(p, what), kind, str(p))
 
 
-def load_json_file(path: str | Path, what: str = "JSON file") -> Any:
-    """Read and parse a JSON file within the limits above (model indexes, stage configs,
-    notes); every error is a one-line ConfigError naming the file."""
+def load_json_file(
+    path: str | Path,
+    what: str = "JSON file",
+    max_bytes: int = MAX_CONFIG_BYTES,
+    max_nodes: int = MAX_NODES,
+) -> Any:
+    """Read and parse a JSON file within the limits above, or larger ones given (model
+    indexes, stage configs, notes; a tokenizer's vocabulary); every error is a one-line
+    ConfigError naming the file."""
     p = Path(path)
-    return parse_config_text(read_config_text(p, what), "JSON", str(p))
+    text = read_config_text(p, what, max_bytes)
+    return parse_config_text(text, "JSON", str(p), max_bytes, max_nodes)

@@ -125,6 +125,16 @@ class StagedOutput:
         self.flag, self.overwrite = flag, overwrite
         self.run_files = re.compile(run_files) if run_files else None
         earlier = self.earlier_run()
+        blocked = [  # a directory where this run writes a file: found before any work
+            p.name
+            for p in (self.target.iterdir() if self.target.is_dir() else ())
+            if self.run_files and self.run_files.fullmatch(p.name) and p.is_dir()
+        ]
+        if blocked:
+            raise OutputError(
+                f"{flag} {target}: {blocked[0]} there is a directory where this run writes a "
+                f"file; move it, or choose another {flag}"
+            )
         if earlier and not overwrite:
             shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
             raise OutputError(
@@ -161,26 +171,55 @@ class StagedOutput:
         return self.staging / name
 
     def commit(self, last: tuple[str, ...] = ("manifest.jsonl",)) -> Path:
-        """Move the staged files into the target directory; returns the target."""
+        """Move the staged files into the target directory; returns the target. An earlier
+        run there (``--overwrite``) is swapped out whole: its files are moved aside first,
+        the new ones moved in (``last`` at the end), and the aside ones deleted only then; a
+        failure on the way (a name taken by a directory, a full disk, SIGTERM) moves the new
+        files out and the earlier run back, so the target holds one run or the other."""
         if not self.target.exists():
             os.replace(self.staging, self.target)
-        else:
-            names = sorted(p.name for p in self.staging.iterdir())
-            earlier = self.earlier_run()
-            if earlier and not self.overwrite:  # another run finished there meanwhile
+            self.committed = True
+            return self.target
+        names = sorted(p.name for p in self.staging.iterdir())
+        earlier = self.earlier_run()
+        if earlier and not self.overwrite:  # another run finished there meanwhile
+            raise OutputError(
+                f"{self.flag} {self.target}: an earlier run appeared there during this one; "
+                f"nothing was written"
+            )
+        for name in names:  # a new file's name taken by a directory (or a link): refused now
+            there = self.target / name
+            if os.path.lexists(there) and not there.is_symlink() and not there.is_file():
                 raise OutputError(
-                    f"{self.flag} {self.target}: an earlier run appeared there during this one; "
-                    f"nothing was written"
+                    f"{self.flag} {self.target}: {name} there is not a file (a directory?), so "
+                    f"this run's {name} cannot replace it; nothing was replaced"
                 )
-            for name in [n for n in last if n in earlier]:  # no manifest lists missing images
-                os.unlink(self.target / name)
-            for name in [n for n in names if n not in last]:
+        earlier = sorted({*earlier, *(n for n in names if os.path.lexists(self.target / n))})
+        aside = Path(
+            tempfile.mkdtemp(
+                prefix=f".{self.target.name}.{os.getpid()}.",
+                suffix=".partial",
+                dir=self.target.parent,
+            )
+        )
+        moved: list[str] = []
+        placed: list[str] = []
+        try:
+            for name in sorted(earlier, key=lambda n: n not in last):  # the manifest first
+                os.replace(self.target / name, aside / name)
+                moved.append(name)
+            for name in sorted(names, key=lambda n: n in last):  # the manifest last
                 os.replace(self.staging / name, self.target / name)
-            for name in set(earlier) - set(names) - set(last):
-                os.unlink(self.target / name)
-            for name in [n for n in last if n in names]:
-                os.replace(self.staging / name, self.target / name)
-            self.staging.rmdir()
+                placed.append(name)
+        except BaseException:
+            for name in placed:
+                os.replace(self.target / name, self.staging / name)
+            for name in moved:
+                os.replace(aside / name, self.target / name)
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+        self.staging.rmdir()
         self.committed = True
         return self.target
 
