@@ -101,7 +101,7 @@ def test_stage_chain_must_fit():
     enc = HashTextEncoder(32, 12)
     with pytest.raises(ValueError, match="upsamples from 32"):
         Cascade(enc, [Stage(tiny_base(16, 32)), Stage(tiny_sr(32, 32))])
-    with pytest.raises(ValueError, match="only the first stage can be one"):
+    with pytest.raises(ValueError, match="only the first stage of a cascade may be one"):
         Cascade(enc, [Stage(tiny_base(16, 32)), Stage(tiny_base(16, 32))])
     upscaler = Cascade(enc, [Stage(tiny_sr(16, 32))])  # a model that only upscales
     with pytest.raises(ValueError, match="only upscales"):

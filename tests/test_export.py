@@ -60,7 +60,7 @@ def test_a_failing_export_leaves_the_existing_model_untouched(runs, tmp_path, mo
     shutil.copytree(runs / "base", damaged)
     flip_bytes(RunDirectory(damaged).checkpoints()[-1] / "ema.safetensors")
     failures = [
-        ([runs / "sr", runs / "base"], ValueError, "only the first stage"),
+        ([runs / "sr", runs / "base"], ValueError, "only the first stage of a cascade"),
         ([runs / "base", misfit], ValueError, "does not match the model configuration"),
         ([damaged, runs / "sr"], ValueError, "no usable checkpoint.*ema.safetensors"),
         ([runs / "base", tmp_path / "nothing"], FileNotFoundError, "neither a training run"),

@@ -212,7 +212,7 @@ def test_export_assembles_a_cascade_that_samples(tmp_path):
         0
     ]
     assert out.shape == (1, 3, 32, 32)
-    with pytest.raises(ValueError, match="only the first stage can be one"):
+    with pytest.raises(ValueError, match="only the first stage of a cascade may be one"):
         export_model([tmp_path / "base", tmp_path / "base"], tmp_path / "bad")
 
 
