@@ -182,10 +182,9 @@ class _Installed:
             logger = logging.Logger.manager.loggerDict.get(name)
             if not isinstance(logger, logging.Logger):
                 continue
-            removed, _ = self.libraries.setdefault(name, ([], logger.propagate))
+            self.libraries.setdefault(name, (list(logger.handlers), logger.propagate))
             for h in [h for h in logger.handlers if _own_stderr_handler(h)]:
                 logger.removeHandler(h)
-                removed.append(h)
             logger.propagate = True
 
     def restore(self) -> None:
@@ -194,10 +193,9 @@ class _Installed:
         root = logging.getLogger()
         root.removeHandler(self.handler)
         root.setLevel(self.root_level)
-        for name, (own, propagate) in self.libraries.items():
+        for name, (handlers, propagate) in self.libraries.items():
             logger = logging.getLogger(name)
-            for h in own:
-                logger.addHandler(h)
+            logger.handlers = handlers  # as they were, in their order
             logger.propagate = propagate
 
 
