@@ -1,5 +1,7 @@
 """DeepFloyd IF at its published sizes on this machine, with random bf16 weights: IF-I-XL
-(4.3B) with a T5-XXL encoder (4.8B), then a 64 -> 256 px stage of IF-II-L's size.
+(4.3B) with a T5-XXL encoder (4.8B), then a 64 -> 256 px stage of IF-II-L's size, then the
+Stable Diffusion x4 upscaler (random float32 weights, benchmarks/x4_parts.py) as stage III,
+256 -> 1024 px.
 
 It writes the three parts as diffusers pipeline folders (about 20 GB of bf16 weights, built
 tensor by tensor: no float32 copy is ever held), imports them with ``imagen import`` (hard
@@ -9,7 +11,12 @@ links), then measures, each in a fresh process:
 - seconds per guided U-Net evaluation of IF-I-XL (batch 2: the text and null halves), ours
   against diffusers' own ``UNet2DConditionModel`` forward on the same weights in bf16 (the
   dtype diffusers holds them in; where the CPU has no fast bf16 that forward is emulated, and
-  it is stopped at ``--timeout`` and reported as at least that).
+  it is stopped at ``--timeout`` and reported as at least that);
+- the same for IF-II at 256 px (ours), and for the x4 upscaler at a 256^2 latent in float32,
+  ours against diffusers' forward in float32 on the same weights;
+- the fraction of this CPU's matmul peak (measured in the same run, in the dtype each
+  evaluation ran in) each big stage's evaluation reached, its FLOPs counted from the layer
+  shapes on the meta device (benchmarks/x4_parts.py), and the VAE decode's FLOPs.
 
 IF-II-L's configuration is not published outside the gated repo; the stand-in has IF-II's
 layout as diffusers' ``scripts/convert_if.py`` describes it (five levels with 2, 2, 3, 5, 5
@@ -37,7 +44,9 @@ import time
 from pathlib import Path
 
 import torch
-from common import write
+from common import matmul_peak, write
+from x4_parts import EVAL as STAGE_EVAL
+from x4_parts import eval_flops, vae_decode_flops, write_x4
 
 GN = dict(cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu")
 TEXT = dict(addition_embed_type="text", encoder_hid_dim=4096, attention_head_dim=64)
@@ -257,6 +266,9 @@ PARTS = {
     "t5_encoder": "t5/text_encoder/model.safetensors",
     "stage_i": "IF-I-XL/unet/diffusion_pytorch_model.safetensors",
     "stage_ii": "IF-II-L/unet/diffusion_pytorch_model.safetensors",
+    "x4_unet": "x4/unet/diffusion_pytorch_model.safetensors",
+    "x4_vae": "x4/vae/diffusion_pytorch_model.safetensors",
+    "x4_text_encoder": "x4/text_encoder/model.safetensors",
 }
 
 
@@ -274,10 +286,59 @@ def build(work: Path, tiny: bool) -> dict[str, int]:
     params = {"t5_encoder": write_t5(work / "t5", t5)}
     params["stage_i"] = write_pipeline(work / "IF-I-XL", False, base)
     params["stage_ii"] = write_pipeline(work / "IF-II-L", True, sr)
-    for p in ("IF-I-XL", "IF-II-L"):  # each pipeline's own T5 folder: the one written above
-        for part in ("text_encoder", "tokenizer"):
-            os.symlink(work / "t5" / part, work / p / part)
-    return params
+    params.update(write_x4(work / "x4", tiny))
+    return params  # the pipelines' T5 is the one in work/t5 (imported with --text-encoder)
+
+
+def stage_evals(work: Path, model: Path, args: argparse.Namespace) -> dict:
+    """Seconds per guided evaluation of each big stage (ours; x4 also diffusers' own), each in a
+    fresh process."""
+    rows = {}
+    unet = json.loads((work / "IF-I-XL" / "unet" / "config.json").read_text())
+    width = json.loads((work / "t5" / "text_encoder" / "config.json").read_text())["d_model"]
+    shape = (str(unet["sample_size"]), str(width))
+    for kind, path in (("ours", model), ("diffusers_bf16", work / "IF-I-XL" / "unet")):
+        cmd = [sys.executable, "-c", EVAL, kind.split("_")[0], str(path), str(args.threads)]
+        rows[f"eval_stage_i_{kind}"] = run_measured([*cmd, str(args.repeat), *shape], args.timeout)
+    latent = json.loads((model / "stage2" / "config.json").read_text())["lowres_size"]
+    runs = (
+        ("stage_ii_ours", "ours", model, 1, "stored"),
+        ("x4_ours_fp32", "ours", model, 2, "fp32"),
+        ("x4_diffusers_fp32", "diffusers", work / "x4" / "unet", 2, "fp32"),
+    )
+    for name, kind, path, k, precision in runs:
+        cmd = [sys.executable, "-c", STAGE_EVAL, kind, str(path), str(args.threads)]
+        cmd += [str(args.repeat), str(k), precision, str(latent)]
+        rows[f"eval_{name}"] = run_measured(cmd, args.timeout)
+    return rows
+
+
+def utilisation(work: Path, rows: dict, args: argparse.Namespace) -> dict:
+    """FLOPs per guided evaluation of each big stage (counted on meta) and the fraction of
+    this CPU's matmul peak in the dtype it ran in (the peaks measured now, in this run)."""
+    torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    peaks = {"fp32": matmul_peak(cpu, torch.float32), "bf16": matmul_peak(cpu, torch.bfloat16)}
+    i_size = json.loads((work / "IF-I-XL" / "unet" / "config.json").read_text())["sample_size"]
+    ii_size = json.loads((work / "IF-II-L" / "unet" / "config.json").read_text())["sample_size"]
+    latent = json.loads((work / "model" / "stage2" / "config.json").read_text())["lowres_size"]
+    t5 = json.loads((work / "t5" / "text_encoder" / "config.json").read_text())["d_model"]
+    clip = json.loads((work / "x4" / "text_encoder" / "config.json").read_text())["hidden_size"]
+    stages = {
+        "stage_i": (eval_flops(work / "IF-I-XL" / "unet", i_size, t5, False), "bf16",
+                    "eval_stage_i_ours"),
+        "stage_ii": (eval_flops(work / "IF-II-L" / "unet", ii_size, t5, True), "bf16",
+                     "eval_stage_ii_ours"),
+        "x4": (eval_flops(work / "x4" / "unet", latent, clip, True), "fp32", "eval_x4_ours_fp32"),
+    }  # fmt: skip
+    out = {"matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items()}}
+    for name, (flops, dtype, row) in stages.items():
+        seconds = rows.get(row, {}).get("s_per_eval")
+        out[name] = {"tflop_per_guided_eval": round(flops / 1e12, 2), "dtype": dtype}
+        if seconds:
+            out[name]["fraction_of_peak"] = round(flops / seconds / peaks[dtype], 3)
+    out["vae_decode_tflop"] = round(vae_decode_flops(work / "x4" / "vae", latent) / 1e12, 2)
+    return out
 
 
 def main() -> None:
@@ -301,23 +362,23 @@ def main() -> None:
     imagen = [sys.executable, "-m", "imagen"]
     model = work / "model"
     shutil.rmtree(model, ignore_errors=True)
-    pipes = [str(work / "IF-I-XL"), str(work / "IF-II-L")]
-    rows = {"import": run_measured([*imagen, "import", *pipes, "--out", str(model)], args.timeout)}
-    steps = f"{args.steps},{args.steps}"
+    pipes = [str(work / "IF-I-XL"), str(work / "IF-II-L"), str(work / "x4")]
+    te = ["--text-encoder", str(work / "t5")]
+    rows = {
+        "import": run_measured([*imagen, "import", *pipes, *te, "--out", str(model)], args.timeout)
+    }
+    steps = ",".join([str(args.steps)] * 3)
     sample = [*imagen, "sample", PROMPT, "--model", str(model), "--steps-per-stage", steps]
     shutil.rmtree(work / "out", ignore_errors=True)
-    rows["sample_text_to_256"] = run_measured(
+    rows["sample_text_to_1024"] = run_measured(
         [*sample, "--threads", str(args.threads), "--out", str(work / "out")], args.timeout
     )
-    unet = json.loads((work / "IF-I-XL" / "unet" / "config.json").read_text())
-    width = json.loads((work / "t5" / "text_encoder" / "config.json").read_text())["d_model"]
-    shape = (str(unet["sample_size"]), str(width))
-    for kind, path in (("ours", model), ("diffusers_bf16", work / "IF-I-XL" / "unet")):
-        cmd = [sys.executable, "-c", EVAL, kind.split("_")[0], str(path), str(args.threads)]
-        rows[f"eval_{kind}"] = run_measured([*cmd, str(args.repeat), *shape], args.timeout)
-    ours = rows["eval_ours"].get("s_per_eval")
-    them = rows["eval_diffusers_bf16"]
+    rows.update(stage_evals(work, model, args))
+    ours = rows["eval_stage_i_ours"].get("s_per_eval")
+    them = rows["eval_stage_i_diffusers_bf16"]
     theirs = them.get("s_per_eval") or them.get("timed_out_after_s")
+    x4_ours = rows["eval_x4_ours_fp32"].get("s_per_eval")
+    x4_theirs = rows["eval_x4_diffusers_fp32"].get("s_per_eval")
     result = {
         "tiny": args.tiny,
         "parameters": params,
@@ -328,6 +389,10 @@ def main() -> None:
         "rows": rows,
         "eval_ratio_diffusers_over_ours": round(theirs / ours, 2) if ours and theirs else None,
         "ratio_is_lower_bound": "timed_out_after_s" in them,
+        "x4_eval_ratio_diffusers_over_ours_fp32": round(x4_theirs / x4_ours, 2)
+        if x4_ours and x4_theirs
+        else None,
+        "utilisation": utilisation(work, rows, args),
     }
     print(json.dumps(result, indent=2))
     print("wrote", write("if_scale-cpu", result))
