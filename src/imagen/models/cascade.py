@@ -5,7 +5,8 @@ Saved and loaded as a model directory (:mod:`imagen.models.model_dir`)."""
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,9 @@ class LowMemory:
     device: torch.device
     dtype: torch.dtype = torch.bfloat16
     keep_text_encoder: bool = False
+    # stage k's weights go in through loaders[k] where set (a stage with LoRA adapters:
+    # models/lora.py attaches them again each time the stage is loaded)
+    loaders: dict[int, Callable[[nn.Module, dict[str, Tensor]], None]] = field(default_factory=dict)
 
     def _fast_bf16(self) -> bool:
         return self.dtype not in (torch.bfloat16, torch.float16) or bf16_supported(self.device)
@@ -243,8 +247,11 @@ class LowMemory:
         """Give ``stage`` (built on the meta device) its weights, if it has none now."""
         if not next(stage.unet.parameters()).is_meta:
             return
-        path = self.stage_dirs[k] / "model.safetensors"
-        stage.unet.load_state_dict(load_weights(path, self.dtype), strict=True, assign=True)
+        state = load_weights(self.stage_dirs[k] / "model.safetensors", self.dtype)
+        if k in self.loaders:
+            self.loaders[k](stage.unet, state)
+        else:
+            stage.unet.load_state_dict(state, strict=True, assign=True)
         stage.unet.to(self.device)
         if not self._fast_bf16() and getattr(stage.unet, "compute_dtype", None) is None:
             compute_in_float32(stage.unet)

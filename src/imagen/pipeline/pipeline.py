@@ -19,6 +19,7 @@ from torch import Tensor
 
 from imagen.diffusion.samplers import ProgressCallback
 from imagen.models.cascade import Cascade, load_cascade
+from imagen.models.lora_spec import LoraSpec
 from imagen.models.model_dir import read_index
 from imagen.models.sampling import PerStage, SamplingConfig, SamplingOverrides
 from imagen.models.stage import Edit, resize
@@ -83,6 +84,7 @@ class ImagenPipeline:
         # the words of the model's training captions (None: unknown, as for imported models)
         self.vocabulary = None if vocabulary is None else frozenset(vocabulary)
         self._warned: set[str] = set()
+        self.loras: list[dict] = []  # the LoRA files applied: path, stage, scale, rank
         if compile:
             compile_unets(cascade)
 
@@ -94,17 +96,29 @@ class ImagenPipeline:
         dtype: torch.dtype | None = None,
         compile: bool = False,
         low_memory: bool | None = None,
+        lora: Sequence[LoraSpec | str | tuple] = (),
+        fuse_lora: bool = False,
     ) -> ImagenPipeline:
         """Load a model: a model directory, a Hugging Face Hub repo id (``ORG/NAME``, from the
         local cache when offline) or, when ``path`` is None, the bundled Shapes cascade.
         ``dtype`` (for example torch.bfloat16) runs the U-Nets under autocast; ``compile`` uses
         torch.compile where it works. ``low_memory`` (default: for models whose weights pass
         2 GiB, such as DeepFloyd IF) holds one part of the cascade in memory at a time, in
-        bf16 (see :class:`~imagen.models.cascade.LowMemory`)."""
+        bf16 (see :class:`~imagen.models.cascade.LowMemory`). ``lora`` applies LoRA files
+        (``PATH[:SCALE][@STAGE]`` strings, :class:`~imagen.models.lora_spec.LoraSpec` or
+        (path, scale, stage) tuples; see :func:`~imagen.models.lora.apply_loras`), merged
+        into the weights with ``fuse_lora``."""
         root = resolve_model(path)
         vocab = read_index(root).get("vocabulary")
         cascade = load_model(root, device, low_memory)
-        return cls(cascade, dtype, compile, vocab if isinstance(vocab, list) else None)
+        records = []
+        if lora:  # LoRA adapters (models/lora.py); before compiling
+            from imagen.models.lora import apply_loras
+
+            records = apply_loras(cascade, list(lora), fuse_lora)
+        pipe = cls(cascade, dtype, compile, vocab if isinstance(vocab, list) else None)
+        pipe.loras = records
+        return pipe
 
     @property
     def num_stages(self) -> int:

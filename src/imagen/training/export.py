@@ -54,8 +54,13 @@ def _from_run(rd: RunDirectory, weights: str) -> StageSource:
     ckpt = rd.latest_checkpoint((f"{weights}.safetensors",))
     state = read_weights(ckpt, weights)
     opts = rd.read_options()
-    init = opts["config"]["stages"][opts["stage_index"]].get("init")
+    entry = opts["config"]["stages"][opts["stage_index"]]
+    init = entry.get("init")
     null = read_null_text(init_stage_dir(init)) if init else None
+    if (entry.get("train") or {}).get("lora"):  # an adapter: merged into its base here
+        from imagen.training.lora_export import merged_run_state
+
+        state = merged_run_state(rd, state)
     record = rd.training_record(ckpt)
     return StageSource(
         rd.path, rd.stage_config(), rd.text_encoder(), state, record, null, rd.vocabulary()
