@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
 from imagen.models.lora_spec import LORA_WEIGHT_NAME, PICKLE_SUFFIXES, LoraSpec
@@ -269,7 +269,9 @@ def add_adapter(
     from peft import inject_adapter_in_model, set_peft_model_state_dict
     from peft.tuners.tuners_utils import cast_adapter_dtype
 
-    inject_adapter_in_model(config, network, adapter_name=name)
+    with warnings.catch_warnings():  # a second adapter is meant: several LoRAs, or the EMA's
+        warnings.filterwarnings("ignore", "Already found a `peft_config`")
+        inject_adapter_in_model(config, network, adapter_name=name)
     cast_adapter_dtype(network, name)
     if state is None:
         return
@@ -422,11 +424,3 @@ def lora_settings_config(rank: int, alpha: float, dropout: float, targets: list[
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-
-
-def trainable_copy(config: Any, **changes: Any) -> Any:
-    """``config`` with ``changes`` (a frozen twin: no dropout)."""
-    return replace(config, **changes)
-
-
-__all__ = ["LoraFile", "apply_loras", "check_fits", "read_lora", "save_lora", "torch"]

@@ -211,4 +211,3 @@ def export_diffusers(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
-
