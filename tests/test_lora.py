@@ -68,7 +68,7 @@ def tiny(tmp_path_factory):
 def _train(tiny, out, lora=True, steps=8, **kwargs):
     from imagen.models.cascade import load_cascade
     from imagen.training.config import parse_cascade_config
-    from imagen.training.trainer import train_stage
+    from imagen.training.lora import train_stage
 
     train = dict(batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=4, sample_every=0)
     train.update(max_steps=steps, log_every=1)

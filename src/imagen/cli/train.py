@@ -129,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from imagen.text.cache import EmbeddingCache
 
         cache = EmbeddingCache.open(args.embeddings)
-    from imagen.training.trainer import train_stage
+    from imagen.training.lora import train_stage  # also for train.lora runs
 
     summary = train_stage(
         cfg,

@@ -23,79 +23,13 @@ from typing import Any
 import torch
 
 from imagen.models.sampling import SamplingOverrides
-from imagen.models.stage import StageConfig
+from imagen.training.diffusers_format import diffusers_version, model_index, scheduler_config
 from imagen.training.export import StageSource, stage_source
 from imagen.utils.files import fsync_dir, write_json
 from imagen.utils.tensors import load_weights, save_tensors
 
-VARIANCE_TYPES = {
-    "learned_range": "learned_range",
-    "posterior": "fixed_small",
-    "beta": "fixed_large",
-}
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 EXPORT_RECORD = "imagen_export.json"
-
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return str(diffusers.__version__)
-
-
-def scheduler_config(config: StageConfig) -> dict[str, Any]:
-    """diffusers' DDPMScheduler config that samples as ``config`` does with the ddpm sampler
-    (IF's cosine schedule; the stage's variance, spacing and thresholding)."""
-    d, s = config.diffusion, config.sampling
-    problems = [
-        f"{what} is {got!r}, diffusers' IF scheduler needs {need!r}"
-        for what, got, need in (
-            ("diffusion.schedule", d.schedule, "cosine"),
-            ("diffusion.target", d.target, "eps"),
-            ("diffusion.cosine_s", d.cosine_s, 0.008),
-        )
-        if got != need
-    ]
-    if problems:
-        raise ValueError(f"this stage cannot be a diffusers IF stage: {problems[0]}")
-    mode = s.threshold.mode
-    return {
-        "_class_name": "DDPMScheduler",
-        "_diffusers_version": _diffusers_version(),
-        "beta_end": 0.02,
-        "beta_schedule": "squaredcos_cap_v2",
-        "beta_start": 0.0001,
-        "clip_sample": mode != "none",
-        "clip_sample_range": 1.0,
-        "dynamic_thresholding_ratio": s.threshold.percentile,
-        "num_train_timesteps": d.timesteps,
-        "prediction_type": "epsilon",
-        "rescale_betas_zero_snr": False,
-        "sample_max_value": s.threshold.max_scale or 1.0,
-        "steps_offset": 0,
-        "thresholding": mode == "dynamic",
-        "timestep_spacing": "leading" if s.spacing == "leading" else "trailing",
-        "trained_betas": None,
-        "variance_type": VARIANCE_TYPES[s.ddpm_variance],
-    }
-
-
-def _model_index(sr: bool) -> dict[str, Any]:
-    parts: dict[str, Any] = {
-        "_class_name": "IFSuperResolutionPipeline" if sr else "IFPipeline",
-        "_diffusers_version": _diffusers_version(),
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "T5Tokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "watermarker": [None, None],
-    }
-    if sr:
-        parts["image_noising_scheduler"] = ["diffusers", "DDPMScheduler"]
-    return dict(sorted(parts.items()))
 
 
 def _link_tree(source: Path, target: Path, copy: bool) -> None:
@@ -143,9 +77,9 @@ def write_pipeline(source: StageSource, out: Path, dtype: torch.dtype, copy: boo
         )
     out.mkdir(parents=True)
     sr = cfg.is_super_resolution
-    write_json(out / "model_index.json", _model_index(sr), atomic=False)
+    write_json(out / "model_index.json", model_index(sr), atomic=False)
     (out / "unet").mkdir()
-    unet = {"_class_name": "UNet2DConditionModel", "_diffusers_version": _diffusers_version()}
+    unet = {"_class_name": "UNet2DConditionModel", "_diffusers_version": diffusers_version()}
     unet.update({k: v for k, v in cfg.unet.config.items() if not k.startswith("_")})
     write_json(out / "unet" / "config.json", unet, atomic=False)
     save_tensors(_weights(source), out / "unet" / UNET_WEIGHTS, dtype)

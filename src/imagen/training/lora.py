@@ -31,11 +31,23 @@ from imagen.training.checkpoint import CheckpointError, read_checkpoint
 from imagen.training.config import CascadeRunConfig, init_stage_dir
 from imagen.training.optim import EMA
 from imagen.training.trainer import Trainer
+from imagen.training.trainer import train_stage as train_whole_stage
 from imagen.utils.lowmem import compute_in_float32
 from imagen.utils.tensors import check_state
 
 TRAINED, AVERAGED = "default", "ema"  # the adapters' names
 BASE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def train_stage(
+    config: CascadeRunConfig, stage_index: int, *args: Any, **kwargs: Any
+) -> dict[str, Any]:
+    """:func:`imagen.training.trainer.train_stage` (same arguments) for every run: a stage
+    with ``train.lora`` trains its adapter with :class:`LoraTrainer`, any other the whole
+    stage."""
+    if config.stages[stage_index].train.lora is None:
+        return train_whole_stage(config, stage_index, *args, **kwargs)
+    return LoraTrainer(config, stage_index, *args, **kwargs).run()
 
 
 def resolved_settings(config: CascadeRunConfig, stage_index: int) -> CascadeRunConfig:
@@ -105,6 +117,8 @@ class LoraTrainer(Trainer):
         network = stage.unet.requires_grad_(False)
         if dtype != torch.float32 and self.cfg.precision == "fp32":
             compute_in_float32(network)  # bf16 weights, float32 arithmetic
+        if self.cfg.activation_checkpointing and hasattr(network, "enable_gradient_checkpointing"):
+            network.enable_gradient_checkpointing()  # diffusers' U-Net (IF): its own blocks
         config = peft_config(self.settings)
         with torch.random.fork_rng(devices=[self.dev] if self.dev.type == "cuda" else []):
             torch.manual_seed(self.settings.init_seed)

@@ -27,6 +27,7 @@ from imagen.models.model_dir import load_stage, read_stage_config
 from imagen.models.stage import fine_tuned_config
 from imagen.training.checkpoint import read_weights
 from imagen.training.config import init_stage_dir
+from imagen.training.diffusers_format import scheduler_config
 from imagen.training.lora import peft_config
 from imagen.training.rundir import RunDirectory
 from imagen.utils.config import config_from_dict
@@ -137,8 +138,6 @@ def export_lora(run_dir: str | Path, out_dir: str | Path, weights: str = "ema") 
         is_if = base.network == "diffusers-unet"
         (tmp / "README.md").write_text(_readme(record, is_if))
         if is_if:
-            from imagen.training.diffusers_export import scheduler_config
-
             (tmp / "scheduler").mkdir()
             sched = scheduler_config(fine_tuned_config(base))
             write_json(tmp / "scheduler" / "scheduler_config.json", sched, atomic=False)

@@ -189,6 +189,9 @@ class Trainer:
         self.stats = StepStats(dev, bad_total)
 
     def _make_stages(self) -> None:  # the stage to train, its EMA twin (hook: training/lora.py)
+        assert self.cfg.lora is None, (
+            "a train.lora run trains with imagen.training.lora.train_stage"
+        )
         with torch.device(self.dev):  # initialised where it trains (fast for billion-weight models)
             self.stage, self.ema_stage = Stage(self.scfg), Stage(self.scfg)
         if self.teacher is not None:
@@ -444,7 +447,4 @@ def train_stage(
     """Train stage ``stage_index`` of ``config`` into ``out_dir`` (with ``distill``, a
     student of a trained stage); returns a summary (see :class:`Trainer`)."""
     args = (config, stage_index, out_dir, max_steps, resume, text_encoder, embedding_cache)
-    kind = Trainer
-    if config.stages[stage_index].train.lora is not None:  # an adapter only: training/lora.py
-        from imagen.training.lora import LoraTrainer as kind
-    return kind(*args, device, progress, distill).run()
+    return Trainer(*args, device, progress, distill).run()

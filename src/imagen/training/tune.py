@@ -33,9 +33,9 @@ from imagen.models.lora_spec import LoraSpec
 from imagen.models.model_dir import read_index, read_stage_config
 from imagen.models.sampling import SamplingOverrides
 from imagen.training.config import parse_cascade_config
+from imagen.training.lora import train_stage
 from imagen.training.lora_export import export_lora
 from imagen.training.rundir import RunDirectory
-from imagen.training.trainer import train_stage
 from imagen.utils.files import write_json
 from imagen.utils.grid import captioned_grid
 from imagen.utils.pil import tensor_to_pil
