@@ -8,7 +8,7 @@ images of "a circle". Measures, on seeds the tuning never saw (Shapes checker):
   circles take (prior preservation: the class keeps its variety),
 - the wall time of each phase and the peak memory of the process.
 
-    python benchmarks/tune_shapes.py [--threads 2] [--steps N] [--num 32]
+    python benchmarks/tune_shapes.py [--threads 2] [--steps N] [--lr LR] [--num 32]
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, help="training steps (default: tune's for the stage)")
+    p.add_argument("--lr", type=float, help="learning rate (default: tune's for the stage)")
     p.add_argument("--num", type=int, default=32, help="evaluation seeds")
+    p.add_argument("--name", default="tune_shapes-cpu", help="result file name")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tune-shapes-"))
@@ -73,7 +75,7 @@ def main() -> None:
         options = TuneOptions(
             images, "zwx circle", resolve_model(None), work / "run", class_prompt="a circle"
         )
-        options.steps = args.steps
+        options.steps, options.lr = args.steps, args.lr
         started = time.time()
         record = tune(options, progress=False)
         wall = time.time() - started
@@ -86,7 +88,7 @@ def main() -> None:
                     key = f"{name} | {prompt} | {'tuned' if tuned else 'before'}"
                     results[key] = evaluate(lora if tuned else None, prompt, seeds, stages)
                     print(f"{key}: {results[key]}")
-        shutil.copy(record["grid"], Path(__file__).parent / "results" / "tune_shapes-grid.png")
+        shutil.copy(record["grid"], Path(__file__).parent / "results" / f"{args.name}-grid.png")
         payload = {
             "subject": SUBJECT,
             "token": "zwx circle",
@@ -98,7 +100,7 @@ def main() -> None:
             "results": results,
         }
         print(f"tune: {wall:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
-        print(f"wrote {write('tune_shapes-cpu', payload)}")
+        print(f"wrote {write(args.name, payload)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -139,6 +139,13 @@ def test_a_lora_trained_here_gives_diffusers_the_same_images(tiny, lora_run, tmp
         assert np.abs(got - _pixels(ref.images[0])).max() <= 1, (scale, fuse)
     without = plain(PROMPT, generator=_gen(3), **kw).images[0]
     assert np.abs(got - _pixels(without)).max() > 20  # the LoRA changes the images
+    merged = tmp_path / "merged"  # a LoRA run as a stage of a model: merged into its base
+    argv = ["export", str(lora_run), str(tiny["model"] / "stage1"), "--format", "imagen"]
+    assert main([*argv, "--dtype", "fp32", "--out", str(merged)]) == 0
+    argv = ["sample", PROMPT, "--model", str(merged), "--seed", "3", "--fp32", "--save-stages"]
+    assert main([*argv, "--steps-per-stage", f"{STEPS},2", "--out", str(tmp_path / "m")]) == 0
+    ref = ref_pipe(PROMPT, generator=_gen(3), **kw).images[0]
+    assert np.abs(_png(tmp_path / "m" / "0000_stage0.png") - _pixels(ref)).max() <= 1
 
 
 def test_a_peft_lora_in_diffusers_layout_gives_diffusers_images_here(tiny, tmp_path):
