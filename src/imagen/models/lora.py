@@ -49,6 +49,7 @@ class LoraFile:
     shapes: dict[str, tuple[int, ...]]
     metadata: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    converted: bool = False  # an older diffusers layout, renamed to PEFT's
 
     @property
     def modules(self) -> list[str]:
@@ -58,8 +59,8 @@ class LoraFile:
         """The adapter's tensors (PEFT's keys, float32)."""
         from safetensors.torch import load_file
 
-        state = load_file(str(self.path))
-        return {k.removeprefix(PREFIX): v.float() for k, v in state.items()}
+        state = {k.removeprefix(PREFIX): v.float() for k, v in load_file(str(self.path)).items()}
+        return _peft_keys(state) if self.converted else state
 
 
 def lora_path(path: str | Path) -> Path:
@@ -167,7 +168,8 @@ def read_lora(path: str | Path) -> LoraFile:
     if any("lora_magnitude_vector" in k or "dora_scale" in k for k in keys):
         raise ValueError(f"LoRA {p} is a DoRA adapter, which imagen does not support")
     shapes = {k.removeprefix(PREFIX): tuple(header[k]["shape"]) for k in keys}
-    if shapes and ".lora_A." not in next(iter(shapes)):
+    converted = bool(shapes) and ".lora_A." not in next(iter(shapes))
+    if converted:
         shapes = _peft_keys(shapes)
     bad = [
         k for k in shapes if not k.endswith((".lora_A.weight", ".lora_B.weight", ".lora_B.bias"))
@@ -176,14 +178,14 @@ def read_lora(path: str | Path) -> LoraFile:
         what = f"tensor {bad[0]}, which is not a LoRA weight" if bad else "no tensors"
         raise ValueError(f"LoRA {p} holds {what}")
     metadata, record = _metadata(p, header)
-    return LoraFile(p, shapes, metadata, record)
+    return LoraFile(p, shapes, metadata, record, converted)
 
 
-def _peft_keys(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+def _peft_keys(state: dict[str, Any]) -> dict[str, Any]:
     """Older diffusers layouts (``lora.down``/``lora.up``, attention processors) in PEFT's."""
     from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 
-    return convert_unet_state_dict_to_peft(dict(shapes))
+    return convert_unet_state_dict_to_peft(dict(state))
 
 
 # ---- fitting a network -------------------------------------------------------------------

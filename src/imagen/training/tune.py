@@ -20,7 +20,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ from imagen.utils.pil import tensor_to_pil
 DEFAULTS: dict[tuple[str, bool], dict[str, Any]] = {
     ("diffusers-unet", False): {"rank": 4, "steps": 500, "lr": 1e-4, "batch_size": 4},  # IF-I
     ("diffusers-unet", True): {"rank": 4, "steps": 500, "lr": 5e-5, "batch_size": 2},  # IF-II
-    ("imagen", False): {"rank": 8, "steps": 300, "lr": 2e-3, "batch_size": 8},  # small U-Nets
-    ("imagen", True): {"rank": 8, "steps": 300, "lr": 1e-3, "batch_size": 4},
+    # small U-Nets (the bundled Shapes base learns a subject in 60 steps: tune_shapes.py)
+    ("imagen", False): {"rank": 8, "steps": 100, "lr": 2e-3, "batch_size": 8},
+    ("imagen", True): {"rank": 8, "steps": 100, "lr": 1e-3, "batch_size": 4},
 }
 FALLBACK = {"rank": 4, "steps": 500, "lr": 1e-4, "batch_size": 4}
 CLASS_DIR, INSTANCE_DIR = "class", "instance"
@@ -109,7 +110,16 @@ def settings(options: TuneOptions) -> dict[str, Any]:
     return chosen
 
 
-def class_images(options: TuneOptions, data: Path) -> int:
+def first_stages(cascade: Cascade, n: int) -> Cascade:
+    """The first ``n`` stages of ``cascade`` as a cascade (low-memory ones stay so)."""
+    lm = cascade.low_memory
+    if lm is not None:
+        lm = replace(lm, stage_dirs=lm.stage_dirs[:n], loaders=dict(lm.loaders))
+        return Cascade(cascade._text_encoder, list(cascade.stages)[:n], lm)
+    return Cascade(cascade.text_encoder, list(cascade.stages)[:n])
+
+
+def class_images(options: TuneOptions, data: Path, full: Cascade) -> int:
     """Generate (or reuse) the prior-preservation images: the model's own images of the class
     prompt at the tuned stage's resolution, seeds 0..n-1; returns how many there are."""
     if not options.class_prompt or options.num_class_images < 1:
@@ -122,8 +132,7 @@ def class_images(options: TuneOptions, data: Path) -> int:
         return options.num_class_images
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    full = load_cascade(options.model, options.device or "cpu")
-    cascade = Cascade(full.text_encoder, list(full.stages)[: options.stage + 1])
+    cascade = first_stages(full, options.stage + 1)
     for start in range(0, options.num_class_images, 8):
         seeds = list(range(start, min(start + 8, options.num_class_images)))
         out = cascade.sample([options.class_prompt] * len(seeds), seeds=seeds)[-1]
@@ -134,12 +143,12 @@ def class_images(options: TuneOptions, data: Path) -> int:
     return options.num_class_images
 
 
-def prepare_data(options: TuneOptions) -> dict[str, int]:
+def prepare_data(options: TuneOptions, full: Cascade) -> dict[str, int]:
     """RUN/data: the subject's images (repeated to match the class images one to one) with
-    their caption, and the class images; returns the counts."""
+    their caption, and the class images of model ``full``; returns the counts."""
     images = _images(options.images)
     data = options.out / "data"
-    n_class = class_images(options, data)
+    n_class = class_images(options, data, full)
     instance = data / INSTANCE_DIR
     shutil.rmtree(instance, ignore_errors=True)
     instance.mkdir(parents=True)
@@ -211,14 +220,19 @@ def tune(options: TuneOptions, resume: bool = False, progress: bool = True) -> d
         )
     started = time.time()
     chosen = settings(options)
-    counts = prepare_data(options)
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    full = load_cascade(options.model, device)  # low-memory for large models (IF)
+    counts = prepare_data(options, full)
+    encoder = full.text_encoder  # the model's (IF: T5 as the low-memory cascade holds it)
+    del full
     prepared = time.time()
     summary = train_stage(
         run_config(options, chosen),
         0,
         options.out,
         resume=resume,
-        device=options.device,
+        text_encoder=encoder,
+        device=device,
         progress=progress,
     )
     trained = time.time()
