@@ -171,6 +171,12 @@ def test_a_peft_lora_in_diffusers_layout_gives_diffusers_images_here(tiny, tmp_p
     assert pipe.sampling_configs()[0].ddpm_variance == "posterior"  # while a LoRA is applied
     ours = pipe(PROMPT, steps=[STEPS, 2], seed=4, return_all_stages=True).stages[0][0]
     assert np.abs(np.asarray(ours).astype(int) - _pixels(ref)).max() <= 1
+    from fastapi.testclient import TestClient
+
+    from imagen.server.app import ServerConfig, create_app
+
+    client = TestClient(create_app(pipe, ServerConfig(), "tiny"), base_url="http://localhost")
+    assert client.get("/v1/model").json()["loras"] == pipe.loras  # what `serve --lora` shows
 
 
 def test_a_low_memory_cascade_reattaches_its_lora_each_time(tiny, lora_run, tmp_path):

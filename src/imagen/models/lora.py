@@ -13,6 +13,7 @@ applied: LoRAs are trained on the prediction alone, as diffusers' README tells I
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import warnings
@@ -34,6 +35,7 @@ MAX_HEADER_BYTES = 16 << 20
 MAX_LORA_TENSORS = 100_000
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 PREFIX = "unet."  # diffusers' prefix of a U-Net's LoRA keys
+_NAMES = itertools.count()  # adapter names: unique, so LoRAs can be applied more than once
 DIFFUSERS_METADATA = "lora_adapter_metadata"  # diffusers' LoraConfig record in the header
 IMAGEN_METADATA = "imagen"  # this project's record (stage, rank, alpha, base) in the header
 CONFIG_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")
@@ -328,7 +330,7 @@ def attach(network: nn.Module, adapters: list[Adapter], fuse: bool = False) -> N
     into the base weights and leaves plain layers (faster; bf16 weights round the merge)."""
     for a in adapters:
         add_adapter(network, a.name, a.config, a.state)
-    names = [a.name for a in adapters]
+    names = sorted({n for _, layer in tuner_layers(network) for n in layer.lora_A})  # all of them
     set_active(network, names, {a.name: a.scale for a in adapters})
     if fuse:
         unload(network, merge=True, names=names)
@@ -343,6 +345,7 @@ def _low_memory_loader(adapters: list[Adapter], fuse: bool) -> Any:
         network.load_state_dict(state, strict=True, assign=True)
         attach(network, adapters, fuse)
 
+    load.adapters = adapters  # type: ignore[attr-defined]
     return load
 
 
@@ -355,7 +358,7 @@ def apply_loras(
     fixed posterior variance."""
     loaded: dict[int, list[Adapter]] = {}
     records = []
-    for i, item in enumerate(specs):
+    for item in specs:
         spec = LoraSpec.of(item)
         lora = read_lora(spec.path)
         k = spec.stage if spec.stage is not None else int(lora.record.get("stage", 0))
@@ -365,7 +368,8 @@ def apply_loras(
             )
         check_fits(cascade.stages[k].unet, lora, f"stage {k}")
         config = lora_config(lora)
-        loaded.setdefault(k, []).append(Adapter(f"lora{i}", config, {}, spec.scale, str(lora.path)))
+        adapter = Adapter(f"lora{next(_NAMES)}", config, {}, spec.scale, str(lora.path))
+        loaded.setdefault(k, []).append(adapter)
         records.append({"path": str(lora.path), "stage": k, "scale": spec.scale, "rank": config.r})
     for k, adapters in loaded.items():
         for a in adapters:
@@ -373,9 +377,9 @@ def apply_loras(
         stage = cascade.stages[k]
         stage.config = fine_tuned_config(stage.config)  # the fixed posterior variance
         if cascade.low_memory is not None:
-            cascade.low_memory.loaders[k] = _low_memory_loader(adapters, fuse)
-            if not next(stage.unet.parameters()).is_meta:
-                _low_memory_loader(adapters, fuse)(stage.unet, stage.unet.state_dict())
+            earlier = getattr(cascade.low_memory.loaders.get(k), "adapters", [])
+            cascade.low_memory.loaders[k] = _low_memory_loader(earlier + adapters, fuse)
+            stage.unet.to("meta")  # loaded with its adapters when it next samples
         else:
             attach(stage.unet, adapters, fuse)
     return records
