@@ -288,6 +288,24 @@ def test_a_pickle_lora_is_refused_without_being_unpickled(tiny, tmp_path, monkey
     assert not marker.exists()
 
 
+def test_a_safetensors_header_length_is_not_mistaken_for_a_pickle(tmp_path):
+    """A pickle starts with 0x80; a safetensors header length may too (its low byte)."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    from imagen.models.lora import read_lora
+
+    tensors = {"unet.a.lora_A.weight": torch.zeros(2, 4), "unet.a.lora_B.weight": torch.zeros(4, 2)}
+    path = tmp_path / "lora.safetensors"
+    for pad in range(512):
+        save_file(tensors, str(path), metadata={"pad": "x" * pad})
+        if struct.unpack("<Q", path.read_bytes()[:8])[0] & 0xFF == 0x80:
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert read_lora(path).modules == ["a"]
+
+
 def test_lora_specs_parse_without_torch():
     from imagen.models.lora_spec import LoraSpec
 

@@ -91,6 +91,13 @@ def lora_path(path: str | Path) -> Path:
     return p
 
 
+def _not_safetensors(head: bytes) -> str:
+    """What a file that does not start as a safetensors file looks like (never unpickled)."""
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in b"\x02\x03\x04\x05"):
+        return "is a pickle (torch.save) file, refused: LoRA files must be safetensors"
+    return "is not a safetensors file (no safetensors header)"
+
+
 def _read_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file, after checking its size and framing."""
     size = path.stat().st_size
@@ -99,15 +106,11 @@ def _read_header(path: Path) -> dict[str, Any]:
             f"LoRA {path} is {size / 2**30:.1f} GiB, over the {MAX_LORA_BYTES >> 30} GiB limit"
         )
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise ValueError(f"LoRA {path} is a pickle (torch.save) file, refused: use safetensors")
-        if len(head) < 8:
-            raise ValueError(f"LoRA {path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"LoRA {path} is not a safetensors file (header of {n} bytes)")
-        raw = f.read(n)
+        head = f.read(9)
+        n = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
+        if not (2 <= n <= min(MAX_HEADER_BYTES, size - 8) and head[8:9] == b"{"):
+            raise ValueError(f"LoRA {path} {_not_safetensors(head)}")
+        raw = head[8:] + f.read(n - 1)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -72,8 +72,8 @@ def write_pipeline(source: StageSource, out: Path, dtype: torch.dtype, copy: boo
     cfg = source.config
     if cfg.network != "diffusers-unet":
         raise ValueError(
-            f"{source.origin} is a {cfg.network!r} stage: only diffusers-unet (DeepFloyd IF) stages "
-            "export to diffusers (a LoRA of another stage exports with --format lora)"
+            f"{source.origin}: its network is {cfg.network!r}; only diffusers-unet (DeepFloyd IF) "
+            "stages export to diffusers (a LoRA of another stage exports with --format lora)"
         )
     out.mkdir(parents=True)
     sr = cfg.is_super_resolution
