@@ -229,12 +229,46 @@ def add_model_options(p: argparse.ArgumentParser, default_device: str | None = "
         "only where the CPU or GPU supports it)",
     )
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    add_lora_options(p)
     p.add_argument(
         "--low-memory",
         action=ExclusiveBoolean,
         default=None,
         help="hold one part of the cascade in memory at a time, weights in bf16 (default: for "
         "models over 2 GiB of weights, such as DeepFloyd IF)",
+    )
+
+
+def lora_spec(text: str) -> str:
+    """A LoRA to apply, ``PATH[:SCALE][@STAGE]`` (checked without torch: the syntax and that
+    PATH exists; the file itself is checked when it is applied)."""
+    from imagen.models.lora_spec import LoraSpec
+
+    try:
+        spec = LoraSpec.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not Path(spec.path).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"LoRA file not found: {spec.path}")
+    return text
+
+
+def add_lora_options(p: argparse.ArgumentParser) -> None:
+    """--lora (repeatable) and --fuse."""
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=lora_spec,
+        metavar="PATH[:SCALE][@STAGE]",
+        help="apply a LoRA: a pytorch_lora_weights.safetensors file (diffusers' or imagen "
+        "export's) or its folder, at SCALE (default 1), to STAGE (default: the stage the file "
+        "records, else 0, the stage DeepFloyd IF LoRAs are for); repeatable",
+    )
+    p.add_argument(
+        "--fuse",
+        action="store_true",
+        help="merge the --lora adapters into the weights (faster; bf16 weights round the merge)",
     )
 
 
@@ -339,7 +373,8 @@ def sampling_overrides(args: argparse.Namespace) -> SamplingOverrides:
 
 def load_pipeline(args: argparse.Namespace, model: Path | None = None) -> ImagenPipeline:
     """The pipeline of ``model`` (default: --model) on --device (every stage in bf16 with
-    --bf16, in float32 with --fp32, else at each stage's stored precision)."""
+    --bf16, in float32 with --fp32, else at each stage's stored precision), with the --lora
+    adapters (fused with --fuse)."""
     import torch
 
     from imagen.pipeline import ImagenPipeline
@@ -350,8 +385,14 @@ def load_pipeline(args: argparse.Namespace, model: Path | None = None) -> Imagen
     elif getattr(args, "fp32", False):
         dtype = torch.float32
     low_memory = getattr(args, "low_memory", None)
+    lora = getattr(args, "lora", [])
     pipe = ImagenPipeline.from_pretrained(
-        model or args.model, args.device or "cpu", dtype, low_memory=low_memory
+        model or args.model,
+        args.device or "cpu",
+        dtype,
+        low_memory=low_memory,
+        lora=lora,
+        fuse_lora=getattr(args, "fuse", False),
     )
     startup_done()
     return pipe

@@ -1,5 +1,5 @@
-"""The ``imagen`` command line: sample, upscale, train, export, embed, distill, eval, prepare,
-serve, demo, push, import, verify; and its one error boundary.
+"""The ``imagen`` command line: sample, upscale, train, export, embed, tune, distill, eval,
+prepare, serve, demo, push, import, verify; and its one error boundary.
 
 Every failure the user can cause and mend (bad arguments or config values, missing or damaged
 files, unwritable outputs, a full disk, an unavailable device) is one line on stderr and exit
@@ -18,11 +18,11 @@ import gc
 import os
 import sys
 
-from imagen.cli import demo, distill, evaluate, hub, prepare, sample, serve, train, verify
+from imagen.cli import demo, distill, evaluate, hub, prepare, sample, serve, train, tune, verify
 from imagen.cli.common import COMMANDS, Parser, UsageError
 from imagen.cli.messages import cli_messages
 
-COMMAND_MODULES = (sample, train, distill, evaluate, prepare, serve, demo, hub, verify)
+COMMAND_MODULES = (sample, train, tune, distill, evaluate, prepare, serve, demo, hub, verify)
 QUICK_START = ("sample", "upscale", "eval")
 """Commands whose start-up ends in ``load_pipeline`` (cli/common.py): the garbage collector is
 paused until then and the objects made so far are frozen there (``gc.freeze``), since

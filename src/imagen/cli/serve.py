@@ -6,7 +6,15 @@ import argparse
 import os
 import socket
 
-from imagen.cli.common import MODEL_HELP, UsageError, command, device, port, positive_int
+from imagen.cli.common import (
+    MODEL_HELP,
+    UsageError,
+    add_lora_options,
+    command,
+    device,
+    port,
+    positive_int,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,6 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     sv.add_argument("--device", type=device, default="cpu")
     sv.add_argument("--threads", type=positive_int)
+    add_lora_options(sv)
 
 
 def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
@@ -96,5 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             allowed_hosts=tuple(args.allowed_host),
         ),
         args.device,
+        lora=args.lora,
+        fuse_lora=args.fuse,
     )
     return 0

@@ -102,6 +102,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--notes", help="a JSON file whose object is recorded in model_index.json")
     e.add_argument("--overwrite", action="store_true", help=MODEL_OVERWRITE_HELP)
+    e.add_argument(
+        "--format",
+        choices=["imagen", "lora", "diffusers"],
+        help="imagen: a model directory (a LoRA run is merged into its base stage); lora: a LoRA "
+        "run's adapter as diffusers' pytorch_lora_weights.safetensors (the default for one LoRA "
+        "run); diffusers: DeepFloyd IF stages as IFPipeline / IFSuperResolutionPipeline folders",
+    )
+    e.add_argument(
+        "--copy",
+        action="store_true",
+        help="--format diffusers: copy T5 and its tokenizer into the folder (default: hard links)",
+    )
 
     m = sub.add_parser("embed", help="precompute the text embeddings of a dataset's captions")
     m.add_argument("config", help="cascade config: its text_encoder and data are used")
@@ -119,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from imagen.text.cache import EmbeddingCache
 
         cache = EmbeddingCache.open(args.embeddings)
-    from imagen.training.trainer import train_stage
+    from imagen.training.lora import train_stage  # also for train.lora runs
 
     summary = train_stage(
         cfg,
@@ -142,10 +154,27 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise UsageError(f"training run directory not found: {run}")
     notes = read_notes(args.notes) if args.notes else None
     from imagen.training.export import export_model
+    from imagen.training.lora_export import is_lora_run
     from imagen.utils.outputs import sigterm_exits
     from imagen.utils.tensors import weights_dtype
 
+    fmt = args.format or ("lora" if len(args.runs) == 1 and is_lora_run(args.runs[0]) else "imagen")
+    if fmt == "lora":
+        return export_lora_folder(args)
     with sigterm_exits():  # SIGTERM removes the half-written model beside --out, as Ctrl-C does
+        if fmt == "diffusers":
+            from imagen.training.diffusers_export import export_diffusers
+
+            root = export_diffusers(
+                args.runs,
+                args.out,
+                args.weights,
+                weights_dtype(args.dtype),
+                args.copy,
+                sampling_changes(args),
+            )
+            print(f"wrote diffusers pipeline folder(s) {root}")
+            return 0
         root = export_model(
             args.runs,
             args.out,
@@ -156,6 +185,19 @@ def cmd_export(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     print(f"wrote model directory {root}")
+    return 0
+
+
+def export_lora_folder(args: argparse.Namespace) -> int:
+    """``imagen export LORA_RUN --format lora``: the adapter as diffusers' LoRA file."""
+    from imagen.training.lora_export import export_lora
+    from imagen.utils.outputs import sigterm_exits
+
+    if len(args.runs) != 1:
+        raise UsageError("--format lora exports one LoRA run at a time")
+    with sigterm_exits():
+        root = export_lora(args.runs[0], args.out, args.weights)
+    print(f"wrote {root}/pytorch_lora_weights.safetensors (diffusers' LoRA format)")
     return 0
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import functools
 import gc
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +268,9 @@ class LowMemory:
     device: torch.device
     dtype: torch.dtype = torch.bfloat16
     keep_text_encoder: bool = False
+    # stage k's weights go in through loaders[k] where set (a stage with LoRA adapters:
+    # models/lora.py attaches them again each time the stage is loaded)
+    loaders: dict[int, Callable[[nn.Module, dict[str, Tensor]], None]] = field(default_factory=dict)
 
     def _fast_bf16(self) -> bool:
         return self.dtype not in (torch.bfloat16, torch.float16) or bf16_supported(self.device)
@@ -279,8 +282,11 @@ class LowMemory:
         """Give ``stage`` (built on the meta device) its weights, if it has none now."""
         if not next(stage.unet.parameters()).is_meta:
             return
-        path = self.stage_dirs[k] / "model.safetensors"
-        stage.unet.load_state_dict(load_weights(path, self.dtype), strict=True, assign=True)
+        state = load_weights(self.stage_dirs[k] / "model.safetensors", self.dtype)
+        if k in self.loaders:
+            self.loaders[k](stage.unet, state)
+        else:
+            stage.unet.load_state_dict(state, strict=True, assign=True)
         load_space(stage, self.stage_dirs[k], assign=True)
         stage.to(self.device)
         # bf16 weights compute in bf16 only in a network that casts its inputs to its weights'

@@ -127,6 +127,8 @@ class NetworkKind:
     help: str
     config_type: type
     build: Callable[[Any], nn.Module]
+    # the modules a LoRA adapts by default (PEFT target names: module-name suffixes)
+    lora_targets: tuple[str, ...] = ()
 
 
 def _build_diffusers(config: DiffusersUNetConfig) -> nn.Module:
@@ -138,12 +140,20 @@ def _build_diffusers(config: DiffusersUNetConfig) -> nn.Module:
 NETWORKS: dict[str, NetworkKind] = {
     k.name: k
     for k in (
-        NetworkKind("imagen", "the project's U-Net (models/unet.py)", UNetConfig, UNet),
+        NetworkKind(
+            "imagen",
+            "the project's U-Net (models/unet.py)",
+            UNetConfig,
+            UNet,
+            ("to_q", "to_kv", "text_kv", "out"),  # its attention's projections
+        ),
         NetworkKind(
             "diffusers-unet",
             "diffusers' UNet2DConditionModel as DeepFloyd IF uses it",
             DiffusersUNetConfig,
             _build_diffusers,
+            # diffusers' DreamBooth LoRA script for IF: attention with added K/V
+            ("to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"),
         ),
     )
 }

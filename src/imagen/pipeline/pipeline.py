@@ -20,6 +20,7 @@ from torch import Tensor
 from imagen.diffusion.samplers import ProgressCallback
 from imagen.diffusion.schedules import check_spacing
 from imagen.models.cascade import LOW_MEMORY_BYTES, Cascade, Embeddings, load_cascade
+from imagen.models.lora_spec import LoraSpec
 from imagen.models.lowres import resize
 from imagen.models.model_dir import read_index
 from imagen.models.sampling import PerStage, SamplingConfig, SamplingOverrides
@@ -91,6 +92,7 @@ class ImagenPipeline:
         # what applies to every image of this pipeline (short form; logged when it arose)
         self.notes: list[str] = []
         self._logged: set[str] = set()
+        self.loras: list[dict] = []  # the LoRA files applied: path, stage, scale, rank
         if compile:
             compile_unets(cascade)
 
@@ -102,17 +104,28 @@ class ImagenPipeline:
         dtype: torch.dtype | None = None,
         compile: bool = False,
         low_memory: bool | None = None,
+        lora: Sequence[LoraSpec | str | tuple] = (),
+        fuse_lora: bool = False,
     ) -> ImagenPipeline:
         """Load a model: a model directory, a Hugging Face Hub repo id (``ORG/NAME``, from the
         local cache when offline) or, when ``path`` is None, the bundled Shapes cascade.
         ``dtype`` (for example torch.bfloat16) runs the U-Nets under autocast; ``compile`` uses
         torch.compile where it works. ``low_memory`` (default: for models whose weights pass
         2 GiB, such as DeepFloyd IF) holds one part of the cascade in memory at a time, in
-        bf16 (see :class:`~imagen.models.cascade.LowMemory`)."""
+        bf16 (see :class:`~imagen.models.cascade.LowMemory`). ``lora`` applies LoRA files
+        (``PATH[:SCALE][@STAGE]`` strings, :class:`~imagen.models.lora_spec.LoraSpec` or
+        (path, scale, stage) tuples; see :func:`~imagen.models.lora.apply_loras`), merged
+        into the weights with ``fuse_lora``."""
         root = resolve_model(path)
         vocab = read_index(root).get("vocabulary")
         cascade = load_model(root, device, low_memory)
+        records = []
+        if lora:  # LoRA adapters (models/lora.py); before compiling
+            from imagen.models.lora import apply_loras
+
+            records = apply_loras(cascade, list(lora), fuse_lora)
         pipe = cls(cascade, dtype, compile, vocab if isinstance(vocab, list) else None)
+        pipe.loras = records
         if low_memory is None and cascade.low_memory is not None:
             pipe.note(
                 "low-memory mode: weights in bf16",

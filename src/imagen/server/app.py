@@ -18,6 +18,7 @@ import asyncio
 import base64
 import io
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
@@ -195,6 +196,7 @@ def add_info_routes(app: Any, pipe: ImagenPipeline, cfg: ServerConfig, model_nam
             "name": model_name,
             "text_encoder": pipe.cascade.encoder_record(),
             "stages": stages,
+            "loras": pipe.loras,
             "samplers": {name: s.help for name, s in SAMPLERS.items()},
             "limits": cfg.limits(),
             "api_keys": bool(cfg.api_keys),
@@ -311,12 +313,18 @@ def add_generate_route(app: Any, pipe: ImagenPipeline, cfg: ServerConfig) -> Non
         return response_for(req, job, result)
 
 
-def serve(model: str | None, config: ServerConfig, device: str = "cpu") -> None:
-    """Load the model (a directory, a Hub repo id, or the bundled one) and serve it until
-    interrupted."""
+def serve(
+    model: str | None,
+    config: ServerConfig,
+    device: str = "cpu",
+    lora: Sequence[str] = (),
+    fuse_lora: bool = False,
+) -> None:
+    """Load the model (a directory, a Hub repo id, or the bundled one), with LoRA files
+    ``lora`` (``PATH[:SCALE][@STAGE]``) applied, and serve it until interrupted."""
     import uvicorn
 
-    pipe = ImagenPipeline.from_pretrained(model, device)
+    pipe = ImagenPipeline.from_pretrained(model, device, lora=lora, fuse_lora=fuse_lora)
     app = create_app(pipe, config, model or "bundled")
     if config.host not in LOOPBACK and not config.api_keys:
         print(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imagen.data.config import DataConfig
+from imagen.models.lora_spec import LoraSettings
 from imagen.models.lowres import BLUR_MAX
 from imagen.models.model_dir import read_index, read_stage_config
 from imagen.models.presets import get_preset
@@ -72,9 +73,12 @@ class TrainConfig:
     num_val: int = 8  # validation captions in the sample grid
     max_bad_steps: int = 5  # consecutive NaN/Inf losses that stop the run
     time_budget_s: float = 0.0  # stop (with a checkpoint) after this much training time; 0: none
+    lora: LoraSettings | None = None  # train a LoRA adapter only (training/lora.py); needs init
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if isinstance(self.lora, dict):
+            self.lora = config_from_dict(LoraSettings, self.lora, "train.lora")
         if self.optimizer not in ("adamw", "adafactor"):
             raise ValueError(f"optimizer must be adamw or adafactor, got {self.optimizer!r}")
         if self.lr_schedule not in ("constant", "cosine", "wsd"):

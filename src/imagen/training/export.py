@@ -57,9 +57,14 @@ def _from_run(rd: RunDirectory, weights: str) -> StageSource:
     ckpt = rd.latest_checkpoint((f"{weights}.safetensors",))
     state = read_weights(ckpt, weights)
     opts = rd.read_options()
-    init = opts["config"]["stages"][opts["stage_index"]].get("init")
+    entry = opts["config"]["stages"][opts["stage_index"]]
+    init = entry.get("init")
     init_dir = init_stage_dir(init) if init else None
     null = read_null_text(init_dir) if init_dir else None
+    if (entry.get("train") or {}).get("lora"):  # an adapter: merged into its base here
+        from imagen.training.lora_export import merged_run_state
+
+        state = merged_run_state(rd, state)
     record = rd.training_record(ckpt)
     config = rd.stage_config()
     space = _space_source(config, init_dir, rd.path)

@@ -169,18 +169,8 @@ class Trainer:
         self.par = Parallel(cfg.distributed, self.d, dev)
         if dev.type == "cuda":  # shapes are fixed, so let cuDNN pick its fastest kernels
             torch.backends.cudnn.benchmark = True
-        with torch.device(dev):  # initialised where it trains (fast for billion-weight models)
-            self.stage = Stage(self.scfg)
-            self.ema_stage = Stage(self.scfg)
+        self._make_stages()
         self.model = self.stage.unet
-        if self.teacher is not None:
-            init_from_teacher(self.stage, self.teacher)
-        if self.init is not None:  # a model's stage: its weights and null caption (for dropout)
-            init_stage(self.stage, init_stage_dir(self.init))
-            self.ema_stage.null_text = self.stage.null_text
-        self.ema_stage.space = self.stage.space  # one frozen space (a latent stage's VAE)
-        self.ema_stage.unet.load_state_dict(self.model.state_dict())
-        self.ema_stage.requires_grad_(False).eval()
         channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.memory_format)
@@ -188,21 +178,40 @@ class Trainer:
         self.par.shard(self.model)
         self.par.shard(self.ema_stage.unet)
         fused = cfg.optimizer == "adamw" and not self.par.sharded
-        self.optimizer = make_optimizer(cfg, list(self.model.parameters()), fused=fused)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # found once
+        self.optimizer = make_optimizer(cfg, self.params, fused=fused)
         self.step, self.samples_seen, bad_total = 0, 0, 0
         if self.resume_from is not None:
-            self.step, self.samples_seen, bad_total = restore_checkpoint(
-                self.resume_from, self.model, self.ema_stage.unet, self.optimizer, self.par
-            )
+            self.step, self.samples_seen, bad_total = self._restore(self.resume_from)
             log.info("resumed from %s at step %d", self.resume_from, self.step)
             for g in self.optimizer.param_groups:  # this run's choice, not the checkpoint's
                 g["fused"] = self.optimizer.defaults.get("fused")
-        self.params = list(self.model.parameters())  # found once: a step walks no modules
         self.ema = EMA(self.ema_stage.unet, self.model)
         self.wrapped = self.par.wrap(self.model)
         self._compile()
         self.autocast = torch.bfloat16 if cfg.precision == "bf16" else None
         self.stats = StepStats(dev, bad_total)
+
+    def _make_stages(self) -> None:  # the stage to train, its EMA twin (hook: training/lora.py)
+        assert self.cfg.lora is None, (
+            "a train.lora run trains with imagen.training.lora.train_stage"
+        )
+        with torch.device(self.dev):  # initialised where it trains (fast for billion-weight models)
+            self.stage, self.ema_stage = Stage(self.scfg), Stage(self.scfg)
+        if self.teacher is not None:
+            init_from_teacher(self.stage, self.teacher)
+        if self.init is not None:  # a model's stage: its weights and null caption (for dropout)
+            init_stage(self.stage, init_stage_dir(self.init))
+            self.ema_stage.null_text = self.stage.null_text
+        self.ema_stage.space = self.stage.space  # one frozen space (a latent stage's VAE)
+        self.ema_stage.unet.load_state_dict(self.stage.unet.state_dict())
+        self.ema_stage.requires_grad_(False).eval()
+
+    def _restore(self, path: Path) -> tuple[int, int, int]:  # step, samples seen, bad steps
+        return restore_checkpoint(path, self.model, self.ema_stage.unet, self.optimizer, self.par)
+
+    def _weights(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:  # collective under FSDP
+        return self.par.model_state(self.model), self.par.model_state(self.ema_stage.unet)
 
     def _compile(self) -> None:
         """With ``compile``: on one process the whole loss of a micro-batch (draws,
@@ -392,11 +401,7 @@ class Trainer:
         stats = self.stats.read()
         if self._check_bad_run(stats):
             return
-        states = (
-            self.par.model_state(self.model),
-            self.par.model_state(self.ema_stage.unet),
-            self.par.optimizer_state(self.model, self.optimizer),
-        )  # collective under FSDP
+        states = (*self._weights(), self.par.optimizer_state(self.model, self.optimizer))
         if self.d.main:
             extra = {"samples_seen": self.samples_seen, "bad_steps": int(stats["bad_total"])}
             self.run_dir.save_checkpoint(self.step, *states, extra, self.cfg.keep_checkpoints)
