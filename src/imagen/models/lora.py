@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor, nn
 
 from imagen.models.lora_spec import LORA_WEIGHT_NAME, PICKLE_SUFFIXES, LoraSpec
-from imagen.models.stage import Stage, fine_tuned_config
+from imagen.models.stage import Stage
+from imagen.models.stage_config import fine_tuned_config
 
 if TYPE_CHECKING:
     from imagen.models.cascade import Cascade

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from imagen.models.stage import StageConfig
+from imagen.models.stage_config import StageConfig
 
 VARIANCE_TYPES = {
     "learned_range": "learned_range",

@@ -24,7 +24,7 @@ from torch import Tensor
 from imagen.models.lora import merged_state, save_lora
 from imagen.models.lora_spec import LORA_WEIGHT_NAME, LoraSettings
 from imagen.models.model_dir import load_stage, read_stage_config
-from imagen.models.stage import fine_tuned_config
+from imagen.models.stage_config import fine_tuned_config
 from imagen.training.checkpoint import read_weights
 from imagen.training.config import init_stage_dir
 from imagen.training.diffusers_format import scheduler_config

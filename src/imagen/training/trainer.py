@@ -1,15 +1,13 @@
 """Training one stage of the cascade, on one CPU, one GPU or many processes (torchrun).
 
-Every random draw of a training sample (its timestep, noise, conditioning drop, augmentation
-level and noise) is a pure function of (seed, global sample index), and sample i of the data
-is a pure function of i (see :mod:`imagen.training.data`). A run is therefore exactly
-resumable from model, EMA and optimiser state alone, and 2 processes with batch B compute the
-same update as 1 process with batch 2B.
+Every random draw of a training sample (timestep, noise, conditioning drop, augmentation) is a
+pure function of (seed, global sample index), and sample i of the data is a pure function of i
+(:mod:`imagen.training.data`): a run resumes exactly from model, EMA and optimiser state, and 2
+processes with batch B compute the same update as 1 process with batch 2B.
 
-A step never waits for the device: the loss, the gradient norm and the count of skipped
-(non-finite) steps stay on the device and are read every ``log_every`` steps and at
-checkpoints. Each log record says what fraction of its interval the loop spent waiting for
-data (``data_wait_fraction``): near 0 the input keeps up, near 1 the step is starved.
+A step never waits for the device: loss, gradient norm and skipped (non-finite) steps stay on
+the device and are read every ``log_every`` steps and at checkpoints; each log record says what
+fraction of its interval the loop waited for data (``data_wait_fraction``).
 """
 
 from __future__ import annotations
@@ -193,17 +191,14 @@ class Trainer:
         self.stats = StepStats(dev, bad_total)
 
     def _make_stages(self) -> None:  # the stage to train, its EMA twin (hook: training/lora.py)
-        assert self.cfg.lora is None, (
-            "a train.lora run trains with imagen.training.lora.train_stage"
-        )
+        assert self.cfg.lora is None, "train.lora runs train with training.lora.train_stage"
         with torch.device(self.dev):  # initialised where it trains (fast for billion-weight models)
             self.stage, self.ema_stage = Stage(self.scfg), Stage(self.scfg)
         if self.teacher is not None:
             init_from_teacher(self.stage, self.teacher)
-        if self.init is not None:  # a model's stage: its weights and null caption (for dropout)
+        if self.init is not None:  # a model's stage: weights, null caption (for dropout), space
             init_stage(self.stage, init_stage_dir(self.init))
-            self.ema_stage.null_text = self.stage.null_text
-        self.ema_stage.space = self.stage.space  # one frozen space (a latent stage's VAE)
+        self.ema_stage.null_text, self.ema_stage.space = self.stage.null_text, self.stage.space
         self.ema_stage.unet.load_state_dict(self.stage.unet.state_dict())
         self.ema_stage.requires_grad_(False).eval()
 
