@@ -184,8 +184,8 @@ def test_fine_tune_the_x4_stage_resume_and_export(x4, tmp_path):
     _, _, three = x4
     cfg = tmp_path / "tune.yaml"
     train = (
-        "{batch_size: 4, max_steps: 10, lr: 2.0e-3, warmup_steps: 1, aug_max: 0.35, "
-        "sample_every: 0, checkpoint_every: 5, log_every: 1, precision: fp32}"
+        "{batch_size: 4, max_steps: 8, lr: 2.0e-3, warmup_steps: 1, aug_max: 0.35, "
+        "sample_every: 0, checkpoint_every: 4, log_every: 1, precision: fp32}"
     )
     cfg.write_text(
         f"data: {{kind: shapes}}\nstages:\n  - init: {three}:0\n  - init: {three}:1\n"
@@ -193,7 +193,7 @@ def test_fine_tune_the_x4_stage_resume_and_export(x4, tmp_path):
     )
     config = load_cascade_config(cfg)
     train_stage(config, 2, tmp_path / "straight", progress=False)
-    train_stage(config, 2, tmp_path / "split", max_steps=5, progress=False)
+    train_stage(config, 2, tmp_path / "split", max_steps=4, progress=False)
     train_stage(config, 2, tmp_path / "split", resume=True, progress=False)
     a, b = (
         load_tensors(RunDirectory(tmp_path / r).checkpoints()[-1] / "model.safetensors")
