@@ -23,6 +23,7 @@ from pathlib import Path
 
 from imagen.models import validate
 from imagen.utils.config import load_json_file
+from imagen.utils.outputs import process_alive
 
 INDEX_FILE = "model_index.json"
 # what a staging (.NAME.tmp-PID) or backup (.NAME.old-PID) directory of this module holds
@@ -144,16 +145,6 @@ def merge_into_place(tmp: Path, target: Target) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's process
-    return True
-
-
 def remove_stale_staging(parent: Path) -> list[Path]:
     """Remove the staging and backup directories in ``parent`` that a model write of a
     process no longer alive left (killed outright: SIGKILL, a power cut); only directories
@@ -167,7 +158,7 @@ def remove_stale_staging(parent: Path) -> list[Path]:
         m = STAGING.fullmatch(p.name)
         if not m or p.is_symlink() or not p.is_dir() or int(m.group(3)) == os.getpid():
             continue
-        if _alive(int(m.group(3))):
+        if process_alive(int(m.group(3))):
             continue
         try:
             ours = all(STAGING_ENTRY.fullmatch(q.name) for q in p.iterdir())

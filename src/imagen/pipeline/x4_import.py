@@ -42,14 +42,6 @@ X4_LICENCE = (
     "RAIL++-M License (use restrictions in its Attachment A; see the source's LICENSE and "
     "model card). This model directory links to them: do not redistribute it with the weights."
 )
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
-# diffusers renamed the VAE's attention parameters; older files still use the old names
-_OLD_ATTENTION = {
-    ".query.": ".to_q.",
-    ".key.": ".to_k.",
-    ".value.": ".to_v.",
-    ".proj_attn.": ".to_out.0.",
-}
 
 
 def _config(root: Path, *parts: str) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +116,14 @@ class TextEncoder(nn.Module):
 
     def config(self) -> dict[str, object]:
         return {"name": self.name, "dim": self.dim, "max_length": self.max_length}
+
+    def count_truncated(self, tokenizer: Any, texts: list[str]) -> None:
+        """Count (and warn of) the captions ``tokenizer`` would cut at ``max_length`` tokens."""
+        lengths = tokenizer(texts, truncation=False, padding=False)["input_ids"]
+        over = sum(len(ids) > self.max_length for ids in lengths)
+        if over:
+            self.truncated += over
+            log.warning("%d caption(s) truncated to %d tokens", over, self.max_length)
 
     def token_rows(self, emb: TextEmbedding) -> list[Tensor]:
         """Each caption's tokens as caches store them and models see them: at its true length,

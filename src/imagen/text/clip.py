@@ -5,13 +5,9 @@ checkpoint is OpenCLIP ViT-H cut to its penultimate layer) kept."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from imagen.text.base import TextEmbedding, TextEncoder, validate_captions
-
-log = logging.getLogger(__name__)
 
 
 class CLIPTextEncoder(TextEncoder):
@@ -55,11 +51,7 @@ class CLIPTextEncoder(TextEncoder):
     @torch.no_grad()
     def encode(self, captions: list[str]) -> TextEmbedding:
         texts = validate_captions(captions)
-        lengths = self.tokenizer(texts, truncation=False, padding=False)["input_ids"]
-        over = sum(len(ids) > self.max_length for ids in lengths)
-        if over:
-            self.truncated += over
-            log.warning("%d caption(s) truncated to %d tokens", over, self.max_length)
+        self.count_truncated(self.tokenizer, texts)
         batch = self.tokenizer(
             texts,
             padding="max_length",

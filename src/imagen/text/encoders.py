@@ -126,11 +126,7 @@ class HFTextEncoder(TextEncoder):
     @torch.no_grad()
     def encode(self, captions: list[str]) -> TextEmbedding:
         captions = validate_captions(captions)
-        lengths = self.tokenizer(captions, truncation=False, padding=False)["input_ids"]
-        over = sum(len(ids) > self.max_length for ids in lengths)
-        if over:
-            self.truncated += over
-            log.warning("%d caption(s) truncated to %d tokens", over, self.max_length)
+        self.count_truncated(self.tokenizer, captions)
         batch = self.tokenizer(
             captions,
             padding="longest",
@@ -189,11 +185,7 @@ class PaddedT5Encoder(TextEncoder):
     @torch.no_grad()
     def encode(self, captions: list[str]) -> TextEmbedding:
         texts = [if_caption(c, self.clean_caption) for c in validate_captions(captions)]
-        lengths = self.tokenizer(texts, truncation=False, padding=False)["input_ids"]
-        over = sum(len(ids) > self.max_length for ids in lengths)
-        if over:
-            self.truncated += over
-            log.warning("%d caption(s) truncated to %d tokens", over, self.max_length)
+        self.count_truncated(self.tokenizer, texts)
         batch = self.tokenizer(
             texts,
             padding="max_length",

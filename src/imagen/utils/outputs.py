@@ -83,7 +83,8 @@ def sigterm_exits() -> Iterator[None]:
             print("imagen: terminated (SIGTERM); nothing was left half-written", file=sys.stderr)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` is alive (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -102,7 +103,7 @@ def remove_stale_staging(target: Path) -> None:
         return
     for p in entries:
         m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m.group(1))):
+        if m and p.is_dir() and not p.is_symlink() and not process_alive(int(m.group(1))):
             shutil.rmtree(p, ignore_errors=True)
 
 
