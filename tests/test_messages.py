@@ -243,16 +243,36 @@ def test_a_warning_during_a_bar_is_written_above_it(capsys):
     assert lines[1].startswith("stage 0 (32px): 100%|") and lines[1].endswith("img-step/s]")
 
 
-def test_transformers_logs_through_the_handler(capsys):
+def test_transformers_logs_through_the_handler(capsys, monkeypatch):
     tlog = pytest.importorskip("transformers.utils.logging")
     lib = logging.getLogger("transformers")
     tlog.get_logger("transformers.test").warning("from transformers")  # its own handler, first
-    own = list(lib.handlers)
-    assert not lib.propagate and own
+    own = list(lib.handlers) or [logging.StreamHandler()]  # as transformers configures it
+    monkeypatch.setattr(lib, "handlers", list(own))
+    monkeypatch.setattr(lib, "propagate", False)
     with cli_messages():
         tlog.get_logger("transformers.test").warning("adopted")
     assert "imagen: warning: adopted" in capsys.readouterr().err.splitlines()
     assert lib.handlers == own and not lib.propagate  # as it was
+
+
+def test_a_library_configured_after_it_was_adopted_is_restored_as_configured(monkeypatch):
+    """A library may set its logger up between two adoptions (transformers does so lazily):
+    what it set up is what the command leaves behind, not the bare logger first seen."""
+    from imagen.cli import messages
+
+    monkeypatch.setattr(messages, "LIBRARIES", ("imagen_test_lib",))
+    lib = logging.getLogger("imagen_test_lib")
+    monkeypatch.setattr(lib, "handlers", [])
+    monkeypatch.setattr(lib, "propagate", True)
+    with cli_messages():
+        messages.adopt_library_loggers()  # the bare logger
+        own = logging.StreamHandler()
+        lib.addHandler(own)  # the library configures itself
+        lib.propagate = False
+        messages.adopt_library_loggers()
+        assert lib.handlers == [] and lib.propagate
+    assert lib.handlers == [own] and not lib.propagate
 
 
 def test_each_image_has_its_own_prompts_unknown_words():

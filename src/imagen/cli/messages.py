@@ -174,18 +174,23 @@ class _Installed:
         self.root_level = logging.getLogger().level
         self.show_warning = warnings.showwarning
         self.libraries: dict[str, tuple[list[logging.Handler], bool]] = {}
+        self.adopted: dict[str, tuple[list[logging.Handler], bool]] = {}
 
     def adopt(self) -> None:
         """Route the loaded :data:`LIBRARIES`' loggers through the handler (again: a library
-        may add its handler after its logger was first seen)."""
+        may configure its logger after it was first seen; then that configuration is the one
+        :meth:`restore` puts back)."""
         for name in LIBRARIES:
             logger = logging.Logger.manager.loggerDict.get(name)
             if not isinstance(logger, logging.Logger):
                 continue
-            self.libraries.setdefault(name, (list(logger.handlers), logger.propagate))
+            state = (list(logger.handlers), logger.propagate)
+            if self.adopted.get(name) != state:  # first seen, or changed by its library since
+                self.libraries[name] = state
             for h in [h for h in logger.handlers if _own_stderr_handler(h)]:
                 logger.removeHandler(h)
             logger.propagate = True
+            self.adopted[name] = (list(logger.handlers), True)
 
     def restore(self) -> None:
         """Put the libraries' loggers, the root logger and ``warnings.showwarning`` back."""
