@@ -1,7 +1,7 @@
 """Evaluation: prompt-following on Shapes (``imagen eval shapes``).
 
-A fixed, seeded set of prompts per group (seen one-object, seen two-object, held-out) is
-sampled through the whole cascade; the Shapes checker scores every stage's images, so a
+A fixed, seeded set of prompts per group (seen one-object, seen two-object, held-out pairs;
+paraphrases of seen captions in seen and in held-out wording) is sampled through the whole cascade; the Shapes checker scores every stage's images, so a
 report shows where in the cascade accuracy is lost: accuracy by the checker's default and strict
 shape decisions, background error, and shape fidelity at the stage's own resolution (each
 object's mask against a crisp rendering of its shape, relative to crisp renders of the same
@@ -17,24 +17,44 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagen.data.checker import score
-from imagen.data.shapes import all_captions
+from imagen.data.checker import caption_group, score
+from imagen.data.shapes import all_captions, parse_caption
+from imagen.data.wording import paraphrase
 from imagen.evaluation.fid import FeatureNetwork
 from imagen.pipeline import ImagenPipeline, SamplingOverrides, sampling_summary
 from imagen.utils.grid import captioned_grid
 
-GROUPS = ("one", "two", "heldout")
+GROUPS = ("one", "two", "heldout", "paraphrase", "paraphrase_heldout")
 
 
 def shapes_prompts(num_per_group: int, seed: int = 0) -> list[str]:
-    """``num_per_group`` prompts from each group, drawn without replacement where possible."""
+    """``num_per_group`` prompts from each group: the grammar's (seen one- and two-object,
+    held-out pairs; drawn without replacement where possible), then paraphrases of seen
+    captions in seen and in held-out wording (see :func:`paraphrase_prompts`)."""
     groups = all_captions()
     rng = np.random.default_rng(seed)
     prompts = []
-    for g in GROUPS:
+    for g in GROUPS[:3]:
         caps = groups[g]
         idx = rng.choice(len(caps), num_per_group, replace=num_per_group > len(caps))
         prompts += [caps[i] for i in idx]
+    for group in GROUPS[3:]:
+        prompts += paraphrase_prompts(num_per_group, rng, group)
+    return prompts
+
+
+def paraphrase_prompts(num: int, rng: np.random.Generator, group: str) -> list[str]:
+    """``num`` paraphrases (one-object and two-object scenes in turn) of random seen captions,
+    each in ``group``: 'paraphrase' (seen wording, never the grammar's own caption) or
+    'paraphrase_heldout' (one part in held-out wording)."""
+    captions = all_captions()
+    prompts = []
+    for j in range(num):
+        pool = captions["one" if j % 2 == 0 else "two"]
+        parsed = parse_caption(pool[int(rng.integers(len(pool)))])
+        while caption_group(prompt := paraphrase(parsed, rng, group != "paraphrase")) != group:
+            pass  # seen wording that came out as the grammar's caption: draw again
+        prompts.append(prompt)
     return prompts
 
 

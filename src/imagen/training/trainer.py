@@ -284,7 +284,9 @@ class Trainer:
         self.embed = caption_lookup(
             dataset, self.encoder, self.embedding_cache, self.dev, fixed=cfg.compile
         )
-        if d.main and hasattr(dataset, "captions"):  # known ahead: the model's vocabulary
+        if d.main and hasattr(dataset, "vocabulary"):  # its words known, its captions not
+            self.run_dir.write_vocabulary(dataset.vocabulary())
+        elif d.main and hasattr(dataset, "captions"):  # known ahead: the model's vocabulary
             self.run_dir.write_vocabulary(vocabulary(dataset.captions()))
         self.logf = self.run_dir.open_log() if d.main else None
         self.tb = tensorboard_writer(self.run_dir.path) if d.main else None
