@@ -237,3 +237,33 @@ def test_typed_captions_mean_what_they_say(typed, meaning):
             parse_caption(typed)
         return
     assert parse_caption(typed).canonical() == parse_caption(meaning).canonical()
+
+
+def test_a_paraphrase_run_records_the_seen_words_as_its_vocabulary(tmp_path):
+    import json
+
+    from test_training import config
+
+    from imagen.data.config import DataConfig
+    from imagen.pipeline import ImagenPipeline
+    from imagen.training.export import export_model
+    from imagen.training.trainer import train_stage
+
+    data = DataConfig(shapes=ShapesConfig(paraphrase=1.0, seed=1))
+    train_stage(config(steps=2, data=data), 0, tmp_path / "run", progress=False)
+    recorded = json.loads((tmp_path / "run" / "vocabulary.json").read_text())["vocabulary"]
+    assert recorded == sorted(seen_words())
+    export_model([tmp_path / "run"], tmp_path / "model")
+    pipe = ImagenPipeline.from_pretrained(tmp_path / "model")
+    assert pipe.check_words(["There's a crimson ball and, to its right, a navy box."]) == []
+    (warning,) = pipe.check_words(["a rose orb on the left-hand side"])
+    assert "rose, orb, hand" in warning
+
+
+def test_paraphrased_captions_cannot_be_listed_ahead():
+    from imagen.data.config import DataConfig
+    from imagen.training.data import dataset_captions
+
+    assert dataset_captions(DataConfig()) == ShapesDataset(8).captions()
+    with pytest.raises(ValueError, match="paraphrase draws captions as it goes"):
+        dataset_captions(DataConfig(shapes=ShapesConfig(paraphrase=0.5)))
