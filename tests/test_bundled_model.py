@@ -44,12 +44,15 @@ def test_sample_with_the_bundled_model_is_deterministic(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))
 def test_recorded_evaluation_reproduces(name):
-    from imagen.evaluation.shapes import eval_shapes
+    from imagen.evaluation.shapes import eval_shapes, recorded_groups
     from imagen.pipeline import ImagenPipeline
 
     check = json.loads((BUNDLED[name] / "model_index.json").read_text())["evaluation_check"]
     report = eval_shapes(
-        ImagenPipeline.from_pretrained(name), check["num_per_group"], seed=check["seed"]
+        ImagenPipeline.from_pretrained(name),
+        check["num_per_group"],
+        seed=check["seed"],
+        groups=recorded_groups(check),
     )
     assert report["accuracy"] == check["accuracy"]
     assert report["accuracy_strict"] == check["accuracy_strict"]

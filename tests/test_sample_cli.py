@@ -202,7 +202,7 @@ def test_compile_falls_back_to_eager_when_compiling_fails(model_dir, monkeypatch
 def test_eval_shapes_records_its_report_in_the_model(model_dir, tmp_path, capsys):
     import shutil
 
-    from imagen.evaluation.shapes import eval_shapes
+    from imagen.evaluation.shapes import GROUPS, eval_shapes
     from imagen.pipeline import ImagenPipeline
 
     m = tmp_path / "m"
@@ -213,7 +213,10 @@ def test_eval_shapes_records_its_report_in_the_model(model_dir, tmp_path, capsys
     assert index["evaluation"]["command"] == "imagen eval shapes --num 1 --seed 0"
     assert index["evaluation"]["accuracy"] == json.loads(out.out)["accuracy"]
     check = index["evaluation_check"]
-    again = eval_shapes(ImagenPipeline.from_pretrained(m), check["num_per_group"], seed=0)
+    assert check["groups"] == list(GROUPS) == index["evaluation"]["groups"]
+    again = eval_shapes(
+        ImagenPipeline.from_pretrained(m), check["num_per_group"], seed=0, groups=GROUPS
+    )
     assert again["accuracy"] == check["accuracy"]
     code, out = run(
         ["eval", "shapes", "--num", "1", "--model", "org/not-local", "--record"], capsys

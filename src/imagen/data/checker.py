@@ -30,11 +30,13 @@ from imagen.data.shapes import (
     PLACES,
     RELATIONS,
     SHAPES,
+    grammar_caption,
     parse_caption,
     render_scene,
     scene_for_caption,
     shape_polygon,
 )
+from imagen.data.wording import HELDOUT_WORDS, words
 
 _COLORS = list(PALETTE)
 _PAL = np.array([PALETTE[c] for c in _COLORS], dtype=np.float32)
@@ -243,11 +245,15 @@ def check_objects(objs: list[Detected], caption: str) -> Verdict:
 
 
 def caption_group(caption: str, holdout: tuple[tuple[str, str], ...] = DEFAULT_HOLDOUT) -> str:
-    """'one', 'two' or 'heldout' (names any held-out colour-shape pair)."""
+    """'heldout' for a caption naming any held-out colour-shape pair; else 'one' or 'two' for
+    the grammar's own words (in any case), 'paraphrase' for other seen wording and
+    'paraphrase_heldout' for a caption with held-out wording (:mod:`imagen.data.wording`)."""
     parsed = parse_caption(caption)
     if set(parsed.objects) & set(holdout):
         return "heldout"
-    return parsed.kind
+    if caption.strip().lower() == grammar_caption(parsed):
+        return parsed.kind
+    return "paraphrase_heldout" if words(caption) & HELDOUT_WORDS else "paraphrase"
 
 
 def object_fidelity(objs: list[Detected], caption: str) -> list[tuple[str, float]]:

@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from imagen.data.wording import ParsedCaption, paraphrase, parse_wording, seen_words
+
 BACKGROUND = (20, 20, 20)
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -63,19 +65,6 @@ class Scene:
     objects: tuple[ShapeObject, ...]
 
 
-@dataclass(frozen=True)
-class ParsedCaption:
-    """A caption of the Shapes grammar: one object with a place, or two with a relation."""
-
-    objects: tuple[tuple[str, str], ...]  # (color, shape) per named object
-    place: str | None = None
-    relation: str | None = None
-
-    @property
-    def kind(self) -> str:
-        return "one" if len(self.objects) == 1 else "two"
-
-
 _COLOR = "|".join(PALETTE)
 _SHAPE = "|".join(SHAPES)
 _ONE = re.compile(rf"^a ({_COLOR}) ({_SHAPE}) ({'|'.join(PLACES)})$")
@@ -83,7 +72,8 @@ _TWO = re.compile(rf"^a ({_COLOR}) ({_SHAPE}) ({'|'.join(RELATIONS)}) a ({_COLOR
 
 
 def parse_caption(caption: str) -> ParsedCaption:
-    """Parse a Shapes caption; raises ValueError for anything outside the grammar."""
+    """Parse a Shapes caption, in the grammar's words or any paraphrase of them
+    (:mod:`imagen.data.wording`); raises ValueError for anything else."""
     text = caption.strip().lower()
     m = _ONE.match(text)
     if m:
@@ -93,7 +83,18 @@ def parse_caption(caption: str) -> ParsedCaption:
         if m[1] == m[4]:
             raise ValueError(f"two-object captions name two different colours: {caption!r}")
         return ParsedCaption(((m[1], m[2]), (m[4], m[5])), relation=m[3])
-    raise ValueError(f"not a Shapes caption: {caption!r}")
+    parsed = parse_wording(caption)
+    if parsed is None:
+        raise ValueError(f"not a Shapes caption: {caption!r}")
+    return parsed
+
+
+def grammar_caption(parsed: ParsedCaption) -> str:
+    """The grammar's own caption of ``parsed``."""
+    if parsed.place is not None:
+        return one_object_caption(*parsed.objects[0], parsed.place)
+    (c1, s1), (c2, s2) = parsed.objects
+    return two_object_caption(c1, s1, parsed.relation, c2, s2)
 
 
 def one_object_caption(color: str, shape: str, place: str) -> str:
@@ -256,12 +257,23 @@ class ShapesConfig:
     seed: int = 0
     two_object_fraction: float = 0.5
     holdout: list[list[str]] = field(default_factory=lambda: [list(p) for p in DEFAULT_HOLDOUT])
+    # the fraction of captions said in other words (seen wording of imagen.data.wording; each
+    # drawn on a stream of its own, so the scenes, and with 0 the captions, are as without it)
+    paraphrase: float = 0.0
+
+    def __post_init__(self) -> None:
+        p = self.paraphrase
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"data.shapes.paraphrase must be a number in [0, 1], got {p!r}")
 
     def holdout_pairs(self) -> tuple[tuple[str, str], ...]:
         return tuple((c, s) for c, s in self.holdout)
 
 
-class ShapesDataset(Dataset):
+_PARAPHRASE_STREAM = 1  # the paraphrase draws of item i: default_rng([seed, i, 1])
+
+
+class ShapesScenes(Dataset):
     """Map-style view of the infinite Shapes stream: item i is (image in [-1, 1], caption, ()),
     deterministic for (seed, i). ``length`` only bounds epoch-style iteration."""
 
@@ -274,12 +286,8 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def captions(self) -> list[str]:
-        """Every caption this dataset can yield (the seen one- and two-object captions)."""
-        groups = all_captions(self.config.holdout_pairs())
-        return groups["one"] + groups["two"]
-
     def scene(self, index: int) -> Scene:
+        """Scene ``index``, captioned in the grammar."""
         rng = np.random.default_rng([self.config.seed, index])
         return sample_scene(rng, self.holdout, self.config.two_object_fraction)
 
@@ -293,3 +301,36 @@ class ShapesDataset(Dataset):
         scenes = [self.scene(i) for i in indices]
         images = render_batch(scenes, self.size)
         return [(images[k], scene.caption, ()) for k, scene in enumerate(scenes)]
+
+
+class ShapesDataset(ShapesScenes):
+    """The Shapes stream with the grammar's captions: a small, known set (:meth:`captions`)."""
+
+    def captions(self) -> list[str]:
+        """Every caption this dataset can yield (the seen one- and two-object captions)."""
+        groups = all_captions(self.config.holdout_pairs())
+        return groups["one"] + groups["two"]
+
+
+class ParaphrasedShapes(ShapesScenes):
+    """The Shapes stream with a fraction (``config.paraphrase``) of its captions said in seen
+    wording of :mod:`imagen.data.wording`: the same scenes and images as
+    :class:`ShapesDataset`, captions too many to list, so it has a :meth:`vocabulary`
+    instead of ``captions``."""
+
+    def scene(self, index: int) -> Scene:
+        scene = super().scene(index)
+        rng = np.random.default_rng([self.config.seed, index, _PARAPHRASE_STREAM])
+        if rng.random() >= self.config.paraphrase:
+            return scene
+        return Scene(paraphrase(parse_caption(scene.caption), rng), scene.objects)
+
+    def vocabulary(self) -> list[str]:
+        """Every word a caption of this dataset can have, sorted."""
+        return sorted(seen_words())
+
+
+def shapes_dataset(size: int, config: ShapesConfig | None = None) -> ShapesScenes:
+    """The Shapes dataset ``config`` asks for: grammar captions, or some paraphrased."""
+    config = config or ShapesConfig()
+    return ParaphrasedShapes(size, config) if config.paraphrase > 0 else ShapesDataset(size, config)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from imagen.data.folders import ImageTextFolder
 from imagen.data.images import Preprocess
-from imagen.data.shapes import ShapesConfig, ShapesDataset
+from imagen.data.shapes import ShapesConfig, ShapesDataset, shapes_dataset
 from imagen.data.webdataset import WebDatasetSource, shard_captions
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ def get_source(name: str) -> SourceKind:
 
 # ---- the built-in sources ----------------------------------------------------------------
 def _shapes_captions(opts: SourceOptions) -> list[str]:
+    if opts.shapes.paraphrase > 0:
+        raise ValueError(
+            "data.shapes.paraphrase draws captions as it goes, too many to list and embed ahead"
+        )
     return ShapesDataset(8, opts.shapes).captions()
 
 
@@ -101,7 +105,7 @@ def _folder_captions(opts: SourceOptions) -> list[str]:
 register_source(
     SourceKind(
         "shapes",
-        open=lambda opts, prep, split: ShapesDataset(prep.size, opts.shapes),
+        open=lambda opts, prep, split: shapes_dataset(prep.size, opts.shapes),
         captions=_shapes_captions,
         bounded=False,
         needs_path=False,

@@ -1,7 +1,8 @@
 """Evaluation: prompt-following on Shapes (``imagen eval shapes``).
 
-A fixed, seeded set of prompts per group (seen one-object, seen two-object, held-out) is
-sampled through the whole cascade; the Shapes checker scores every stage's images, so a
+A fixed, seeded set of prompts per group (seen one-object, seen two-object, held-out pairs;
+paraphrases of seen captions in seen and in held-out wording) is sampled through the whole
+cascade; the Shapes checker scores every stage's images, so a
 report shows where in the cascade accuracy is lost: accuracy by the checker's default and strict
 shape decisions, background error, and shape fidelity at the stage's own resolution (each
 object's mask against a crisp rendering of its shape, relative to crisp renders of the same
@@ -11,30 +12,58 @@ captions at that resolution: 1.0 is as crisp as a render).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from imagen.data.checker import score
-from imagen.data.shapes import all_captions
+from imagen.data.checker import caption_group, score
+from imagen.data.shapes import all_captions, parse_caption
+from imagen.data.wording import paraphrase
 from imagen.evaluation.fid import FeatureNetwork
 from imagen.pipeline import ImagenPipeline, SamplingOverrides, sampling_summary
 from imagen.utils.grid import captioned_grid
 
-GROUPS = ("one", "two", "heldout")
+GROUPS = ("one", "two", "heldout", "paraphrase", "paraphrase_heldout")
+GRAMMAR_GROUPS = GROUPS[:3]  # what an evaluation recorded without its groups ran (before v4)
 
 
-def shapes_prompts(num_per_group: int, seed: int = 0) -> list[str]:
-    """``num_per_group`` prompts from each group, drawn without replacement where possible."""
-    groups = all_captions()
+def shapes_prompts(num_per_group: int, seed: int = 0, groups: Sequence[str] = GROUPS) -> list[str]:
+    """``num_per_group`` prompts from each of ``groups``: the grammar's (seen one- and
+    two-object, held-out pairs; drawn without replacement where possible), then paraphrases
+    of seen captions in seen and in held-out wording (see :func:`paraphrase_prompts`). A
+    group's prompts are the same whichever other groups are asked for."""
+    captions = all_captions()
     rng = np.random.default_rng(seed)
-    prompts = []
-    for g in GROUPS:
-        caps = groups[g]
+    drawn: dict[str, list[str]] = {}
+    for g in GRAMMAR_GROUPS:
+        caps = captions[g]
         idx = rng.choice(len(caps), num_per_group, replace=num_per_group > len(caps))
-        prompts += [caps[i] for i in idx]
+        drawn[g] = [caps[i] for i in idx]
+    for g in GROUPS[3:]:
+        drawn[g] = paraphrase_prompts(num_per_group, rng, g)
+    return [p for g in groups for p in drawn[g]]
+
+
+def recorded_groups(record: dict[str, Any]) -> tuple[str, ...]:
+    """The groups a recorded evaluation (or its check) ran."""
+    return tuple(record.get("groups", GRAMMAR_GROUPS))
+
+
+def paraphrase_prompts(num: int, rng: np.random.Generator, group: str) -> list[str]:
+    """``num`` paraphrases (one-object and two-object scenes in turn) of random seen captions,
+    each in ``group``: 'paraphrase' (seen wording, never the grammar's own caption) or
+    'paraphrase_heldout' (one part in held-out wording)."""
+    captions = all_captions()
+    prompts = []
+    for j in range(num):
+        pool = captions["one" if j % 2 == 0 else "two"]
+        parsed = parse_caption(pool[int(rng.integers(len(pool)))])
+        while caption_group(prompt := paraphrase(parsed, rng, group != "paraphrase")) != group:
+            pass  # seen wording that came out as the grammar's caption: draw again
+        prompts.append(prompt)
     return prompts
 
 
@@ -45,10 +74,14 @@ def eval_shapes(
     seed: int = 0,
     batch_size: int = 32,
     out_dir: str | Path | None = None,
+    groups: Sequence[str] = GROUPS,
 ) -> dict[str, Any]:
-    """Sample the fixed prompt set (with the stages' settings changed by ``overrides``) and
-    score every stage with the Shapes checker."""
-    prompts = shapes_prompts(num_per_group, seed)
+    """Sample the fixed prompt set of ``groups`` (with the stages' settings changed by
+    ``overrides``) and score every stage with the Shapes checker."""
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown Shapes groups {unknown}; the groups are {list(GROUPS)}")
+    prompts = shapes_prompts(num_per_group, seed, groups)
     out = pipe(
         prompts, seed=seed, batch_size=batch_size, return_all_stages=True, overrides=overrides
     )
@@ -58,7 +91,12 @@ def eval_shapes(
         per_stage[f"stage{k}_{res}px"] = score(images, prompts)
     report = summarise(per_stage)
     report.update(
-        {"settings": sampling_summary(out.sampling), "num_per_group": num_per_group, "seed": seed}
+        {
+            "settings": sampling_summary(out.sampling),
+            "num_per_group": num_per_group,
+            "seed": seed,
+            "groups": list(groups),
+        }
     )
     if out_dir is not None:
         d = Path(out_dir)
@@ -67,7 +105,7 @@ def eval_shapes(
             img.save(d / f"{j:04d}.png")
         show = [
             j
-            for g in range(len(GROUPS))
+            for g in range(len(groups))
             for j in range(g * num_per_group, g * num_per_group + min(8, num_per_group))
         ]
         captioned_grid([out.images[j] for j in show], [prompts[j] for j in show], columns=8).save(
@@ -172,6 +210,7 @@ def record_evaluation(
             "evaluation": {"command": command, **report},
             "evaluation_check": {
                 **CHECK,
+                "groups": check["groups"],
                 "accuracy": check["accuracy"],
                 "accuracy_strict": check["accuracy_strict"],
             },

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
@@ -18,6 +19,17 @@ def caption_words(text: str) -> list[str]:
 def vocabulary(captions: Iterable[str]) -> list[str]:
     """The sorted distinct words of ``captions``."""
     return sorted({w for c in captions for w in caption_words(c)})
+
+
+def dataset_vocabulary(dataset: Any) -> list[str] | None:
+    """A training dataset's vocabulary: its own ``vocabulary()`` where it draws captions as it
+    goes (Shapes paraphrases), else the words of its ``captions()`` where they are known ahead,
+    else None (a folder of unknown captions records none)."""
+    if hasattr(dataset, "vocabulary"):
+        return list(dataset.vocabulary())
+    if hasattr(dataset, "captions"):
+        return vocabulary(dataset.captions())
+    return None
 
 
 def unknown_words(prompts: Iterable[str], known: Iterable[str]) -> list[str]:

@@ -35,7 +35,7 @@ from imagen.text.encoders import (
     check_encoder_matches,
     load_text_encoder,
 )
-from imagen.text.vocabulary import vocabulary
+from imagen.text.vocabulary import dataset_vocabulary
 from imagen.training.captions import caption_lookup
 from imagen.training.config import CascadeRunConfig, TrainConfig, init_stage_dir
 from imagen.training.data import DrawSpec, draw_batch, training_batches
@@ -293,8 +293,8 @@ class Trainer:
         self.embed = caption_lookup(
             dataset, self.encoder, self.embedding_cache, self.dev, fixed=cfg.compile
         )
-        if d.main and hasattr(dataset, "captions"):  # known ahead: the model's vocabulary
-            self.run_dir.write_vocabulary(vocabulary(dataset.captions()))
+        if d.main and (words := dataset_vocabulary(dataset)) is not None:
+            self.run_dir.write_vocabulary(words)  # the model's vocabulary
         self.logf = self.run_dir.open_log() if d.main else None
         self.tb = tensorboard_writer(self.run_dir.path) if d.main else None
         sample_here = cfg.sample_every and (d.main or self.par.sharded)
