@@ -58,6 +58,13 @@ def test_recorded_evaluation_reproduces(name):
     assert report["accuracy_strict"] == check["accuracy_strict"]
 
 
+GRAMMAR = {"one": 0.99, "two": 0.99, "heldout": 0.99}
+STRICT_AT_128 = {  # each bundled model's recorded strict accuracy at 128 px, per group
+    "shapes-cascade": {**GRAMMAR, "paraphrase": 0.88, "paraphrase_heldout": 0.66},
+    "shapes-cascade-fast": GRAMMAR,  # v3.2's distilled base: trained on the grammar only
+}
+
+
 @pytest.mark.parametrize("name", sorted(BUNDLED))
 def test_recorded_evaluation_sees_geometry_at_every_stage(name):
     evaluation = json.loads((BUNDLED[name] / "model_index.json").read_text())["evaluation"]
@@ -68,9 +75,12 @@ def test_recorded_evaluation_sees_geometry_at_every_stage(name):
         detail = evaluation["shape_fidelity_detail"][stage]
         assert 0.0 < detail["generated"] <= 1.0 and 0.9 < detail["renders"] <= 1.0
         assert evaluation["shape_fidelity"][stage] == detail["generated"] / detail["renders"]
-    # v3's acceptance: the 128 px squares pass the strict test (issue 23)
+    # v3's acceptance: the 128 px squares pass the strict test (issue 23); v4: paraphrases
+    # in seen wording and in held-out wording followed at least as well as v4 first did (88%
+    # and 66%; v3.2: 15% and 23%; issue 37 asks for 98% and 95%: README "The words people type")
     strict = evaluation["per_stage_strict"]["stage2_128px"]
-    assert min(strict[g] for g in ("one", "two", "heldout")) >= 0.99, strict
+    for group, bound in STRICT_AT_128[name].items():
+        assert strict[group] >= bound, (group, strict)
     # issue 23's acceptance: 128 px shape fidelity within 1 point of the base's (v3: 2.0, v3.1:
     # 1.1, v3.2: 0.8) and 128 px backgrounds no worse than v3.1's 4.1 (README "Geometry")
     fidelity = evaluation["shape_fidelity"]
@@ -96,15 +106,23 @@ def test_unknown_words_are_named_once_and_shapes_prompts_pass(caplog):
     assert (
         pipe.check_words(["a red circle on the left", "a blue square above a green triangle"]) == []
     )
+    # v4 was trained on the words people type: its seen wording is known, held-out is not
+    typed = [
+        "There's a crimson ball and, to its right, a navy box.",
+        "on the left side, a lime dot",
+    ]
+    assert pipe.check_words(typed) == []
+    (held_out,) = pipe.check_words(["a lavender orb sitting in the middle"])
+    assert "lavender, orb, sitting" in held_out
     with caplog.at_level("WARNING"):
-        first = pipe.check_words(["a golden retriever in a beret"])
-        again = pipe.check_words(["a golden retriever in a beret"])
-    assert len(first) == 1 and "golden, retriever, beret" in first[0] and "DeepFloyd IF" in first[0]
-    assert again == first and caplog.text.count("never saw") == 1  # logged once
+        first = pipe.check_words(["a fluffy retriever in a beret"])
+        again = pipe.check_words(["a fluffy retriever in a beret"])
+    assert len(first) == 1 and "fluffy, retriever, beret" in first[0] and "DeepFloyd IF" in first[0]
+    assert again == first and caplog.text.count("saw the word(s) fluffy") == 1  # logged once
 
 
 def test_sample_warns_about_words_the_model_does_not_know(tmp_path, caplog):
-    args = ["sample", "a golden retriever in a beret", "--steps", "1", "--out", str(tmp_path)]
+    args = ["sample", "a fluffy retriever in a beret", "--steps", "1", "--out", str(tmp_path)]
     with caplog.at_level("WARNING"):
         assert main(args) == 0
-    assert "never saw the word(s) golden, retriever, beret" in caplog.text
+    assert "never saw the word(s) fluffy, retriever, beret" in caplog.text

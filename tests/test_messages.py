@@ -22,10 +22,10 @@ import pytest
 from imagen.cli import messages
 from imagen.cli.messages import cli_messages, wrap
 
-PROMPTS = ["a golden retriever in a beret", "a red circle on the left", "a blue dog at the top"]
+PROMPTS = ["a fluffy retriever in a beret", "a red circle on the left", "a blue dog at the top"]
 """With --batch-size 1: the first prompt's warning comes before any bar, the third's while all
 three bars are on screen."""
-UNKNOWN = {0: "golden, retriever, beret", 2: "dog"}
+UNKNOWN = {0: "fluffy, retriever, beret", 2: "dog"}
 COLUMNS = 100
 
 
