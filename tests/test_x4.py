@@ -211,3 +211,21 @@ def test_fine_tune_the_x4_stage_resume_and_export(x4, tmp_path):
     assert Image.open(tmp_path / "s" / "0000.png").size == (4 * SR_SIZE, 4 * SR_SIZE)
     stage = RunDirectory(tmp_path / "straight").stage_config()
     assert replace(stage.sampling) == stage.sampling and stage.text_encoder["kind"] == "clip"
+
+
+def test_a_clip_text_encoder_stored_only_as_a_pickle_is_refused(x4, tmp_path):
+    """The stage's CLIP text encoder loads from safetensors only, as T5 does: a folder that
+    holds only pytorch_model.bin is an error, and the pickle is never opened."""
+    import shutil
+
+    from imagen.text.clip import CLIPTextEncoder
+
+    pipe_dir = x4[0]
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    shutil.copy(pipe_dir / "text_encoder" / "config.json", folder)
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle anyone should open")
+    shutil.copytree(pipe_dir / "tokenizer", tmp_path / "tokenizer")
+    with pytest.raises(OSError, match="could not load the CLIP text encoder.*safetensors"):
+        CLIPTextEncoder(str(folder), tokenizer=str(tmp_path / "tokenizer"))
+    assert CLIPTextEncoder(str(pipe_dir / "text_encoder"), str(pipe_dir / "tokenizer")).dim == 32

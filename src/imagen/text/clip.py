@@ -28,7 +28,8 @@ class CLIPTextEncoder(TextEncoder):
 
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer or name)
-            model = CLIPTextModel.from_pretrained(name, dtype=dtype)
+            # safetensors only: a pickle (pytorch_model.bin) is never loaded, even beside them
+            model = CLIPTextModel.from_pretrained(name, dtype=dtype, use_safetensors=True)
         except OSError as e:
             raise OSError(f"could not load the CLIP text encoder from {name!r}: {e}") from e
         self.model = model.eval().requires_grad_(False)

@@ -104,16 +104,16 @@ class HFTextEncoder(TextEncoder):
         try:
             hf_config = AutoConfig.from_pretrained(path)
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            if hf_config.model_type in ("t5", "mt5", "umt5"):
-                model = T5EncoderModel.from_pretrained(path, dtype=dtype)
-            else:
-                model = AutoModel.from_pretrained(path, dtype=dtype)
+            cls = T5EncoderModel if hf_config.model_type in ("t5", "mt5", "umt5") else AutoModel
+            # safetensors only: a pickle (pytorch_model.bin) is never loaded
+            model = cls.from_pretrained(path, dtype=dtype, use_safetensors=True)
         except OSError as e:
             raise OSError(
                 f"could not load text encoder {name!r} from {path!r}: {e}\n"
                 f"Download it once with network access (for example `huggingface-cli download "
                 f"{path}`) or pass a local directory that holds its config, tokenizer and "
-                "weights; set HF_HUB_OFFLINE=1 to use the local cache only."
+                "weights (as safetensors: imagen never loads a pickle); set HF_HUB_OFFLINE=1 to "
+                "use the local cache only."
             ) from e
         self.model = model.eval().requires_grad_(False)
         self.name = name
