@@ -76,6 +76,21 @@ class TextEncoderConfig:
             raise ValueError(f"text encoder kind must be clip or empty, got {self.kind!r}")
 
 
+def load_frozen(
+    model_cls: Any, tokenizer_cls: Any, name: str, tokenizer: str | None, dtype: Any, what: str
+) -> tuple[Any, nn.Module]:
+    """A transformers text model (``model_cls``) and its tokenizer from ``name`` (the tokenizer
+    from ``tokenizer`` where given), the model frozen in eval mode; ``what`` names it in the
+    error. Weights load from safetensors only: a pickle (pytorch_model.bin) is never loaded,
+    even beside them."""
+    try:
+        tok = tokenizer_cls.from_pretrained(tokenizer or name)
+        model = model_cls.from_pretrained(name, dtype=dtype, use_safetensors=True)
+    except OSError as e:
+        raise OSError(f"could not load the {what} from {name!r}: {e}") from e
+    return tok, model.eval().requires_grad_(False)
+
+
 def validate_captions(captions: list[str]) -> list[str]:
     """Captions must be strings; anything else is a clear error naming the record."""
     if isinstance(captions, str):
@@ -105,6 +120,9 @@ class TextEncoder(nn.Module):
 
     def encode(self, captions: list[str]) -> TextEmbedding:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def train(self, mode: bool = True) -> TextEncoder:  # frozen: always in eval mode
+        return super().train(False)
 
     @property
     def device(self) -> torch.device:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from imagen.text.base import TextEmbedding, TextEncoder, validate_captions
+from imagen.text.base import TextEmbedding, TextEncoder, load_frozen, validate_captions
 
 
 class CLIPTextEncoder(TextEncoder):
@@ -26,20 +26,14 @@ class CLIPTextEncoder(TextEncoder):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(tokenizer or name)
-            # safetensors only: a pickle (pytorch_model.bin) is never loaded, even beside them
-            model = CLIPTextModel.from_pretrained(name, dtype=dtype, use_safetensors=True)
-        except OSError as e:
-            raise OSError(f"could not load the CLIP text encoder from {name!r}: {e}") from e
-        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, model = load_frozen(
+            CLIPTextModel, CLIPTokenizer, name, tokenizer, dtype, "CLIP text encoder"
+        )
+        self.model = model
         self.name, self.tokenizer_path = name, tokenizer
         self.dim = int(model.config.hidden_size)
         self.max_length = max_length
         self.use_mask = bool(getattr(model.config, "use_attention_mask", False))
-
-    def train(self, mode: bool = True) -> CLIPTextEncoder:  # frozen: always in eval mode
-        return super().train(False)
 
     def config(self) -> dict[str, object]:
         return {

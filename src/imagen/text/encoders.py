@@ -21,6 +21,7 @@ from imagen.text.base import (
     TextEmbedding,
     TextEncoder,
     TextEncoderConfig,
+    load_frozen,
     masked_mean,
     pad_embeddings,
     unpad_embeddings,
@@ -120,9 +121,6 @@ class HFTextEncoder(TextEncoder):
         self.dim = int(getattr(hf_config, "d_model", None) or hf_config.hidden_size)
         self.max_length = max_length
 
-    def train(self, mode: bool = True) -> HFTextEncoder:  # frozen: always in eval mode
-        return super().train(False)
-
     @torch.no_grad()
     def encode(self, captions: list[str]) -> TextEmbedding:
         captions = validate_captions(captions)
@@ -157,22 +155,16 @@ class PaddedT5Encoder(TextEncoder):
         super().__init__()
         from transformers import T5EncoderModel, T5Tokenizer
 
-        try:
-            self.tokenizer = T5Tokenizer.from_pretrained(tokenizer or name)
-            # safetensors only: a pickle (pytorch_model.bin) is never loaded, even beside them
-            model = T5EncoderModel.from_pretrained(name, dtype=dtype, use_safetensors=True)
-        except OSError as e:
-            raise OSError(f"could not load the T5 text encoder from {name!r}: {e}") from e
-        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, model = load_frozen(
+            T5EncoderModel, T5Tokenizer, name, tokenizer, dtype, "T5 text encoder"
+        )
+        self.model = model
         self.name, self.tokenizer_path = name, tokenizer
         self.dim = int(model.config.d_model)
         self.max_length = max_length
         self.clean_caption = clean_caption
         if clean_caption and not can_clean_captions():
             log.info("bs4 or ftfy is not installed: prompts are lowercased and stripped only")
-
-    def train(self, mode: bool = True) -> PaddedT5Encoder:  # frozen: always in eval mode
-        return super().train(False)
 
     def config(self) -> dict[str, object]:
         return {
@@ -209,9 +201,6 @@ class MiniLMEncoder(TextEncoder):
 
         self.bert = MiniLM(path, max_length, dtype)
         self.name, self.dim, self.max_length = "minilm", self.bert.dim, max_length
-
-    def train(self, mode: bool = True) -> MiniLMEncoder:  # frozen: always in eval mode
-        return super().train(False)
 
     def token_ids(self, captions: list[str]) -> list[list[int]]:
         """Each caption's token ids ([CLS] and [SEP] included), truncated to ``max_length``."""

@@ -25,7 +25,7 @@ import torch
 from imagen.models.sampling import SamplingOverrides
 from imagen.training.diffusers_format import diffusers_version, model_index, scheduler_config
 from imagen.training.export import StageSource, stage_source
-from imagen.utils.files import fsync_dir, write_json
+from imagen.utils.files import fsync_dir, replacing_directory, write_json
 from imagen.utils.tensors import load_weights, save_tensors
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -128,20 +128,11 @@ def export_diffusers(
             src.config = replace(src.config, sampling=s)
     root = Path(out_dir)
     earlier = (root / EXPORT_RECORD).is_file() or any(root.glob(f"stage*/{EXPORT_RECORD}"))
-    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not earlier)):
-        raise FileExistsError(f"refusing to replace {root}: it is not an earlier diffusers export")
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replacing_directory(root, earlier, "diffusers export") as tmp:
         if len(sources) == 1:
             write_pipeline(sources[0], tmp, dtype, copy)
         else:
             tmp.mkdir(parents=True)
             for k, source in enumerate(sources):
                 write_pipeline(source, tmp / f"stage{k}", dtype, copy)
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root

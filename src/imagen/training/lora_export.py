@@ -13,8 +13,6 @@ by hand (the LoRA trains the prediction only).
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from imagen.training.diffusers_format import scheduler_config
 from imagen.training.lora import peft_config
 from imagen.training.rundir import RunDirectory
 from imagen.utils.config import config_from_dict
-from imagen.utils.files import fsync_dir, write_json
+from imagen.utils.files import fsync_dir, replacing_directory, write_json
 
 RECORD_FILE = "lora.json"
 FORMAT = "imagen-lora"
@@ -125,13 +123,7 @@ def export_lora(run_dir: str | Path, out_dir: str | Path, weights: str = "ema") 
         "training": rd.training_record(ckpt),
     }
     root = Path(out_dir)
-    if root.exists() and (
-        not root.is_dir() or (any(root.iterdir()) and not (root / RECORD_FILE).is_file())
-    ):
-        raise FileExistsError(f"refusing to replace {root}: it is not an earlier LoRA export")
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replacing_directory(root, (root / RECORD_FILE).is_file(), "LoRA export") as tmp:
         tmp.mkdir(parents=True)
         save_lora(tmp / LORA_WEIGHT_NAME, state, settings.rank, settings.lora_alpha, record)
         write_json(tmp / RECORD_FILE, record, atomic=False)
@@ -142,9 +134,4 @@ def export_lora(run_dir: str | Path, out_dir: str | Path, weights: str = "ema") 
             sched = scheduler_config(fine_tuned_config(base))
             write_json(tmp / "scheduler" / "scheduler_config.json", sched, atomic=False)
         fsync_dir(tmp)
-        if root.exists():
-            shutil.rmtree(root)
-        os.rename(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return root

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,24 @@ def write_json(path: Path, data: Any, atomic: bool = True) -> None:
         os.fsync(f.fileno())
     if atomic:
         os.replace(target, path)
+
+
+@contextmanager
+def replacing_directory(root: Path, earlier: bool, what: str) -> Iterator[Path]:
+    """A fresh path beside ``root`` to write a directory into (not yet created); when the block
+    ends without an error it replaces ``root``, else it is removed. ``root`` may be replaced
+    only when it is missing, empty or ``earlier`` (an earlier ``what``)."""
+    if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not earlier)):
+        raise FileExistsError(f"refusing to replace {root}: it is not an earlier {what}")
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if root.exists():
+            shutil.rmtree(root)
+        os.rename(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fsync_dir(path: Path) -> None:
