@@ -28,6 +28,8 @@ from imagen.data.wording import (
     ARTICLES,
     HELDOUT,
     HELDOUT_WORDS,
+    LEXICONS,
+    MORE,
     PUNCTUATION,
     SEEN,
     ParsedCaption,
@@ -44,7 +46,7 @@ from imagen.evaluation.shapes import (
     shapes_prompts,
 )
 
-WORDINGS = (SEEN, HELDOUT)
+WORDINGS = (SEEN, MORE, HELDOUT)
 
 
 def test_the_lexicon_names_the_grammar_words():
@@ -58,11 +60,15 @@ def test_the_lexicon_names_the_grammar_words():
 
 
 def test_every_held_out_phrasing_has_a_word_no_seen_phrasing_has():
-    assert HELDOUT_WORDS and not HELDOUT_WORDS & seen_words()
+    for lexicon in LEXICONS:
+        assert HELDOUT_WORDS and not HELDOUT_WORDS & seen_words(lexicon)
     for phrase in phrases(HELDOUT):
         assert words(phrase) & HELDOUT_WORDS, phrase
-    seen = {p.lower() for p in phrases(SEEN)}
+    seen = {p.lower() for p in phrases(SEEN) + phrases(MORE)}
     assert not seen & {p.lower() for p in phrases(HELDOUT)}
+    # the broad lexicon is the standard one and more: no phrasing twice, none dropped
+    broad = phrases(LEXICONS["broad"])
+    assert len(set(broad)) == len(broad) and set(phrases(SEEN)) < set(broad)
 
 
 def one_object_variants(color, shape, place):
@@ -124,8 +130,10 @@ def test_the_parser_refuses_what_no_wording_says():
         parse_caption("a crimson ball and a scarlet box to its right")
 
 
-@pytest.mark.parametrize("heldout", [False, True])
-def test_the_checker_agrees_with_the_parser_on_drawn_paraphrases(heldout):
+@pytest.mark.parametrize(
+    ("heldout", "lexicon"), [(False, "standard"), (True, "standard"), (False, "broad")]
+)
+def test_the_checker_agrees_with_the_parser_on_drawn_paraphrases(heldout, lexicon):
     # every drawn variant parses to its scene's meaning and the checker passes the scene's
     # render with it; the variant of the mirrored scene (relation or place swapped) fails it
     rng = np.random.default_rng(int(heldout))
@@ -138,7 +146,7 @@ def test_the_checker_agrees_with_the_parser_on_drawn_paraphrases(heldout):
         p = parse_caption(scene.caption)
         image = render_scene(scene, 32)
         for _ in range(4):
-            variant = paraphrase(p, rng, heldout)
+            variant = paraphrase(p, rng, heldout, lexicon)
             assert parse_caption(variant).canonical() == p.canonical(), variant
             assert check_image(image, variant).ok, variant
             groups = {"paraphrase_heldout"} if heldout else {"paraphrase", p.kind}
@@ -150,18 +158,36 @@ def test_the_checker_agrees_with_the_parser_on_drawn_paraphrases(heldout):
             assert not check_image(image, paraphrase(wrong, rng, heldout)).ok
 
 
-def test_held_out_wording_never_appears_in_training_captions():
-    ds = shapes_dataset(32, ShapesConfig(seed=3, paraphrase=1.0, two_object_fraction=0.75))
+@pytest.mark.parametrize("lexicon", ["standard", "broad"])
+def test_held_out_wording_never_appears_in_training_captions(lexicon):
+    config = ShapesConfig(seed=3, paraphrase=1.0, two_object_fraction=0.75, wording=lexicon)
+    ds = shapes_dataset(32, config)
     assert isinstance(ds, ParaphrasedShapes) and not hasattr(ds, "captions")
     vocabulary = set(ds.vocabulary())
     seen_forms: set[str] = set()
+    used: set[str] = set()
     for i in range(4000):
         caption = ds.scene(i).caption
         assert words(caption) <= vocabulary and not words(caption) & HELDOUT_WORDS, caption
         seen_forms.add(caption)
+        used |= words(caption)
     assert len(seen_forms) > 3900  # varied: nearly every caption differs
     assert {"crimson", "navy", "ball", "right", "its", "beneath", "there's"} <= vocabulary
     assert not vocabulary & HELDOUT_WORDS
+    assert used == vocabulary  # every word the vocabulary records is drawn
+    added = {"ruby", "sphere", "cube", "cone", "painting", "along", "leftward", "centred"}
+    assert (added <= vocabulary) == (lexicon == "broad")
+
+
+def test_the_standard_lexicon_reproduces_v4_captions():
+    # the first 400 captions of the v4.1 and v4 data configs (configs/shapes-v4*.yaml), as
+    # drawn before the broad lexicon existed (commit 184e302): those configs still reproduce
+    h = hashlib.sha256()
+    for seed, paraphrased in ((5, 0.7), (4, 0.6)):
+        ds = shapes_dataset(32, ShapesConfig(seed, 0.75, paraphrase=paraphrased))
+        for i in range(400):
+            h.update((ds.scene(i).caption + "\n").encode())
+    assert h.hexdigest() == "12845fb2805cef16668ee6bdef51c543b1f1f488598b9bc2dfcc5277ffeee8ee"
 
 
 def test_every_held_out_paraphrase_has_held_out_wording():
@@ -201,6 +227,11 @@ def test_paraphrased_items_are_the_same_scenes_and_images():
 def test_the_paraphrase_fraction_is_checked(bad):
     with pytest.raises(ValueError, match="paraphrase"):
         ShapesConfig(paraphrase=bad)
+
+
+def test_an_unknown_lexicon_is_named():
+    with pytest.raises(ValueError, match="data.shapes.wording must be one of standard, broad"):
+        ShapesConfig(paraphrase=0.5, wording="huge")
 
 
 def test_eval_prompts_fill_every_group():
@@ -244,6 +275,11 @@ def test_a_paraphrase_scene_matches_its_caption():
         ("There's a crimson ball to the right!", "a red circle on the right"),
         ("on the left, a red circle", "a red circle on the left"),
         ("An image of an emerald pyramid in the middle", "a green triangle in the center"),
+        ("a painting of a ruby cone placed high up", "a red triangle at the top"),
+        (
+            "a jade cube plus a plum sphere more to the left",
+            "a purple circle left of a green square",
+        ),
         ("a sketch of a tile on the right-hand side", None),  # no colour: not a Shapes caption
     ],
 )

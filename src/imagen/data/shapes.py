@@ -18,7 +18,13 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from imagen.data.wording import ParsedCaption, paraphrase, parse_wording, seen_words
+from imagen.data.wording import (
+    LEXICONS,
+    ParsedCaption,
+    paraphrase,
+    parse_wording,
+    seen_words,
+)
 
 BACKGROUND = (20, 20, 20)
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -260,11 +266,17 @@ class ShapesConfig:
     # the fraction of captions said in other words (seen wording of imagen.data.wording; each
     # drawn on a stream of its own, so the scenes, and with 0 the captions, are as without it)
     paraphrase: float = 0.0
+    # which seen wording the paraphrases draw (imagen.data.wording.LEXICONS): "standard" (v4's)
+    # or "broad" (about twice the phrasings)
+    wording: str = "standard"
 
     def __post_init__(self) -> None:
         p = self.paraphrase
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
             raise ValueError(f"data.shapes.paraphrase must be a number in [0, 1], got {p!r}")
+        if self.wording not in LEXICONS:
+            known = ", ".join(LEXICONS)
+            raise ValueError(f"data.shapes.wording must be one of {known}, got {self.wording!r}")
 
     def holdout_pairs(self) -> tuple[tuple[str, str], ...]:
         return tuple((c, s) for c, s in self.holdout)
@@ -323,11 +335,12 @@ class ParaphrasedShapes(ShapesScenes):
         rng = np.random.default_rng([self.config.seed, index, _PARAPHRASE_STREAM])
         if rng.random() >= self.config.paraphrase:
             return scene
-        return Scene(paraphrase(parse_caption(scene.caption), rng), scene.objects)
+        caption = paraphrase(parse_caption(scene.caption), rng, lexicon=self.config.wording)
+        return Scene(caption, scene.objects)
 
     def vocabulary(self) -> list[str]:
         """Every word a caption of this dataset can have, sorted."""
-        return sorted(seen_words())
+        return sorted(seen_words(self.config.wording))
 
 
 def shapes_dataset(size: int, config: ShapesConfig | None = None) -> ShapesScenes:

@@ -8,10 +8,12 @@ no articles, capitals and punctuation, and for two objects coordinated clauses (
 and a green square to its right``). :func:`paraphrase` draws such a caption for a parsed
 scene; :func:`parse_wording` reads every one of them back to the same :class:`ParsedCaption`.
 
-The wording comes in two parts: :data:`SEEN` may be used in training; :data:`HELDOUT` never
-is (evaluation only), so an evaluation on it measures how far the text encoder carries what
-training taught. Every held-out phrasing has at least one word no seen phrasing has
-(:data:`HELDOUT_WORDS`), so a training caption can be checked for it word by word.
+The wording comes in parts: :data:`SEEN` may be used in training, and with it :data:`MORE`
+where a config asks for the broad lexicon (:data:`LEXICONS`, ``data.shapes.wording``);
+:data:`HELDOUT` never is (evaluation only), so an evaluation on it measures how far the text
+encoder carries what training taught. Every held-out phrasing has at least one word no seen
+phrasing of any lexicon has (:data:`HELDOUT_WORDS`), so a training caption can be checked for
+it word by word.
 """
 
 from __future__ import annotations
@@ -109,6 +111,56 @@ SEEN = Wording(
     prefixes=("there is ", "there's ", "an image of ", "a picture of ", "a photo of ", "here is "),
 )
 
+MORE = Wording(
+    colors={
+        "red": ("ruby", "bright red", "dark red", "tomato red"),
+        "green": ("jade", "bright green", "dark green", "grass green"),
+        "blue": ("cobalt", "sapphire", "light blue", "dark blue"),
+        "yellow": ("amber", "mustard", "bright yellow", "canary yellow"),
+        "white": ("cream", "pearl", "pure white", "milky white"),
+        "purple": ("plum", "mauve", "amethyst", "dark purple"),
+    },
+    shapes={
+        "circle": ("sphere", "globe", "circular shape", "round dot"),
+        "square": ("cube", "crate", "brick", "squared shape"),
+        "triangle": ("cone", "arrowhead", "triangle shape", "three-sided shape"),
+    },
+    places={
+        "on the left": ("toward the left", "in the left half", "over on the left"),
+        "on the right": ("toward the right", "in the right half", "over on the right"),
+        "at the top": ("high up", "in the top half", "in the upper part"),
+        "at the bottom": ("down low", "in the bottom half", "in the lower part"),
+        "in the center": ("in the central part", "in the centre of the image", "centred"),
+    },
+    relations={
+        "above": ("higher up than", "up above", "atop"),
+        "below": ("lower down than", "down below", "lower down from"),
+        "left of": ("more to the left than", "on the left side of", "leftward of"),
+        "right of": ("more to the right than", "on the right side of", "rightward of"),
+    },
+    relations_it={
+        "above": ("higher up", "up above it", "atop it"),
+        "below": ("lower down", "down below it", "underneath it"),
+        "left of": ("more to the left", "on the left side of it", "leftward of it"),
+        "right of": ("more to the right", "on the right side of it", "rightward of it"),
+    },
+    one_templates=("{obj} placed {place}", "{obj} shown {place}", "{place} we see {obj}"),
+    two_templates=("{a} placed {rel} {b}", "{a} shown {rel} {b}", "{rel} {b} we see {a}"),
+    clause_templates=(
+        "{b}, along with {a} {relit}",
+        "{b} plus {a} {relit}",
+        "{b} as well as {a} {relit}",
+    ),
+    prefixes=(
+        "a painting of ",
+        "an illustration of ",
+        "a rendering of ",
+        "a diagram of ",
+        "an image showing ",
+        "a picture with ",
+    ),
+)
+
 HELDOUT = Wording(
     colors={
         "red": ("rose",),
@@ -163,14 +215,37 @@ def words(text: str) -> set[str]:
     return set(_WORD.findall(text.lower()))
 
 
-def seen_words() -> set[str]:
-    """Every word a caption with seen wording can have (the grammar's words included)."""
-    out = {w for p in phrases(SEEN) for w in words(p)} | {w for a in ARTICLES for w in words(a)}
+def merged(*parts: Wording) -> Wording:
+    """One wording with every phrasing of ``parts``, in order."""
+
+    def tables(name: str) -> Table:
+        keys = getattr(parts[0], name)
+        return {k: tuple(p for w in parts for p in getattr(w, name)[k]) for k in keys}
+
+    def union(name: str) -> tuple[str, ...]:
+        return tuple(t for w in parts for t in getattr(w, name))
+
+    names = ("colors", "shapes", "places", "relations", "relations_it")
+    lists = ("one_templates", "two_templates", "clause_templates", "prefixes")
+    return Wording(**{n: tables(n) for n in names}, **{n: union(n) for n in lists})
+
+
+# The seen wording a training config may draw (data.shapes.wording): "standard" is v4's and
+# v4.1's; "broad" adds MORE, about twice the phrasings, so that the U-Net learns to read what
+# the text encoder says about a word rather than the word.
+LEXICONS: dict[str, Wording] = {"standard": SEEN, "broad": merged(SEEN, MORE)}
+
+
+def seen_words(lexicon: str = "standard") -> set[str]:
+    """Every word a caption in the seen wording of ``lexicon`` can have (the grammar's words
+    included)."""
+    wording = LEXICONS[lexicon]
+    out = {w for p in phrases(wording) for w in words(p)} | {w for a in ARTICLES for w in words(a)}
     return out | {"an"}
 
 
 HELDOUT_WORDS: frozenset[str] = frozenset(
-    {w for p in phrases(HELDOUT) for w in words(p)} - seen_words()
+    {w for p in phrases(HELDOUT) for w in words(p)} - set().union(*map(seen_words, LEXICONS))
 )
 
 
@@ -234,8 +309,8 @@ def _takes_prefix(template: str) -> bool:
 
 @functools.cache
 def _grammar() -> _Grammar:
-    """The parser's tables and patterns, over seen and held-out wording together."""
-    both = (SEEN, HELDOUT)
+    """The parser's tables and patterns, over all seen and held-out wording together."""
+    both = (*LEXICONS.values(), HELDOUT)
     g = {
         name: _reverse(*(getattr(w, name) for w in both))
         for name in ("colors", "shapes", "places", "relations", "relations_it")
@@ -283,16 +358,16 @@ TWO_SLOTS = ("color", "shape", "relation", "template", "prefix")
 
 class _Phrasing:
     """Draws the choices of one paraphrase; the slot ``held`` (one of ONE_SLOTS or TWO_SLOTS,
-    or None) is drawn from the held-out wording, every other slot from the seen wording."""
+    or None) is drawn from the held-out wording, every other slot from ``seen``."""
 
-    def __init__(self, rng: np.random.Generator, held: str | None) -> None:
-        self.rng, self.held = rng, held
+    def __init__(self, rng: np.random.Generator, held: str | None, seen: Wording) -> None:
+        self.rng, self.held, self.seen = rng, held, seen
 
     def pick(self, options: tuple[str, ...]) -> str:
         return options[int(self.rng.integers(len(options)))]
 
     def table(self, slot: str, name: str, key: str) -> str:
-        wording = HELDOUT if self.held == slot else SEEN
+        wording = HELDOUT if self.held == slot else self.seen
         return self.pick(getattr(wording, name)[key])
 
     def obj(self, color: str, shape: str, held_here: bool) -> str:
@@ -307,7 +382,7 @@ class _Phrasing:
     def template(self, name: str, objects_first: bool) -> str:
         """A template of table ``name`` (held-out ones if the template is the held slot); one
         that takes a prefix where the prefix is the held slot."""
-        options = getattr(HELDOUT if self.held == "template" else SEEN, name)
+        options = getattr(HELDOUT if self.held == "template" else self.seen, name)
         if objects_first:
             options = tuple(t for t in options if _takes_prefix(t))
         return self.pick(options)
@@ -316,7 +391,7 @@ class _Phrasing:
         """``body`` with a prefix (sometimes; always where it is the held slot), in a case
         people type, with trailing punctuation."""
         if _takes_prefix(template) and (self.held == "prefix" or self.rng.random() < 0.4):
-            body = self.pick((HELDOUT if self.held == "prefix" else SEEN).prefixes) + body
+            body = self.pick((HELDOUT if self.held == "prefix" else self.seen).prefixes) + body
         case = int(self.rng.integers(4))  # as typed, capitalised, title case, upper case
         if case == 1:
             body = body[:1].upper() + body[1:]
@@ -327,13 +402,18 @@ class _Phrasing:
         return body + self.pick(PUNCTUATION)
 
 
-def paraphrase(parsed: ParsedCaption, rng: np.random.Generator, heldout: bool = False) -> str:
-    """A caption of ``parsed``'s scene in other words, drawn from ``rng``: seen wording only,
-    or with ``heldout`` exactly one part (a colour or shape word, the place or relation, the
-    template, or the prefix) in held-out wording."""
+def paraphrase(
+    parsed: ParsedCaption,
+    rng: np.random.Generator,
+    heldout: bool = False,
+    lexicon: str = "standard",
+) -> str:
+    """A caption of ``parsed``'s scene in other words, drawn from ``rng``: seen wording of
+    ``lexicon`` only, or with ``heldout`` exactly one part (a colour or shape word, the place or
+    relation, the template, or the prefix) in held-out wording."""
     slots = ONE_SLOTS if parsed.place is not None else TWO_SLOTS
     held = slots[int(rng.integers(len(slots)))] if heldout else None
-    p = _Phrasing(rng, held)
+    p = _Phrasing(rng, held, LEXICONS[lexicon])
     which = int(rng.integers(2))  # which object a held-out colour or shape word names
     if parsed.place is not None:
         template = p.template("one_templates", held == "prefix")
