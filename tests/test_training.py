@@ -519,6 +519,19 @@ def test_caption_table_equals_the_memoised_encoder(hash_encoder):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.mask, b.mask)
 
 
+def test_a_full_memo_starts_again_without_losing_the_batch(hash_encoder):
+    # a memo that fills up is cleared; the batch that overflowed it, captions it already held
+    # included, is encoded again (a 6,000-step paraphrase run once stopped here with KeyError)
+    from imagen.training.captions import CaptionEmbeddings
+
+    memo, plain = CaptionEmbeddings(hash_encoder, memo_limit=3), CaptionEmbeddings(hash_encoder)
+    memo(["a", "b"])
+    for batch in (["a", "c", "d"], ["d", "e"], ["e", "e", "f", "g"]):
+        got, want = memo(batch), plain(batch)
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.mask, want.mask)
+    assert memo.encoded == 2 + 3 + 2 + 3  # each overflow re-encodes its whole batch
+
+
 def test_a_run_draws_its_loss_and_lr_curves(tmp_path):
     from PIL import Image
 

@@ -31,8 +31,9 @@ class CaptionEmbeddings:
     def rows(self, captions: list[str], batch_size: int = 256) -> list[torch.Tensor]:
         """Each caption's tokens at its true length (fp16, on the CPU)."""
         missing = [c for c in dict.fromkeys(captions) if c not in self.memo]
-        if len(self.memo) + len(missing) > self.memo_limit:
+        if len(self.memo) + len(missing) > self.memo_limit:  # full: start again with this batch
             self.memo.clear()
+            missing = list(dict.fromkeys(captions))
         for start in range(0, len(missing), batch_size):
             self._fill(missing[start : start + batch_size])
         return [self.memo[c] for c in captions]
