@@ -8,6 +8,7 @@ strategy or world size, and export needs no distributed set-up.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterator
@@ -44,6 +45,8 @@ def init_distributed() -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # left to interpreter teardown, gloo's threads can abort the process at exit
+        atexit.register(dist.destroy_process_group)
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
